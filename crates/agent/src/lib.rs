@@ -1,0 +1,1 @@
+//! meshid-agent: not built yet (see its issue); the crate exists so the workspace layout is final.

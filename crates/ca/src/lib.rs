@@ -1,0 +1,1 @@
+//! meshid-ca: not built yet (see its issue); the crate exists so the workspace layout is final.

@@ -1,0 +1,85 @@
+//! The one error type of meshid-common. Each variant says what went wrong and
+//! to which identity, certificate or file; none ever carries key material.
+
+/// Errors from identity parsing, key and certificate handling, TLS and telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid SPIFFE ID {id:?}: {reason}")]
+    InvalidSpiffeId { id: String, reason: &'static str },
+
+    #[error("invalid trust domain {name:?}: {reason}")]
+    InvalidTrustDomain { name: String, reason: &'static str },
+
+    #[error("unsupported key type {0:?} (expected ecdsa-p256, ecdsa-p384 or rsa-2048)")]
+    UnknownKeyType(String),
+
+    #[error("key generation failed for {key_type}: {reason}")]
+    KeyGeneration {
+        key_type: &'static str,
+        reason: String,
+    },
+
+    #[error("private key rejected: {0}")]
+    InvalidPrivateKey(String),
+
+    #[error("signing failed: {0}")]
+    Signing(String),
+
+    #[error("no PEM block of type {expected} found")]
+    NotPem { expected: &'static str },
+
+    #[error("malformed PEM: {0}")]
+    BadPem(String),
+
+    #[error("malformed CSR: {0}")]
+    BadCsr(String),
+
+    #[error("CSR signature does not verify with the CSR's public key")]
+    CsrSignature,
+
+    #[error("malformed certificate: {0}")]
+    BadCertificate(String),
+
+    #[error("certificate building failed: {0}")]
+    CertificateBuild(String),
+
+    #[error("certificate chain is empty")]
+    EmptyChain,
+
+    #[error("trust bundle is empty")]
+    EmptyBundle,
+
+    #[error("certificate {serial} does not chain to the trust bundle: {reason}")]
+    Untrusted { serial: String, reason: String },
+
+    #[error("certificate {serial} has no SPIFFE ID (exactly one spiffe:// URI SAN is required)")]
+    NoSpiffeId { serial: String },
+
+    #[error("certificate {serial} has {count} URI SANs; an X.509-SVID has exactly one")]
+    MultipleUriSans { serial: String, count: usize },
+
+    #[error("peer {peer} is in trust domain {peer_td:?}, expected {expected_td:?}")]
+    ForeignTrustDomain {
+        peer: String,
+        peer_td: String,
+        expected_td: String,
+    },
+
+    #[error("peer identity {peer} is not the expected {expected}")]
+    UnexpectedPeer { peer: String, expected: String },
+
+    #[error("peer identity {peer} is not allowed by the policy")]
+    PeerNotAllowed { peer: String },
+
+    #[error("no credentials available yet")]
+    NoCredentials,
+
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+
+    #[error("telemetry: {0}")]
+    Telemetry(String),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,27 @@
+//! meshid-common is the identity crate every meshid component shares. It
+//! knows what a workload identity is and how to prove one: SPIFFE IDs and
+//! trust domains ([`spiffe`]), in-memory private keys and CSRs ([`keys`]),
+//! the X.509-SVID certificate profile and CA signing ([`cert`]), multi-root
+//! trust bundles and chain verification ([`bundle`]), rustls mTLS configs
+//! that check peers by SPIFFE ID and pick up rotated credentials from a
+//! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
+//! the SPIFFE Workload API ([`proto`]), and logs/traces with W3C
+//! propagation ([`telemetry`]). It has no opinion on processes or config
+//! files: those live in the component crates.
+
+pub mod bundle;
+pub mod cert;
+pub mod error;
+pub mod keys;
+pub mod proto;
+pub mod spiffe;
+pub mod telemetry;
+pub mod testing;
+pub mod tls;
+
+pub use bundle::{TrustBundle, Usage};
+pub use cert::{CaOptions, CertInfo, CertificateAuthority, LeafSpec};
+pub use error::{Error, Result};
+pub use keys::{KeyType, PrivateKey};
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use tls::{ClientAuth, Credentials, CredentialsRx, PeerMatcher, Svid};

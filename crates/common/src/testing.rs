@@ -1,0 +1,117 @@
+//! A throwaway PKI for tests and benchmarks across the workspace: a root (and
+//! optionally an intermediate) that issues SVIDs on demand. Nothing touches
+//! the disk.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::bundle::TrustBundle;
+use crate::cert::{CaOptions, CertificateAuthority, LeafSpec};
+use crate::error::Result;
+use crate::keys::{KeyType, PrivateKey};
+use crate::spiffe::SpiffeId;
+use crate::tls::{Credentials, CredentialsRx, Svid};
+
+/// A root CA (and optional intermediate) for one trust domain.
+#[derive(Debug)]
+pub struct TestPki {
+    pub trust_domain: String,
+    pub root: CertificateAuthority,
+    /// Signs leaves when set (its cert goes into each chain); else the root signs.
+    pub intermediate: Option<CertificateAuthority>,
+}
+
+impl TestPki {
+    /// A self-signed root valid for a day.
+    pub fn new(trust_domain: &str) -> Result<Self> {
+        let root = CertificateAuthority::self_signed_root(&CaOptions::new(
+            trust_domain,
+            Duration::from_secs(86_400),
+        ))?;
+        Ok(TestPki {
+            trust_domain: trust_domain.to_owned(),
+            root,
+            intermediate: None,
+        })
+    }
+
+    /// Leaves are signed by a fresh intermediate under the root.
+    pub fn with_intermediate(mut self) -> Result<Self> {
+        self.intermediate = Some(self.root.issue_intermediate(&CaOptions {
+            common_name: Some("meshid test intermediate".into()),
+            ..CaOptions::new(&self.trust_domain, Duration::from_secs(43_200))
+        })?);
+        Ok(self)
+    }
+
+    pub fn signer(&self) -> &CertificateAuthority {
+        self.intermediate.as_ref().unwrap_or(&self.root)
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::new(vec![self.root.cert().clone()]).expect("a root makes a bundle")
+    }
+
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn id(&self, ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::for_service_account(&self.trust_domain, ns, sa).expect("test identity")
+    }
+
+    /// An SVID for `id` valid for `ttl` from `now`.
+    pub fn svid_at(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Svid> {
+        self.custom_svid(&LeafSpec::svid(id, ttl), now)
+    }
+
+    /// An SVID for `ns/sa` valid for an hour.
+    pub fn svid(&self, ns: &str, sa: &str) -> Result<Svid> {
+        self.svid_at(
+            &self.id(ns, sa),
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+    }
+
+    /// A leaf as `spec` says with a fresh P-256 key. `Svid::new` insists on
+    /// one SPIFFE ID, so off-profile certs come back as (chain, key) instead
+    /// through [`TestPki::custom_chain`].
+    pub fn custom_svid(&self, spec: &LeafSpec, now: SystemTime) -> Result<Svid> {
+        let (chain, key) = self.custom_chain(spec, now)?;
+        Svid::new(chain, key)
+    }
+
+    /// Chain (leaf + intermediates) and key for any leaf spec.
+    pub fn custom_chain(
+        &self,
+        spec: &LeafSpec,
+        now: SystemTime,
+    ) -> Result<(Vec<rustls_pki_types::CertificateDer<'static>>, PrivateKey)> {
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+        let leaf = self
+            .signer()
+            .issue_custom(key.public_key_spki(), spec, now)?;
+        let mut chain = vec![leaf];
+        if let Some(inter) = &self.intermediate {
+            chain.push(inter.cert().clone());
+        }
+        Ok((chain, key))
+    }
+
+    /// Credentials with this PKI's bundle.
+    pub fn credentials(&self, svid: Svid) -> Credentials {
+        Credentials {
+            svid: Arc::new(svid),
+            bundle: Arc::new(self.bundle()),
+        }
+    }
+
+    /// A watch channel already holding credentials for `ns/sa`.
+    pub fn channel(
+        &self,
+        ns: &str,
+        sa: &str,
+    ) -> Result<(watch::Sender<Option<Credentials>>, CredentialsRx)> {
+        Ok(watch::channel(Some(self.credentials(self.svid(ns, sa)?))))
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end suites: not built yet (issue 7).

@@ -1,0 +1,341 @@
+//! `cargo xtask ci`: the checks CI runs, in order, each a named and timed step.
+//!
+//! A failed step does not stop the run, so the summary shows every step; the exit code is
+//! non-zero when any step failed. A step that did not run is SKIP, never PASS.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    process::{ExitCode, Stdio},
+    time::Instant,
+};
+
+use clap::Args;
+
+use crate::{cargo, display_cargo, e2e};
+
+/// Flags of `cargo xtask ci`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct CiArgs {
+    /// Do not run `cargo fmt --check` (the step is reported as SKIP).
+    #[arg(long)]
+    pub skip_fmt: bool,
+
+    /// Do not run clippy (the step is reported as SKIP).
+    #[arg(long)]
+    pub skip_clippy: bool,
+
+    /// Do not run the end-to-end suites (the step is reported as SKIP).
+    #[arg(long)]
+    pub no_e2e: bool,
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Action {
+    /// Run cargo with these arguments; the step passes when it exits successfully.
+    Cargo(Vec<&'static str>),
+    /// Run the e2e suites in-process.
+    E2e,
+    /// Do nothing, for this reason.
+    Skip(&'static str),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Step {
+    name: &'static str,
+    action: Action,
+}
+
+/// The steps, in order. `nextest` says whether `cargo nextest` is installed; either way the
+/// doctests run once, in their own step (nextest cannot run them).
+fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
+    let fmt = if args.skip_fmt {
+        Action::Skip("--skip-fmt")
+    } else {
+        Action::Cargo(vec!["fmt", "--all", "--", "--check"])
+    };
+    let clippy = if args.skip_clippy {
+        Action::Skip("--skip-clippy")
+    } else {
+        Action::Cargo(vec![
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    };
+    let test = if nextest {
+        Action::Cargo(vec!["nextest", "run", "--workspace", "--no-fail-fast"])
+    } else {
+        // The same targets nextest runs: everything but the doctests, which come next.
+        Action::Cargo(vec![
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--lib",
+            "--bins",
+            "--tests",
+        ])
+    };
+    let doctest = Action::Cargo(vec!["test", "--workspace", "--doc"]);
+    let e2e = if args.no_e2e {
+        Action::Skip("--no-e2e")
+    } else {
+        Action::E2e
+    };
+    [
+        ("fmt", fmt),
+        ("clippy", clippy),
+        ("test", test),
+        ("doctest", doctest),
+        ("e2e", e2e),
+    ]
+    .into_iter()
+    .map(|(name, action)| Step { name, action })
+    .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+        }
+    }
+}
+
+/// How one step went.
+#[derive(Clone, Debug, PartialEq)]
+struct StepReport {
+    name: &'static str,
+    verdict: Verdict,
+    seconds: f64,
+    /// Why it failed or was skipped; empty for a pass.
+    note: String,
+}
+
+/// `cargo xtask ci`.
+pub fn run(args: &CiArgs) -> anyhow::Result<ExitCode> {
+    let nextest = nextest_installed();
+    if !nextest {
+        eprintln!(
+            "ci: `cargo nextest --version` did not succeed, so the tests run with `cargo test`"
+        );
+    }
+    let steps = plan(args, nextest);
+    let total = steps.len();
+    let reports: Vec<StepReport> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| run_step(step, i + 1, total))
+        .collect();
+
+    // Child output went to both streams; make sure it is all out before the summary.
+    let _ = std::io::stderr().flush();
+    print!("\n{}", summary_table(&reports));
+    println!("{}", result_line(&reports));
+    let _ = std::io::stdout().flush();
+
+    let failed = reports.iter().any(|r| r.verdict == Verdict::Fail);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn nextest_installed() -> bool {
+    cargo(["nextest", "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
+    let started = Instant::now();
+    let (verdict, note) = match &step.action {
+        Action::Skip(reason) => {
+            eprintln!("==> [{index}/{total}] {}: skipped ({reason})", step.name);
+            (Verdict::Skip, (*reason).to_owned())
+        }
+        Action::Cargo(args) => {
+            let line = display_cargo(args);
+            eprintln!("==> [{index}/{total}] {}: {line}", step.name);
+            match cargo(args).status() {
+                Ok(status) if status.success() => (Verdict::Pass, String::new()),
+                Ok(status) => {
+                    eprintln!(
+                        "ci: step {} failed: `{line}` ended with {status}",
+                        step.name
+                    );
+                    (Verdict::Fail, status.to_string())
+                }
+                Err(err) => {
+                    eprintln!(
+                        "ci: step {} failed: could not start `{line}`: {err}",
+                        step.name
+                    );
+                    (Verdict::Fail, format!("could not start cargo: {err}"))
+                }
+            }
+        }
+        Action::E2e => {
+            eprintln!(
+                "==> [{index}/{total}] {}: end-to-end suites (process backend)",
+                step.name
+            );
+            match e2e::ci_args().and_then(|args| e2e::run(&args)) {
+                Ok(e2e::Outcome::Passed) => (Verdict::Pass, String::new()),
+                Ok(e2e::Outcome::NotBuilt) => {
+                    eprintln!("{}", e2e::NOT_BUILT);
+                    (Verdict::Skip, "not built yet (issue 7)".to_owned())
+                }
+                Err(err) => (Verdict::Fail, format!("{err:#}")),
+            }
+        }
+    };
+    StepReport {
+        name: step.name,
+        verdict,
+        seconds: started.elapsed().as_secs_f64(),
+        note,
+    }
+}
+
+/// The table printed at the end: `step | result | seconds | note`, columns aligned.
+fn summary_table(reports: &[StepReport]) -> String {
+    let name_width = reports
+        .iter()
+        .map(|r| r.name.len())
+        .chain(std::iter::once("step".len()))
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<name_width$} | result | seconds | note", "step");
+    let _ = writeln!(out, "{:-<name_width$}-|--------|---------|-----", "");
+    for r in reports {
+        let line = format!(
+            "{:<name_width$} | {:<6} | {:>7.1} | {}",
+            r.name,
+            r.verdict.as_str(),
+            r.seconds,
+            r.note
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// The last line of the output: `ci: P passed, F failed, S skipped`.
+fn result_line(reports: &[StepReport]) -> String {
+    let count = |v: Verdict| reports.iter().filter(|r| r.verdict == v).count();
+    format!(
+        "ci: {} passed, {} failed, {} skipped",
+        count(Verdict::Pass),
+        count(Verdict::Fail),
+        count(Verdict::Skip)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(name: &'static str, verdict: Verdict, seconds: f64, note: &str) -> StepReport {
+        StepReport {
+            name,
+            verdict,
+            seconds,
+            note: note.to_owned(),
+        }
+    }
+
+    #[test]
+    fn summary_table_aligns_columns() {
+        let reports = [
+            report("fmt", Verdict::Pass, 0.42, ""),
+            report("clippy", Verdict::Fail, 12.345, "exit status: 101"),
+            report("e2e", Verdict::Skip, 0.0, "not built yet (issue 7)"),
+        ];
+        let expected = "\
+step   | result | seconds | note
+-------|--------|---------|-----
+fmt    | PASS   |     0.4 |
+clippy | FAIL   |    12.3 | exit status: 101
+e2e    | SKIP   |     0.0 | not built yet (issue 7)
+";
+        assert_eq!(summary_table(&reports), expected);
+    }
+
+    #[test]
+    fn result_line_counts_each_verdict() {
+        let reports = [
+            report("fmt", Verdict::Pass, 1.0, ""),
+            report("clippy", Verdict::Pass, 1.0, ""),
+            report("test", Verdict::Fail, 1.0, "exit status: 100"),
+            report("doctest", Verdict::Pass, 1.0, ""),
+            report("e2e", Verdict::Skip, 0.0, "not built yet (issue 7)"),
+        ];
+        assert_eq!(result_line(&reports), "ci: 3 passed, 1 failed, 1 skipped");
+        assert_eq!(result_line(&[]), "ci: 0 passed, 0 failed, 0 skipped");
+    }
+
+    #[test]
+    fn plan_keeps_every_step_and_marks_skips() {
+        let names = |steps: &[Step]| steps.iter().map(|s| s.name).collect::<Vec<_>>();
+        let all = plan(&CiArgs::default(), true);
+        assert_eq!(names(&all), ["fmt", "clippy", "test", "doctest", "e2e"]);
+        assert_eq!(all[4].action, Action::E2e);
+
+        let skipping = plan(
+            &CiArgs {
+                skip_fmt: true,
+                skip_clippy: true,
+                no_e2e: true,
+            },
+            false,
+        );
+        assert_eq!(names(&skipping), names(&all));
+        assert_eq!(skipping[0].action, Action::Skip("--skip-fmt"));
+        assert_eq!(skipping[1].action, Action::Skip("--skip-clippy"));
+        assert_eq!(skipping[4].action, Action::Skip("--no-e2e"));
+    }
+
+    #[test]
+    fn tests_run_with_nextest_when_installed_and_doctests_always_run() {
+        let first_arg = |steps: &[Step], name: &str| match &steps
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &s.action)
+        {
+            Some(Action::Cargo(args)) => args.first().copied(),
+            _ => None,
+        };
+        let with = plan(&CiArgs::default(), true);
+        let without = plan(&CiArgs::default(), false);
+        assert_eq!(first_arg(&with, "test"), Some("nextest"));
+        assert_eq!(first_arg(&without, "test"), Some("test"));
+        for steps in [&with, &without] {
+            assert_eq!(
+                steps
+                    .iter()
+                    .find(|s| s.name == "doctest")
+                    .map(|s| &s.action),
+                Some(&Action::Cargo(vec!["test", "--workspace", "--doc"]))
+            );
+        }
+    }
+}
