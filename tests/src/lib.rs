@@ -6,6 +6,36 @@
 //! ([`report`]) with the issuance trace drawn as a waterfall ([`waterfall`]).
 //! `cargo xtask e2e` runs its `meshid-e2e` binary.
 
+pub mod http;
 pub mod otlp;
+pub mod process;
 pub mod report;
 pub mod waterfall;
+
+use std::path::{Path, PathBuf};
+
+/// Everything the harness can fail at, each saying which component or file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name}: {message}")]
+    Component { name: String, message: String },
+    #[error("{url}: {message}")]
+    Http { url: String, message: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
