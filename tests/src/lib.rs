@@ -6,10 +6,16 @@
 //! ([`report`]) with the issuance trace drawn as a waterfall ([`waterfall`]).
 //! `cargo xtask e2e` runs its `meshid-e2e` binary.
 
+pub mod client;
+pub mod echo;
 pub mod http;
 pub mod otlp;
 pub mod process;
+pub mod process_backend;
 pub mod report;
+pub mod runner;
+pub mod suites;
+pub mod topology;
 pub mod waterfall;
 
 use std::path::{Path, PathBuf};

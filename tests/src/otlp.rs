@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -74,6 +75,8 @@ impl SpanStore {
 
 struct Receiver {
     store: SpanStore,
+    /// Exports are also sent here (e.g. a Jaeger collector), best effort.
+    forward: Option<tokio::sync::mpsc::Sender<ExportTraceServiceRequest>>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -128,7 +131,11 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.store.push(flatten(request.into_inner()));
+        let req = request.into_inner();
+        if let Some(tx) = &self.forward {
+            let _ = tx.try_send(req.clone());
+        }
+        self.store.push(flatten(req));
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
@@ -146,11 +153,43 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Listens on 127.0.0.1 on a free port.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_forwarding(None).await
+    }
+
+    /// Like [`OtlpReceiver::start`], also forwarding every export to the
+    /// OTLP/gRPC collector at `forward` (e.g. `http://127.0.0.1:4317`).
+    pub async fn start_forwarding(forward: Option<String>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let store = SpanStore::default();
+        let forward = match forward {
+            Some(endpoint) => {
+                let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                    .map_err(|e| std::io::Error::other(format!("--otlp-endpoint {endpoint}: {e}")))?
+                    .connect_lazy();
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<ExportTraceServiceRequest>(1024);
+                tokio::spawn(async move {
+                    let mut client = TraceServiceClient::new(channel);
+                    let mut warned = false;
+                    while let Some(req) = rx.recv().await {
+                        if let Err(e) = client.export(req).await
+                            && !warned
+                        {
+                            eprintln!(
+                                "e2e: forwarding spans to {endpoint} failed: {}",
+                                e.message()
+                            );
+                            warned = true;
+                        }
+                    }
+                });
+                Some(tx)
+            }
+            None => None,
+        };
         let svc = TraceServiceServer::new(Receiver {
             store: store.clone(),
+            forward,
         });
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()

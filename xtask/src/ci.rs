@@ -199,9 +199,8 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
             );
             match e2e::ci_args().and_then(|args| e2e::run(&args)) {
                 Ok(e2e::Outcome::Passed) => (Verdict::Pass, String::new()),
-                Ok(e2e::Outcome::NotBuilt) => {
-                    eprintln!("{}", e2e::NOT_BUILT);
-                    (Verdict::Skip, "not built yet (issue 7)".to_owned())
+                Ok(e2e::Outcome::Failed(code)) => {
+                    (Verdict::Fail, format!("the harness exited with {code}"))
                 }
                 Err(err) => (Verdict::Fail, format!("{err:#}")),
             }

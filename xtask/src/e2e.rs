@@ -1,22 +1,21 @@
-//! `cargo xtask e2e`: bring up a topology, run the end-to-end suites against it, tear it down.
-//!
-//! The harness (topologies, token issuer, suites) lands with issue 7. Until then the flags are
-//! parsed and checked here, and [`run`] reports [`Outcome::NotBuilt`] instead of pretending to
-//! pass: `cargo xtask e2e` exits with code 2 and `cargo xtask ci` shows the step as SKIP.
+//! `cargo xtask e2e`: build the component binaries, then run the harness
+//! (`meshid-e2e` from the meshid-tests package), which brings up the
+//! topology, runs the suites, reports and tears everything down.
 
-use std::{fmt, process::ExitCode};
+use std::{fmt, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, ValueEnum};
 
 /// Exit code of `cargo xtask e2e` while the harness is not built (1 stays "suites failed").
-const NOT_BUILT_EXIT_CODE: u8 = 2;
+/// The packages whose binaries a topology runs, and the harness itself.
+const PACKAGES: &[&str] = &[
+    "meshid-ca",
+    "meshid-agent",
+    "meshid-envoy-shim",
+    "meshid-tests",
+];
 
-/// Why nothing ran: the sentence both `cargo xtask e2e` and `cargo xtask ci` show.
-pub const NOT_BUILT: &str = "meshid e2e harness is not built yet: see issue 7 (topologies and \
-                             suites); no suite was run";
-
-/// Where the components run (DESIGN.md §7).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// Every component a local process on loopback, sockets in a temporary directory.
@@ -111,36 +110,86 @@ pub fn ci_args() -> anyhow::Result<E2eArgs> {
 }
 
 /// What an e2e run came to. A failed suite or a topology that would not start is an `Err`.
+/// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Every selected suite ran and passed.
-    #[expect(
-        dead_code,
-        reason = "the harness (issue 7) returns it; remove this attribute then"
-    )]
+    /// Every selected case passed.
     Passed,
-    /// The harness does not exist yet, so nothing ran: never to be read as a pass.
-    NotBuilt,
+    /// Some case failed, the mesh did not come up, or the run was interrupted:
+    /// the harness's exit code.
+    Failed(u8),
 }
 
-/// Run the selected suites on the selected backend.
-pub fn run(_args: &E2eArgs) -> anyhow::Result<Outcome> {
-    // Issue 7 replaces this with: start the topology, run the suites, tear down unless --keep.
-    Ok(Outcome::NotBuilt)
+/// `target/` of this workspace (or `$CARGO_TARGET_DIR`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
-/// `cargo xtask e2e`.
+/// The harness's command line for these flags.
+fn harness_args(args: &E2eArgs, bin_dir: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    let mut v = vec![
+        "--backend".to_owned(),
+        args.backend.to_string(),
+        "--bin-dir".to_owned(),
+        bin_dir.display().to_string(),
+        "--out".to_owned(),
+        out.display().to_string(),
+    ];
+    for suite in &args.suites {
+        v.push("--suite".to_owned());
+        v.push(suite.clone());
+    }
+    if let Some(ttl) = args.ttl {
+        v.push("--ttl".to_owned());
+        v.push(ttl.to_string());
+    }
+    if args.keep {
+        v.push("--keep".to_owned());
+    }
+    if let Some(url) = &args.otlp_endpoint {
+        v.push("--otlp-endpoint".to_owned());
+        v.push(url.clone());
+    }
+    v
+}
+
+/// Builds the binaries, runs the harness, and maps its exit code.
+pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
+    let mut build = vec!["build", "--bins"];
+    for p in PACKAGES {
+        build.extend(["-p", p]);
+    }
+    eprintln!("e2e: {}", crate::display_cargo(&build));
+    let status = crate::cargo(&build)
+        .status()
+        .context("could not start cargo to build the e2e binaries")?;
+    if !status.success() {
+        anyhow::bail!("building the e2e binaries failed ({status})");
+    }
+    let bin_dir = target_dir().join("debug");
+    let harness = bin_dir.join("meshid-e2e");
+    let out = target_dir().join("e2e");
+    let status = std::process::Command::new(&harness)
+        .args(harness_args(args, &bin_dir, &out))
+        .current_dir(crate::workspace_root())
+        .status()
+        .with_context(|| format!("could not start the harness {}", harness.display()))?;
+    Ok(match status.code() {
+        Some(0) => Outcome::Passed,
+        Some(code) => Outcome::Failed(u8::try_from(code).unwrap_or(1)),
+        None => Outcome::Failed(130),
+    })
+}
+
 pub fn main(args: &E2eArgs) -> anyhow::Result<ExitCode> {
     match run(args)? {
         Outcome::Passed => {
             eprintln!("e2e: every suite passed ({})", args.describe());
             Ok(ExitCode::SUCCESS)
         }
-        Outcome::NotBuilt => {
-            eprintln!("{NOT_BUILT}.");
-            eprintln!("(flags were read as: {})", args.describe());
-            Ok(ExitCode::from(NOT_BUILT_EXIT_CODE))
-        }
+        Outcome::Failed(code) => Ok(ExitCode::from(code)),
     }
 }
 
@@ -184,8 +233,16 @@ mod tests {
     }
 
     #[test]
-    fn not_built_is_not_a_pass() {
-        let outcome = run(&E2eArgs::default()).expect("the placeholder never errors");
-        assert_eq!(outcome, Outcome::NotBuilt);
+    fn flags_are_passed_to_the_harness() {
+        let args = parse(&["--suite", "mtls", "--ttl", "12", "--keep"]).unwrap();
+        let v = harness_args(
+            &args,
+            std::path::Path::new("/t/debug"),
+            std::path::Path::new("/t/e2e"),
+        );
+        assert_eq!(
+            v.join(" "),
+            "--backend process --bin-dir /t/debug --out /t/e2e --suite mtls --ttl 12 --keep"
+        );
     }
 }

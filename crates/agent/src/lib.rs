@@ -1,1 +1,33 @@
-//! meshid-agent: not built yet (see its issue); the crate exists so the workspace layout is final.
+//! meshid-agent is the per-pod identity agent, the part of Istio's
+//! pilot-agent that gives a workload its certificate. It reads the pod's
+//! projected service-account token, makes a key and a CSR in memory, has the
+//! Istio CA sign it ([`ca`], through the seam [`source::CertificateSource`]),
+//! checks the answer, and keeps the certificate fresh in a secret cache
+//! ([`cache`], renewal policy in [`rotation`]). It hands the certificate and
+//! trust bundle to Envoy over SDS ([`sds`]) and to any SPIFFE client over
+//! the Workload API ([`workload`]), both on Unix sockets that only the pod's
+//! own user may use ([`uds`]), and reports readiness, certificates and
+//! metrics on a local admin port ([`admin`], [`metrics`]). Keys never touch
+//! the disk unless `--output-certs` asks for it ([`output`]). [`app::App`]
+//! wires it together for `main` and for tests.
+
+pub mod admin;
+pub mod app;
+pub mod ca;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod output;
+pub mod rotation;
+pub mod sds;
+pub mod source;
+pub mod token;
+pub mod uds;
+pub mod workload;
+
+pub use app::{App, Parts};
+pub use cache::{SecretManager, Status};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use source::{CertificateSource, SignRequest};

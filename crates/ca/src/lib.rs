@@ -1,1 +1,28 @@
-//! meshid-ca: not built yet (see its issue); the crate exists so the workspace layout is final.
+//! meshid-ca is the Citadel part of istiod: an Istio-compatible certificate
+//! authority. It serves `istio.v1.auth.IstioCertificateService/CreateCertificate`
+//! over TLS (DESIGN §2.1) so that an unmodified pilot-agent or ztunnel — or
+//! meshid's own agent — gets X.509-SVIDs from it: it authenticates the caller
+//! ([`authn`]: client certificate, service-account JWT against a JWKS, or a
+//! Kubernetes TokenReview), decides which identity the caller may get
+//! ([`authz`]: its own, or a workload of its node for trusted node agents),
+//! and signs with a plugged-in or self-signed CA that rotates without a
+//! restart ([`signer`]). [`app::App`] runs it; [`token::TokenIssuer`] plays
+//! the Kubernetes token issuer for tests and the harness.
+
+pub mod app;
+pub mod authn;
+pub mod authz;
+pub mod config;
+pub mod directory;
+pub mod error;
+pub mod metrics;
+pub mod monitoring;
+pub mod server;
+pub mod signer;
+pub mod tls;
+pub mod token;
+
+pub use app::App;
+pub use config::Config;
+pub use error::{Error, Result};
+pub use token::{TokenAlgorithm, TokenClaims, TokenIssuer};

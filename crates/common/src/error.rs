@@ -79,6 +79,18 @@ pub enum Error {
 
     #[error("telemetry: {0}")]
     Telemetry(String),
+
+    #[error("workload registry {path}: {reason}")]
+    Registry { path: String, reason: String },
+
+    #[error("CA at {address}: {reason}")]
+    CaConnect { address: String, reason: String },
+
+    #[error("CA answered {code:?}: {message}")]
+    Ca { code: tonic::Code, message: String },
+
+    #[error("CA response rejected: {0}")]
+    CaResponse(String),
 }
 
 /// Shorthand used throughout the crate.

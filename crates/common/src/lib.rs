@@ -5,15 +5,19 @@
 //! trust bundles and chain verification ([`bundle`]), rustls mTLS configs
 //! that check peers by SPIFFE ID and pick up rotated credentials from a
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
-//! the SPIFFE Workload API ([`proto`]), and logs/traces with W3C
-//! propagation ([`telemetry`]). It has no opinion on processes or config
-//! files: those live in the component crates.
+//! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
+//! and ztunnels share ([`ca_client`]), the workload registry file that
+//! stands in for the Kubernetes API outside a cluster ([`registry`]), and
+//! logs/traces with W3C propagation ([`telemetry`]). It has no opinion on
+//! processes or config files: those live in the component crates.
 
 pub mod bundle;
+pub mod ca_client;
 pub mod cert;
 pub mod error;
 pub mod keys;
 pub mod proto;
+pub mod registry;
 pub mod spiffe;
 pub mod telemetry;
 pub mod testing;

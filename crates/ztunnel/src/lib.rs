@@ -1,1 +1,32 @@
-//! meshid-ztunnel: not built yet (see its issue); the crate exists so the workspace layout is final.
+//! meshid-ztunnel is ambient mode's node proxy: one process per node that
+//! gives every workload on its node a mesh identity without a sidecar. It
+//! follows the workload registry to learn which workloads run on its node
+//! ([`directory`]), asks the CA for each of their certificates on their
+//! behalf with its own node-bound token and `ImpersonatedIdentity`
+//! ([`source`]), keeps those certificates fresh ([`certs`]), and carries the
+//! workloads' TCP connections between nodes as HBONE: HTTP/2 `CONNECT`
+//! streams inside mTLS where each side presents the *workload's* certificate
+//! ([`outbound`], [`pool`], [`inbound`], [`tls`]). Inbound traffic is checked
+//! against the workload's policy ([`policy`]); an admin listener serves
+//! readiness, `/debug/certs` and `/metrics` ([`admin`], [`metrics`]).
+//! [`App`] runs the whole thing in-process; `main.rs` only parses the config
+//! and waits for a signal.
+
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod config;
+pub mod connlog;
+pub mod directory;
+pub mod error;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod pool;
+pub mod source;
+pub mod tls;
+
+pub use app::App;
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,247 @@
+//! The admin listener (127.0.0.1:15000 by default): `/ready`, `/debug/certs`
+//! (what `istioctl proxy-config secret` shows: identity, serial, validity,
+//! chain subjects, next rotation) and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use meshid_common::CertInfo;
+use meshid_common::cert::unix_secs;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::cache::SecretManager;
+use crate::metrics::Metrics;
+use crate::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE};
+
+/// What the admin handlers read.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    pub manager: Arc<SecretManager>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves until `cancel` fires.
+pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    debug!(peer.addr = %peer, error = %e, "admin connection ended");
+                }
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/ready" | "/healthz/ready" => {
+            let status = state.manager.status();
+            if status.ready {
+                reply(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {}\n", status.reason),
+                )
+            }
+        }
+        "/debug/certs" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&debug_certs(&state.manager)).unwrap_or_default() + "\n",
+        ),
+        "/metrics" | "/stats/prometheus" => {
+            update_expiry(state);
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "meshid-agent admin: /ready /debug/certs /metrics\n".into(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn update_expiry(state: &AdminState) {
+    let now = state.manager.clock().now();
+    let left = |t: SystemTime| match t.duration_since(now) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    if let Some(creds) = state.manager.current() {
+        state
+            .metrics
+            .cert_expiry_seconds
+            .get_or_create(&Metrics::resource(WORKLOAD_RESOURCE))
+            .set(left(creds.svid.leaf().not_after));
+        let roots_expiry = creds
+            .bundle
+            .roots()
+            .iter()
+            .filter_map(|r| CertInfo::from_der(r).ok())
+            .map(|i| i.not_after)
+            .min();
+        if let Some(t) = roots_expiry {
+            state
+                .metrics
+                .cert_expiry_seconds
+                .get_or_create(&Metrics::resource(ROOT_RESOURCE))
+                .set(left(t));
+        }
+    }
+}
+
+fn cert_json(info: &CertInfo) -> Value {
+    json!({
+        "serial": info.serial,
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "spiffe_id": info.spiffe_id.as_ref().map(|i| i.as_str()),
+        "not_before": rfc3339(info.not_before),
+        "not_after": rfc3339(info.not_after),
+    })
+}
+
+/// The `/debug/certs` document.
+pub fn debug_certs(manager: &SecretManager) -> Value {
+    let status = manager.status();
+    let now = manager.clock().now();
+    let creds = manager.current();
+    let mut resources = Vec::new();
+    if let Some(c) = &creds {
+        let leaf = c.svid.leaf();
+        let chain: Vec<Value> = c
+            .svid
+            .chain()
+            .iter()
+            .filter_map(|d| CertInfo::from_der(d).ok())
+            .map(|i| cert_json(&i))
+            .collect();
+        resources.push(json!({
+            "resource_name": WORKLOAD_RESOURCE,
+            "identity": c.svid.id().as_str(),
+            "serial": leaf.serial,
+            "not_before": rfc3339(leaf.not_before),
+            "not_after": rfc3339(leaf.not_after),
+            "expires_in_seconds": leaf.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+            "chain_subjects": chain.iter().map(|c| c["subject"].clone()).collect::<Vec<_>>(),
+            "chain": chain,
+        }));
+        let roots: Vec<Value> = c
+            .bundle
+            .roots()
+            .iter()
+            .filter_map(|d| CertInfo::from_der(d).ok())
+            .map(|i| cert_json(&i))
+            .collect();
+        resources.push(json!({
+            "resource_name": ROOT_RESOURCE,
+            "roots": roots,
+        }));
+    }
+    json!({
+        "identity": manager.id().as_str(),
+        "ready": status.ready,
+        "reason": status.reason,
+        "serial": creds.as_ref().map(|c| c.svid.leaf().serial.clone()),
+        "not_before": creds.as_ref().map(|c| rfc3339(c.svid.leaf().not_before)),
+        "not_after": creds.as_ref().map(|c| rfc3339(c.svid.leaf().not_after)),
+        "next_rotation": status.next_refresh.map(rfc3339),
+        "next_rotation_unix": status.next_refresh.map(unix_secs),
+        "last_error": status.last_error,
+        "consecutive_failures": status.consecutive_failures,
+        "certificates_issued": status.issued,
+        "resources": resources,
+    })
+}
+
+/// `2026-11-23T17:14:28Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = unix_secs(t);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_446_868)),
+            "2026-11-23T15:14:28Z"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! A running agent: the secret manager, the SDS and Workload API servers on
+//! their Unix sockets, the admin listener and (opt-in) the certificate file
+//! writer, all stopped by one cancellation token. `main` and the tests build
+//! the same [`App`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_common::CredentialsRx;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::ca::IstioCa;
+use crate::cache::{ManagerConfig, SecretManager};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::output;
+use crate::rotation::Clock;
+use crate::sds::SdsServer;
+use crate::source::CertificateSource;
+use crate::token::TokenFile;
+use crate::uds::UdsListener;
+use crate::workload::WorkloadApiServer;
+
+/// How long shutdown waits for the servers to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Concurrent HTTP/2 streams per connection on the sockets.
+const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
+
+/// Parts tests may swap.
+#[derive(Clone)]
+pub struct Parts {
+    pub source: Arc<dyn CertificateSource>,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts").field("clock", &self.clock).finish()
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    admin_addr: SocketAddr,
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl App {
+    /// Starts an agent that asks the Istio CA of `config`.
+    pub async fn build(config: Config) -> Result<App> {
+        let source = Arc::new(IstioCa::from_config(&config)?);
+        Self::build_with(
+            config,
+            Parts {
+                source,
+                clock: Clock::System,
+            },
+        )
+        .await
+    }
+
+    /// Starts an agent with the given certificate source and clock.
+    pub async fn build_with(config: Config, parts: Parts) -> Result<App> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let manager = SecretManager::new(
+            ManagerConfig::from_config(&config)?,
+            parts.source,
+            TokenFile::new(&config.token_path),
+            parts.clock,
+            metrics.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                what: "the admin address",
+                addr: config.admin_addr.to_string(),
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| Error::Listen {
+                what: "the admin address",
+                addr: config.admin_addr.to_string(),
+                source,
+            })?;
+
+        let sds_listener = UdsListener::bind(&config.sds_socket, config.socket_group)?;
+        let api_listener = UdsListener::bind(&config.workload_api_socket, config.socket_group)?;
+
+        tasks.spawn(manager.clone().run(cancel.clone()));
+        tasks.spawn(admin::serve(
+            admin_listener,
+            AdminState {
+                manager: manager.clone(),
+                metrics: metrics.clone(),
+            },
+            cancel.clone(),
+        ));
+        let sds = SdsServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
+        tasks.spawn(serve_uds(
+            "SDS",
+            sds_listener,
+            tonic::service::Routes::new(sds),
+            cancel.clone(),
+        ));
+        let api =
+            WorkloadApiServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
+        tasks.spawn(serve_uds(
+            "the SPIFFE Workload API",
+            api_listener,
+            tonic::service::Routes::new(api),
+            cancel.clone(),
+        ));
+        if let Some(dir) = &config.output_certs {
+            warn!(dir = %dir.display(), "--output-certs: the workload key will be written to disk (mode 0600)");
+            tasks.spawn(output::run(
+                dir.clone(),
+                manager.credentials(),
+                cancel.clone(),
+            ));
+        }
+        info!(
+            spiffe.id = manager.id().as_str(),
+            sds.socket = %config.sds_socket.display(),
+            workload_api.socket = %config.workload_api_socket.display(),
+            admin.addr = %admin_addr,
+            "meshid-agent started"
+        );
+        Ok(App {
+            config,
+            admin_addr,
+            manager,
+            metrics,
+            cancel,
+            tasks,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn sds_socket(&self) -> &Path {
+        &self.config.sds_socket
+    }
+
+    pub fn workload_api_socket(&self) -> &Path {
+        &self.config.workload_api_socket
+    }
+
+    /// Where the admin listener actually bound (port 0 resolved).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn manager(&self) -> &Arc<SecretManager> {
+        &self.manager
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn credentials(&self) -> CredentialsRx {
+        self.manager.credentials()
+    }
+
+    /// A token that stops the agent when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops every task, waiting up to a grace period, and removes the sockets.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("tasks still running after the shutdown grace period; aborting them");
+            self.tasks.abort_all();
+        }
+        for path in [&self.config.sds_socket, &self.config.workload_api_socket] {
+            let _ = std::fs::remove_file(path);
+        }
+        info!("meshid-agent stopped");
+    }
+}
+
+async fn serve_uds(
+    what: &'static str,
+    listener: UdsListener,
+    routes: tonic::service::Routes,
+    cancel: CancellationToken,
+) {
+    let path: PathBuf = listener.path().to_path_buf();
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(listener.incoming(what), cancel.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        warn!(socket = %path.display(), error = %e, "{what} server stopped");
+    }
+}

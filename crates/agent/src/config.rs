@@ -1,0 +1,641 @@
+//! The agent's settings: command-line flags first, then Istio's environment
+//! variable names, then the `DEFAULT_*` values below. Built and validated
+//! once at start ([`Config::resolve`]) and printed as JSON by `main`.
+//!
+//! The environment is read through [`EnvSource`], so tests pass a map and
+//! never mutate the process environment.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use meshid_common::{KeyType, SpiffeId, TrustDomain};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_CA_ADDRESS: &str = "https://localhost:15012";
+/// The DNS name the CA's serving certificate must carry.
+pub const DEFAULT_CA_SERVER_NAME: &str = meshid_common::ca_client::DEFAULT_CA_SERVER_NAME;
+pub const DEFAULT_CA_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
+pub const DEFAULT_TOKEN_PATH: &str = "./var/run/secrets/tokens/istio-token";
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "istio-ca";
+pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Istio's `MAX_WORKLOAD_CERT_TTL`: the CA refuses to sign for longer.
+pub const MAX_SECRET_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+pub const DEFAULT_GRACE_PERIOD_RATIO: f64 = 0.5;
+pub const DEFAULT_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
+pub const DEFAULT_KEY_TYPE: KeyType = KeyType::EcdsaP256;
+pub const DEFAULT_SOCKET_DIR: &str = "./var/run/secrets/workload-spiffe-uds";
+/// Istio's name for the SDS socket file (`WORKLOAD_IDENTITY_SOCKET_FILE` renames it).
+pub const DEFAULT_SDS_SOCKET_FILE: &str = "socket";
+/// The SPIFFE Workload API socket, beside the SDS socket.
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str =
+    "./var/run/secrets/workload-spiffe-uds/spiffe-workload-api.sock";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// Istio's default `CLUSTER_ID`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// First retry delay after a failed CSR; doubles up to [`DEFAULT_MAX_BACKOFF`].
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long one CA call may take.
+pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first CSR goes out when the first SDS or Workload API client asks (so
+/// it continues that client's trace), or after this delay, whichever is first.
+pub const DEFAULT_FIRST_FETCH_DELAY: Duration = Duration::from_secs(1);
+
+/// Where environment variables come from: the process, or a map in tests.
+pub trait EnvSource {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+impl EnvSource for HashMap<&str, &str> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).map(|v| (*v).to_owned())
+    }
+}
+
+/// meshid-agent: the per-pod identity agent (Istio's pilot-agent SDS role).
+///
+/// Each flag falls back to the Istio environment variable named in its help,
+/// then to a default.
+#[derive(Clone, Debug, Default, Parser)]
+#[command(name = "meshid-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// CA address, `https://host:port` [env: CA_ADDRESS] [default: https://localhost:15012]
+    #[arg(long)]
+    pub ca_address: Option<String>,
+    /// PEM roots that verify the CA's serving certificate [env: CA_ROOT_CA]
+    #[arg(long)]
+    pub ca_root_ca: Option<PathBuf>,
+    /// DNS name checked in the CA's certificate [default: istiod.istio-system.svc]
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+    /// Projected service-account token, read at every CSR [env: AUTH_TOKEN]
+    #[arg(long)]
+    pub token_path: Option<PathBuf>,
+    /// Token audiences, comma separated [env: TOKEN_AUDIENCES] [default: istio-ca]
+    #[arg(long)]
+    pub token_audiences: Option<String>,
+    /// Requested certificate TTL, e.g. `24h`, `90s` [env: SECRET_TTL]
+    #[arg(long)]
+    pub secret_ttl: Option<String>,
+    /// Rotate when this fraction of the life remains [env: SECRET_GRACE_PERIOD_RATIO] [default: 0.5]
+    #[arg(long)]
+    pub secret_grace_period_ratio: Option<f64>,
+    /// ± jitter on the ratio [env: SECRET_GRACE_PERIOD_RATIO_JITTER] [default: 0.01]
+    #[arg(long)]
+    pub secret_grace_period_ratio_jitter: Option<f64>,
+    /// Workload key: ecdsa-p256, ecdsa-p384 or rsa-2048 [env: ECC_SIGNATURE_ALGORITHM]
+    #[arg(long)]
+    pub key_type: Option<String>,
+    /// Full path of the SDS socket [default: ./var/run/secrets/workload-spiffe-uds/socket]
+    #[arg(long)]
+    pub sds_socket: Option<PathBuf>,
+    /// File name of the SDS socket in its directory [env: WORKLOAD_IDENTITY_SOCKET_FILE]
+    #[arg(long)]
+    pub sds_socket_file: Option<String>,
+    /// SPIFFE Workload API socket, `unix:///path` or a path [env: SPIFFE_ENDPOINT_SOCKET]
+    #[arg(long)]
+    pub spiffe_endpoint_socket: Option<String>,
+    /// Let this group connect to the sockets too (mode 0660 instead of 0600)
+    #[arg(long)]
+    pub socket_group: Option<u32>,
+    /// Trust domain [env: TRUST_DOMAIN] [default: cluster.local]
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// The pod's namespace [env: POD_NAMESPACE] [default: default]
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// The pod's service account [env: SERVICE_ACCOUNT] [default: default]
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// Cluster ID sent to the CA as `clusterid` [env: CLUSTER_ID] [default: Kubernetes]
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Admin listener (/ready, /debug/certs, /metrics) [default: 127.0.0.1:15000]
+    #[arg(long)]
+    pub admin_addr: Option<SocketAddr>,
+    /// Opt-in: also write cert-chain.pem, key.pem, root-cert.pem (mode 0600) here [env: OUTPUT_CERTS]
+    #[arg(long)]
+    pub output_certs: Option<PathBuf>,
+    /// First retry delay after a failed CSR, e.g. `500ms`
+    #[arg(long)]
+    pub initial_backoff: Option<String>,
+    /// Retry delay cap, e.g. `30s`
+    #[arg(long)]
+    pub max_backoff: Option<String>,
+    /// Time limit of one CA call, e.g. `10s`
+    #[arg(long)]
+    pub ca_timeout: Option<String>,
+    /// Fetch the first certificate after this delay even if no client asked, e.g. `1s`
+    #[arg(long)]
+    pub first_fetch_delay: Option<String>,
+}
+
+/// The validated settings of one agent.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    pub ca_address: String,
+    pub ca_root_ca: PathBuf,
+    pub ca_server_name: String,
+    pub token_path: PathBuf,
+    pub token_audiences: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub secret_ttl: Duration,
+    pub grace_period_ratio: f64,
+    pub grace_period_ratio_jitter: f64,
+    pub key_type: KeyType,
+    pub sds_socket: PathBuf,
+    pub workload_api_socket: PathBuf,
+    pub socket_group: Option<u32>,
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub cluster_id: String,
+    pub admin_addr: SocketAddr,
+    pub output_certs: Option<PathBuf>,
+    #[serde(serialize_with = "ser_duration")]
+    pub initial_backoff: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_backoff: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub ca_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub first_fetch_delay: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(Cli::default(), &HashMap::<String, String>::new())
+            .expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Parses flags from `args` (the first item is the program name) and
+    /// resolves them against `env`.
+    pub fn from_args<I, T>(args: I, env: &dyn EnvSource) -> Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(|e| Error::Config(e.to_string()))?;
+        Self::resolve(cli, env)
+    }
+
+    /// Flags, then environment, then defaults; then [`Config::validate`].
+    pub fn resolve(cli: Cli, env: &dyn EnvSource) -> Result<Self> {
+        let env_nonempty = |key: &str| env.get(key).filter(|v| !v.trim().is_empty());
+        let duration =
+            |flag: Option<String>, key: Option<&str>, default: Duration, name: &str| match flag
+                .or_else(|| key.and_then(env_nonempty))
+            {
+                Some(s) => parse_duration(&s)
+                    .ok_or_else(|| Error::Config(format!("{name}: {s:?} is not a duration"))),
+                None => Ok(default),
+            };
+        let float = |flag: Option<f64>, key: &str, default: f64| match flag {
+            Some(v) => Ok(v),
+            None => match env_nonempty(key) {
+                Some(s) => s
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| Error::Config(format!("{key}: {s:?} is not a number"))),
+                None => Ok(default),
+            },
+        };
+
+        let key_type = match cli
+            .key_type
+            .or_else(|| env_nonempty("ECC_SIGNATURE_ALGORITHM"))
+        {
+            Some(s) => s.parse::<KeyType>()?,
+            None => DEFAULT_KEY_TYPE,
+        };
+        let sds_socket = match (cli.sds_socket, cli.sds_socket_file) {
+            (Some(path), _) => path,
+            (None, file) => Path::new(DEFAULT_SOCKET_DIR).join(
+                file.or_else(|| env_nonempty("WORKLOAD_IDENTITY_SOCKET_FILE"))
+                    .unwrap_or_else(|| DEFAULT_SDS_SOCKET_FILE.to_owned()),
+            ),
+        };
+        let workload_api_socket = match cli
+            .spiffe_endpoint_socket
+            .or_else(|| env_nonempty("SPIFFE_ENDPOINT_SOCKET"))
+        {
+            Some(s) => parse_socket_address(&s)?,
+            None => PathBuf::from(DEFAULT_WORKLOAD_API_SOCKET),
+        };
+        let admin_addr = match cli.admin_addr {
+            Some(a) => a,
+            None => DEFAULT_ADMIN_ADDR.parse().expect("static address"),
+        };
+
+        let config = Config {
+            ca_address: cli
+                .ca_address
+                .or_else(|| env_nonempty("CA_ADDRESS"))
+                .unwrap_or_else(|| DEFAULT_CA_ADDRESS.to_owned()),
+            ca_root_ca: cli
+                .ca_root_ca
+                .or_else(|| env_nonempty("CA_ROOT_CA").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_ROOT_CA)),
+            ca_server_name: cli
+                .ca_server_name
+                .unwrap_or_else(|| DEFAULT_CA_SERVER_NAME.to_owned()),
+            token_path: cli
+                .token_path
+                .or_else(|| env_nonempty("AUTH_TOKEN").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
+            token_audiences: cli
+                .token_audiences
+                .or_else(|| env_nonempty("TOKEN_AUDIENCES"))
+                .unwrap_or_else(|| DEFAULT_TOKEN_AUDIENCE.to_owned())
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            secret_ttl: duration(
+                cli.secret_ttl,
+                Some("SECRET_TTL"),
+                DEFAULT_SECRET_TTL,
+                "SECRET_TTL",
+            )?,
+            grace_period_ratio: float(
+                cli.secret_grace_period_ratio,
+                "SECRET_GRACE_PERIOD_RATIO",
+                DEFAULT_GRACE_PERIOD_RATIO,
+            )?,
+            grace_period_ratio_jitter: float(
+                cli.secret_grace_period_ratio_jitter,
+                "SECRET_GRACE_PERIOD_RATIO_JITTER",
+                DEFAULT_GRACE_PERIOD_RATIO_JITTER,
+            )?,
+            key_type,
+            sds_socket,
+            workload_api_socket,
+            socket_group: cli.socket_group,
+            trust_domain: cli
+                .trust_domain
+                .or_else(|| env_nonempty("TRUST_DOMAIN"))
+                .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()),
+            namespace: cli
+                .namespace
+                .or_else(|| env_nonempty("POD_NAMESPACE"))
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            service_account: cli
+                .service_account
+                .or_else(|| env_nonempty("SERVICE_ACCOUNT"))
+                .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
+            cluster_id: cli
+                .cluster_id
+                .or_else(|| env_nonempty("CLUSTER_ID"))
+                .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned()),
+            admin_addr,
+            output_certs: cli
+                .output_certs
+                .or_else(|| env_nonempty("OUTPUT_CERTS").map(PathBuf::from)),
+            initial_backoff: duration(
+                cli.initial_backoff,
+                None,
+                DEFAULT_INITIAL_BACKOFF,
+                "--initial-backoff",
+            )?,
+            max_backoff: duration(cli.max_backoff, None, DEFAULT_MAX_BACKOFF, "--max-backoff")?,
+            ca_timeout: duration(cli.ca_timeout, None, DEFAULT_CA_TIMEOUT, "--ca-timeout")?,
+            first_fetch_delay: duration(
+                cli.first_fetch_delay,
+                None,
+                DEFAULT_FIRST_FETCH_DELAY,
+                "--first-fetch-delay",
+            )?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values make sense together; errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if !self.ca_address.starts_with("https://") {
+            return bad(format!(
+                "CA_ADDRESS {:?} must start with https://",
+                self.ca_address
+            ));
+        }
+        if self.secret_ttl.is_zero() || self.secret_ttl > MAX_SECRET_TTL {
+            return bad(format!(
+                "SECRET_TTL {} must be above 0 and at most {}",
+                format_duration(self.secret_ttl),
+                format_duration(MAX_SECRET_TTL)
+            ));
+        }
+        let (ratio, jitter) = (self.grace_period_ratio, self.grace_period_ratio_jitter);
+        if !(ratio > 0.0 && ratio < 1.0) {
+            return bad(format!(
+                "SECRET_GRACE_PERIOD_RATIO {ratio} must be between 0 and 1"
+            ));
+        }
+        if !(0.0..ratio.min(1.0 - ratio)).contains(&jitter) {
+            return bad(format!(
+                "SECRET_GRACE_PERIOD_RATIO_JITTER {jitter} must be at least 0 and below {}",
+                ratio.min(1.0 - ratio)
+            ));
+        }
+        TrustDomain::new(&self.trust_domain)?;
+        for (what, value) in [
+            ("namespace (POD_NAMESPACE)", &self.namespace),
+            ("service account (SERVICE_ACCOUNT)", &self.service_account),
+        ] {
+            if value.is_empty() || value.contains('/') {
+                return bad(format!(
+                    "the {what} {value:?} must be one non-empty SPIFFE ID path segment"
+                ));
+            }
+        }
+        self.spiffe_id()?;
+        if self.token_audiences.is_empty() {
+            return bad("TOKEN_AUDIENCES is empty".into());
+        }
+        if self.initial_backoff.is_zero() || self.initial_backoff > self.max_backoff {
+            return bad(format!(
+                "the initial backoff {} must be above 0 and at most the cap {}",
+                format_duration(self.initial_backoff),
+                format_duration(self.max_backoff)
+            ));
+        }
+        if self.ca_timeout.is_zero() {
+            return bad("the CA timeout must be above 0".into());
+        }
+        if self.sds_socket.as_os_str().is_empty() || self.workload_api_socket.as_os_str().is_empty()
+        {
+            return bad("socket paths must not be empty".into());
+        }
+        if self.sds_socket == self.workload_api_socket {
+            return bad(format!(
+                "the SDS socket and the Workload API socket are both {}",
+                self.sds_socket.display()
+            ));
+        }
+        if self.cluster_id.trim().is_empty() {
+            return bad("CLUSTER_ID is empty".into());
+        }
+        Ok(())
+    }
+
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe_id(&self) -> Result<SpiffeId> {
+        Ok(SpiffeId::for_service_account(
+            &self.trust_domain,
+            &self.namespace,
+            &self.service_account,
+        )?)
+    }
+
+    /// The config as pretty JSON, for the start-up log.
+    pub fn to_pretty_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<{e}>"))
+    }
+}
+
+/// `unix:///abs/path`, `unix:relative` or a bare path.
+fn parse_socket_address(s: &str) -> Result<PathBuf> {
+    let path = if let Some(rest) = s.strip_prefix("unix://") {
+        rest
+    } else if let Some(rest) = s.strip_prefix("unix:") {
+        rest
+    } else if s.contains("://") {
+        return Err(Error::Config(format!(
+            "SPIFFE_ENDPOINT_SOCKET {s:?}: only unix:// addresses are served"
+        )));
+    } else {
+        s
+    };
+    if path.is_empty() {
+        return Err(Error::Config(format!(
+            "SPIFFE_ENDPOINT_SOCKET {s:?} has no path"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Parses Go-style durations (`24h`, `1h30m`, `90s`, `500ms`, `1.5h`) and bare
+/// seconds (`90`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += value * scale;
+    }
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
+}
+
+/// `1h30m0s`, `90s`, `250ms`: short and readable, parseable by [`parse_duration`].
+pub fn format_duration(d: Duration) -> String {
+    let total_ms = d.as_millis();
+    if total_ms < 1000 && !d.is_zero() {
+        return format!("{total_ms}ms");
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let ms = d.subsec_millis();
+    let s_part = if ms > 0 {
+        format!("{s}.{ms:03}s")
+    } else {
+        format!("{s}s")
+    };
+    match (h, m) {
+        (0, 0) => s_part,
+        (0, m) => format!("{m}m{s_part}"),
+        (h, m) => format!("{h}h{m}m{s_part}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_istios() {
+        let c = Config::from_args(["meshid-agent"], &env(&[])).unwrap();
+        assert_eq!(c.ca_address, DEFAULT_CA_ADDRESS);
+        assert_eq!(
+            c.sds_socket,
+            PathBuf::from("./var/run/secrets/workload-spiffe-uds/socket")
+        );
+        assert_eq!(c.secret_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.grace_period_ratio, 0.5);
+        assert_eq!(c.key_type, KeyType::EcdsaP256);
+        assert_eq!(
+            c.spiffe_id().unwrap().as_str(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
+        assert_eq!(c.output_certs, None);
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn environment_fills_in_and_flags_win() {
+        let e = env(&[
+            ("CA_ADDRESS", "https://istiod.istio-system.svc:15012"),
+            ("SECRET_TTL", "1h30m"),
+            ("SECRET_GRACE_PERIOD_RATIO", "0.25"),
+            ("ECC_SIGNATURE_ALGORITHM", "RSA"),
+            ("WORKLOAD_IDENTITY_SOCKET_FILE", "sds.sock"),
+            ("SPIFFE_ENDPOINT_SOCKET", "unix:///tmp/agent/api.sock"),
+            ("TRUST_DOMAIN", "example.org"),
+            ("POD_NAMESPACE", "shop"),
+            ("SERVICE_ACCOUNT", "cart"),
+            ("CLUSTER_ID", "east"),
+            ("TOKEN_AUDIENCES", "istio-ca, other"),
+            ("AUTH_TOKEN", "/tok"),
+        ]);
+        let c = Config::from_args(["a", "--namespace", "web"], &e).unwrap();
+        assert_eq!(c.ca_address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(c.secret_ttl, Duration::from_secs(5400));
+        assert_eq!(c.grace_period_ratio, 0.25);
+        assert_eq!(c.key_type, KeyType::Rsa2048);
+        assert_eq!(
+            c.sds_socket,
+            PathBuf::from("./var/run/secrets/workload-spiffe-uds/sds.sock")
+        );
+        assert_eq!(c.workload_api_socket, PathBuf::from("/tmp/agent/api.sock"));
+        assert_eq!(
+            c.spiffe_id().unwrap().as_str(),
+            "spiffe://example.org/ns/web/sa/cart"
+        );
+        assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.token_audiences, vec!["istio-ca", "other"]);
+        assert_eq!(c.token_path, PathBuf::from("/tok"));
+        // An empty variable counts as unset (Istio sets ECC_SIGNATURE_ALGORITHM="").
+        let c = Config::from_args(["a"], &env(&[("ECC_SIGNATURE_ALGORITHM", "")])).unwrap();
+        assert_eq!(c.key_type, KeyType::EcdsaP256);
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+            (&[], &[("SECRET_TTL", "soon")], "SECRET_TTL"),
+            (&[], &[("SECRET_TTL", "100d")], "SECRET_TTL"),
+            (&[], &[("SECRET_GRACE_PERIOD_RATIO", "1.5")], "RATIO"),
+            (
+                &[],
+                &[("SECRET_GRACE_PERIOD_RATIO_JITTER", "0.6")],
+                "JITTER",
+            ),
+            (&[], &[("TRUST_DOMAIN", "Bad Domain")], "trust domain"),
+            (&[], &[("CA_ADDRESS", "localhost:15012")], "CA_ADDRESS"),
+            (&[], &[("ECC_SIGNATURE_ALGORITHM", "dsa")], "dsa"),
+            (
+                &[],
+                &[("SPIFFE_ENDPOINT_SOCKET", "tcp://1.2.3.4:1")],
+                "unix",
+            ),
+            (&["--namespace", "a/b"], &[], "namespace"),
+            (&["--service-account", "x y"], &[], "SPIFFE ID"),
+            (
+                &["--initial-backoff", "1m", "--max-backoff", "1s"],
+                &[],
+                "backoff",
+            ),
+        ];
+        for (flags, vars, needle) in cases {
+            let args = std::iter::once("a").chain(flags.iter().copied());
+            let err = Config::from_args(args, &env(vars)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{flags:?} {vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration(""), None);
+        for d in [
+            Duration::from_secs(86_400),
+            Duration::from_millis(250),
+            Duration::from_millis(90_500),
+            Duration::from_secs(61),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Some(d), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn printed_config_has_every_setting_and_no_secrets() {
+        let json = Config::default().to_pretty_json();
+        for key in ["ca_address", "secret_ttl", "sds_socket", "cluster_id"] {
+            assert!(json.contains(key), "{json}");
+        }
+        assert!(json.contains("\"24h0m0s\""), "{json}");
+    }
+}

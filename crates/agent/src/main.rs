@@ -1,0 +1,32 @@
+//! `meshid-agent`: parse the config, start the agent, stop on SIGTERM or Ctrl-C.
+
+use anyhow::Context;
+use clap::Parser;
+use meshid_agent::App;
+use meshid_agent::config::{Cli, Config, ProcessEnv};
+use meshid_common::telemetry::{self, TelemetryConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-agent"))
+        .context("cannot set up logging")?;
+    meshid_common::tls::install_crypto_provider();
+    let config = Config::resolve(cli, &ProcessEnv)?;
+    tracing::info!("configuration:\n{}", config.to_pretty_json());
+    let app = App::build(config).await?;
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
+    }
+    Ok(())
+}

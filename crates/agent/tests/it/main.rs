@@ -1,0 +1,10 @@
+//! meshid-agent integration tests: one binary, a module per concern.
+
+mod admin;
+mod ca_wire;
+mod cache;
+mod envoy;
+mod sds;
+mod support;
+mod trace;
+mod workload_api;

@@ -1,0 +1,340 @@
+//! SDS over the Unix socket: contents, ACK / NACK / stale nonce, pushes on
+//! rotation and on a root change, and bad input.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use meshid_common::cert::parse_pem_certs;
+use meshid_common::{CertInfo, PrivateKey, TrustBundle};
+
+use crate::support::{
+    AgentBuilder, SdsStream, TestAgent, eventually, request, secrets, tls_certificate, trusted_ca,
+};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+async fn agent() -> TestAgent {
+    AgentBuilder::default().start().await
+}
+
+#[tokio::test]
+async fn default_and_rootca_carry_the_chain_key_and_roots() {
+    let a = agent().await;
+    let serial = a.ready().await;
+    let mut client = a.sds().await;
+
+    let mut s = SdsStream::open(&mut client, request(Some("sidecar~1"), &["default"]))
+        .await
+        .unwrap();
+    let resp = s.expect_response().await;
+    assert_eq!(resp.type_url, meshid_common::proto::SECRET_TYPE_URL);
+    assert!(!resp.nonce.is_empty() && resp.version_info.contains(&serial));
+    let secrets_ = secrets(&resp);
+    assert_eq!(secrets_.len(), 1, "exactly the secret asked for");
+    assert_eq!(secrets_[0].name, "default");
+    let (chain_pem, key_pem) = tls_certificate(&secrets_[0]);
+    let chain = parse_pem_certs(&chain_pem).unwrap();
+    assert_eq!(chain.len(), 2, "leaf + intermediate");
+    let leaf = CertInfo::from_der(&chain[0]).unwrap();
+    assert_eq!(leaf.serial, serial);
+    assert_eq!(leaf.spiffe_id.as_ref(), Some(&a.id()));
+    assert!(
+        key_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "PKCS#8 PEM"
+    );
+    let key = PrivateKey::from_pem(&key_pem).unwrap();
+    assert_eq!(key.public_key_spki(), leaf.public_key_spki);
+
+    let mut r = SdsStream::open(&mut client, request(Some("sidecar~1"), &["ROOTCA"]))
+        .await
+        .unwrap();
+    let resp = r.expect_response().await;
+    let secrets_ = secrets(&resp);
+    assert_eq!(secrets_.len(), 1);
+    assert_eq!(secrets_[0].name, "ROOTCA");
+    let roots = TrustBundle::from_pem(&trusted_ca(&secrets_[0])).unwrap();
+    assert_eq!(roots, a.ca.bundle());
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn ack_gets_no_reply_nack_is_logged_and_a_stale_nonce_ignored() {
+    let a = agent().await;
+    let first = a.ready().await;
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    let r1 = s.expect_response().await;
+    s.ack(&r1, &["default"]).await;
+    assert!(s.next_within(QUIET).await.is_none(), "no reply to an ACK");
+    s.nack(&r1, &["default"]).await;
+    assert!(s.next_within(QUIET).await.is_none(), "no reply to a NACK");
+
+    // A rotation: a new version on the same stream.
+    let second = a.rotate(&first).await;
+    let r2 = s.expect_response().await;
+    assert!(r2.version_info.contains(&second), "{}", r2.version_info);
+    assert_ne!(r2.nonce, r1.nonce);
+    // An ACK of the old response is stale now: ignored.
+    s.ack(&r1, &["default"]).await;
+    assert!(s.next_within(QUIET).await.is_none(), "stale nonce ignored");
+    s.ack(&r2, &["default"]).await;
+    assert!(s.next_within(QUIET).await.is_none());
+    let text = a.app.metrics().encode();
+    assert!(
+        text.contains("meshid_agent_sds_nacks_total{resource_name=\"default\"} 1"),
+        "{text}"
+    );
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rotation_reaches_every_watching_stream() {
+    let a = agent().await;
+    let first = a.ready().await;
+    let mut client = a.sds().await;
+    let mut streams = Vec::new();
+    for i in 0..10 {
+        let names: &[&str] = if i % 2 == 0 {
+            &["default"]
+        } else {
+            &["default", "ROOTCA"]
+        };
+        let mut s = SdsStream::open(&mut client, request(Some(&format!("n{i}")), names))
+            .await
+            .unwrap();
+        let r = s.expect_response().await;
+        assert_eq!(secrets(&r).len(), names.len());
+        s.ack(&r, names).await;
+        streams.push(s);
+    }
+    // A ROOTCA-only watcher gets nothing when only the leaf changes.
+    let mut roots_only = SdsStream::open(&mut client, request(Some("r"), &["ROOTCA"]))
+        .await
+        .unwrap();
+    let rr = roots_only.expect_response().await;
+    roots_only.ack(&rr, &["ROOTCA"]).await;
+
+    let second = a.rotate(&first).await;
+    for s in &mut streams {
+        let r = s.expect_response().await;
+        let (chain, _) = tls_certificate(secrets(&r).iter().find(|s| s.name == "default").unwrap());
+        let leaf = CertInfo::from_der(&parse_pem_certs(&chain).unwrap()[0]).unwrap();
+        assert_eq!(leaf.serial, second);
+    }
+    assert!(
+        roots_only.next_within(QUIET).await.is_none(),
+        "same roots: no push for ROOTCA"
+    );
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_root_change_is_pushed_to_rootca_watchers() {
+    let a = agent().await;
+    let first = a.ready().await;
+    let mut client = a.sds().await;
+    let mut roots = SdsStream::open(&mut client, request(Some("r"), &["ROOTCA"]))
+        .await
+        .unwrap();
+    let r1 = roots.expect_response().await;
+    roots.ack(&r1, &["ROOTCA"]).await;
+    let new_bundle = a.ca.new_root();
+    a.rotate(&first).await;
+    let r2 = roots.expect_response().await;
+    assert_ne!(r2.version_info, r1.version_info);
+    let got = TrustBundle::from_pem(&trusted_ca(&secrets(&r2)[0])).unwrap();
+    assert_eq!(got, new_bundle);
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_without_node_id_is_invalid_argument() {
+    let a = agent().await;
+    a.ready().await;
+    let mut client = a.sds().await;
+    let err = match SdsStream::open(&mut client, request(None, &["default"])).await {
+        Err(status) => status,
+        Ok(mut s) => match s.next_within(Duration::from_secs(5)).await {
+            Some(Err(status)) => status,
+            other => panic!("expected an error, got {other:?}"),
+        },
+    };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("node.id"), "{}", err.message());
+    let err = client
+        .fetch_secrets(request(Some(""), &["default"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_resource_ends_only_that_stream_and_names_it() {
+    let a = agent().await;
+    let first = a.ready().await;
+    let mut client = a.sds().await;
+    let mut good = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    let r = good.expect_response().await;
+    good.ack(&r, &["default"]).await;
+
+    let mut bad = SdsStream::open(&mut client, request(Some("n"), &["default", "file-cert:x"]))
+        .await
+        .unwrap();
+    match bad.next_within(Duration::from_secs(5)).await {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains("file-cert:x"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("expected an error naming the resource, got {other:?}"),
+    }
+    // The other stream still works.
+    let second = a.rotate(&first).await;
+    let r = good.expect_response().await;
+    assert!(r.version_info.contains(&second));
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_nack_storm_gets_no_replies_and_the_stream_keeps_working() {
+    let a = agent().await;
+    let first = a.ready().await;
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    let r = s.expect_response().await;
+    for _ in 0..500 {
+        s.nack(&r, &["default"]).await;
+    }
+    assert!(s.next_within(Duration::from_millis(500)).await.is_none());
+    let counted = eventually(Duration::from_secs(5), || {
+        a.app
+            .metrics()
+            .encode()
+            .contains("meshid_agent_sds_nacks_total{resource_name=\"default\"} 500")
+    })
+    .await;
+    assert!(counted, "{}", a.app.metrics().encode());
+    let second = a.rotate(&first).await;
+    let r2 = s.expect_response().await;
+    assert!(r2.version_info.contains(&second));
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_before_the_first_cert_triggers_it_and_is_answered() {
+    let a = AgentBuilder {
+        first_fetch_delay: Duration::from_secs(600),
+        ..AgentBuilder::default()
+    }
+    .start()
+    .await;
+    let mut client = a.sds().await;
+    let t0 = std::time::Instant::now();
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    let r = s.expect_response().await;
+    assert_eq!(secrets(&r).len(), 1);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(a.ca.calls().len(), 1);
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn fetch_secrets_answers_once() {
+    let a = agent().await;
+    let serial = a.ready().await;
+    let mut client = a.sds().await;
+    let resp = client
+        .fetch_secrets(request(Some("n"), &["default", "ROOTCA"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(secrets(&resp).len(), 2);
+    assert!(resp.version_info.contains(&serial));
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_sockets_are_private() {
+    let a = agent().await;
+    for path in [a.app.sds_socket(), a.app.workload_api_socket()] {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    a.app.shutdown().await;
+}
+
+/// A process of another user that gets past the file mode (here the mode is
+/// opened up on purpose) is still refused by the peer-credential check.
+#[tokio::test]
+async fn a_peer_of_another_user_is_refused() {
+    let a = agent().await;
+    a.ready().await;
+    let sock = a.app.sds_socket().to_path_buf();
+    if !is_root() {
+        panic!(
+            "this test needs root to run a client as another user (uid 65534); \
+             it runs as root in CI"
+        );
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The client sends the HTTP/2 preface and reports whether the server
+    // answered anything before closing.
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+try:
+    data = s.recv(100)
+except Exception as e:
+    data = b""
+print("GOT", len(data))
+"#;
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&sock)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("GOT 0"),
+        "the server must not answer: {stdout}"
+    );
+    // Our own user is served.
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    s.expect_response().await;
+    a.app.shutdown().await;
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}

@@ -1,0 +1,331 @@
+//! Issuance throughput of meshid-ca: certificates per second over gRPC + TLS
+//! with 1, 8 and 64 concurrent clients (each its own connection, as agents
+//! are), p50 / p99 latency, and in the same run the raw limit of this machine
+//! — CSR verify + JWT verify + leaf sign with the same crypto provider, on
+//! every core — with the ratio between the two.
+//!
+//! `cargo bench -p meshid-ca --bench issuance` (or `cargo xtask bench issuance`);
+//! `MESHID_BENCH_SECS` sets the length of each phase (default 3).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::{DecodingKey, Validation};
+use meshid_ca::{App, Config, TokenAlgorithm, TokenClaims, TokenIssuer};
+use meshid_common::ca_client::{CaClient, CaClientConfig};
+use meshid_common::keys::parse_csr_pem;
+use meshid_common::proto::istio_ca::IstioCertificateRequest;
+use meshid_common::registry::{Registry, Workload};
+use meshid_common::{CaOptions, CertificateAuthority, KeyType, PrivateKey, SpiffeId};
+
+fn phase() -> Duration {
+    let secs = std::env::var("MESHID_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(3.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// CPU time used by this process so far (user + system), from /proc.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ";
+    // the kernel counts them in USER_HZ = 100 ticks per second.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[at]
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    app: App,
+    roots_pem: String,
+    token: String,
+    csr: String,
+    issuer: TokenIssuer,
+}
+
+async fn setup() -> Setup {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).expect("issuer");
+    let jwks = tmp.path().join("jwks.json");
+    let registry_path = tmp.path().join("registry.json");
+    TokenIssuer::write_jwks(&jwks, &[&issuer]).expect("jwks");
+    let mut registry = Registry::default();
+    registry.upsert_workload(Workload {
+        name: "bench-0".into(),
+        namespace: "default".into(),
+        service_account: "bench".into(),
+        node: "node-a".into(),
+        uid: "uid-bench-0".into(),
+        address: None,
+        mode: None,
+    });
+    registry.write_atomic(&registry_path).expect("registry");
+    let roots = tmp.path().join("root-cert.pem");
+    let p = |p: &std::path::Path| p.display().to_string();
+    let config = Config::from_args([
+        "meshid-ca".to_string(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--monitoring-addr".into(),
+        "127.0.0.1:0".into(),
+        "--root-ca-dir".into(),
+        p(&tmp.path().join("cacerts")),
+        "--root-cert-out".into(),
+        p(&roots),
+        "--jwks-file".into(),
+        p(&jwks),
+        "--registry-file".into(),
+        p(&registry_path),
+    ])
+    .expect("config");
+    let app = App::build(config).await.expect("CA starts");
+    let token = issuer
+        .mint(
+            &TokenClaims::for_pod(
+                "default",
+                "bench",
+                "bench-0",
+                "uid-bench-0",
+                "node-a",
+                "uid-node-a",
+            )
+            .valid_for(Duration::from_secs(3600)),
+        )
+        .expect("token");
+    let key = PrivateKey::generate(KeyType::EcdsaP256).expect("key");
+    let id = SpiffeId::for_service_account("cluster.local", "default", "bench").expect("id");
+    let csr = key.csr_for(&id).expect("csr");
+    Setup {
+        roots_pem: std::fs::read_to_string(&roots).expect("roots"),
+        _tmp: tmp,
+        app,
+        token,
+        csr,
+        issuer,
+    }
+}
+
+/// What one gRPC phase measured.
+struct Phase {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: u64,
+    /// Issuances per CPU-second of this process (clients included).
+    per_cpu_second: f64,
+}
+
+/// Runs `clients` concurrent callers for one phase.
+async fn grpc_phase(s: &Setup, clients: usize) -> Phase {
+    let mut callers = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let config = CaClientConfig::new(
+            format!("https://127.0.0.1:{}", s.app.grpc_addr().port()),
+            s.roots_pem.clone(),
+        );
+        let client = CaClient::new(config).expect("client").raw();
+        callers.push(client);
+    }
+    let request = |s: &Setup| {
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: s.csr.clone(),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", s.token).parse().expect("header"),
+        );
+        req
+    };
+    // Warm up: every connection established, once.
+    for c in &mut callers {
+        c.create_certificate(request(s))
+            .await
+            .expect("warm-up call");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut client in callers {
+        let stop = stop.clone();
+        let errors = errors.clone();
+        let make = {
+            let csr = s.csr.clone();
+            let auth = format!("Bearer {}", s.token);
+            move || {
+                let mut req = tonic::Request::new(IstioCertificateRequest {
+                    csr: csr.clone(),
+                    validity_duration: 3600,
+                    metadata: None,
+                });
+                req.metadata_mut()
+                    .insert("authorization", auth.parse().expect("header"));
+                req
+            }
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match client.create_certificate(make()).await {
+                    Ok(_) => latencies.push(t.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(phase()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("caller task"));
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu()
+        .saturating_sub(cpu_before)
+        .max(Duration::from_millis(10));
+    all.sort();
+    Phase {
+        rate: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+        errors: errors.load(Ordering::Relaxed),
+        per_cpu_second: all.len() as f64 / cpu.as_secs_f64(),
+    }
+}
+
+/// CSR verify + JWT verify + leaf sign, on every core, for one phase:
+/// (operations per second, per CPU-second, cores).
+fn raw_limit(s: &Setup) -> (f64, f64, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ca = Arc::new(
+        CertificateAuthority::self_signed_root(&CaOptions::new(
+            "cluster.local",
+            Duration::from_secs(86_400),
+        ))
+        .expect("root"),
+    );
+    let jwk = s.issuer.jwks().keys[0].clone();
+    let decoding = Arc::new(DecodingKey::from_jwk(&jwk).expect("decoding key"));
+    let mut validation = Validation::new(s.issuer.algorithm());
+    validation.set_audience(&["istio-ca"]);
+    validation.set_issuer(&[s.issuer.issuer()]);
+    let validation = Arc::new(validation);
+    let id = SpiffeId::for_service_account("cluster.local", "default", "bench").expect("id");
+    let deadline = Instant::now() + phase();
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cores)
+            .map(|_| {
+                let (ca, decoding, validation, id) =
+                    (ca.clone(), decoding.clone(), validation.clone(), id.clone());
+                let (csr, token) = (s.csr.clone(), s.token.clone());
+                scope.spawn(move || {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let parsed = parse_csr_pem(&csr).expect("csr verifies");
+                        jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation)
+                            .expect("jwt verifies");
+                        ca.issue_leaf(
+                            &parsed.public_key_spki,
+                            &id,
+                            Duration::from_secs(3600),
+                            SystemTime::now(),
+                        )
+                        .expect("leaf signs");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker")).sum()
+    });
+    let cpu = process_cpu()
+        .saturating_sub(cpu_before)
+        .max(Duration::from_millis(10));
+    (
+        total as f64 / started.elapsed().as_secs_f64(),
+        total as f64 / cpu.as_secs_f64(),
+        cores,
+    )
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument that does not match
+    // "issuance" skips the run, as libtest would.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if args.iter().any(|a| !"issuance".contains(a.as_str())) {
+        return;
+    }
+    meshid_common::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let s = setup().await;
+        // The raw limit is taken before and after the gRPC phases and
+        // averaged, so a machine shared with other work skews both alike.
+        let (raw_a, raw_cpu_a, cores) = tokio::task::block_in_place(|| raw_limit(&s));
+        let mut phases = Vec::new();
+        for clients in [1, 8, 64] {
+            phases.push((clients, grpc_phase(&s, clients).await));
+        }
+        let (raw_b, raw_cpu_b, _) = tokio::task::block_in_place(|| raw_limit(&s));
+        let raw = (raw_a + raw_b) / 2.0;
+        let raw_cpu = (raw_cpu_a + raw_cpu_b) / 2.0;
+        println!(
+            "meshid-ca issuance benchmark ({:.1}s per phase, {cores} cores, ES256 token, P-256 CSR, self-signed P-256 CA; clients in the same process)",
+            phase().as_secs_f64()
+        );
+        println!(
+            "raw limit (CSR verify + JWT verify + leaf sign, all cores): {raw:.0} /s (before {raw_a:.0}, after {raw_b:.0}); {raw_cpu:.0} per CPU-second"
+        );
+        println!(
+            "{:>8} {:>12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>7}",
+            "clients", "issuances/s", "p50", "p99", "% raw", "per CPU-s", "% raw CPU", "errors"
+        );
+        for (clients, p) in phases {
+            println!(
+                "{clients:>8} {:>12.0} {:>8.2}ms {:>8.2}ms {:>7.1}% {:>10.0} {:>9.1}% {:>7}",
+                p.rate,
+                p.p50.as_secs_f64() * 1e3,
+                p.p99.as_secs_f64() * 1e3,
+                100.0 * p.rate / raw,
+                p.per_cpu_second,
+                100.0 * p.per_cpu_second / raw_cpu,
+                p.errors
+            );
+        }
+        s.app.shutdown().await;
+    });
+}

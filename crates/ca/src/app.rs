@@ -1,0 +1,281 @@
+//! The running CA: `App::build(config)` loads the signer, binds the gRPC and
+//! monitoring ports, starts every background task and returns; tests run it
+//! in-process on `127.0.0.1:0`, `main` waits for a signal and shuts it down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use meshid_common::TrustBundle;
+use meshid_common::registry::RegistryWatcher;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::authn::client_cert::ClientCertAuthenticator;
+use crate::authn::jwt::{JwksSource, JwtAuthenticator};
+use crate::authn::{Authenticator, Authn};
+use crate::authz::Authorizer;
+use crate::config::Config;
+use crate::directory::{PodDirectory, RegistryDirectory};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::monitoring::{self, Monitor};
+use crate::server::{CaCore, CaService, tls_incoming};
+use crate::signer::{Signer, SignerOptions, write_atomic};
+use crate::tls::{ServingCert, server_config};
+
+/// How long shutdown waits for tasks to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running CA.
+#[derive(Debug)]
+pub struct App {
+    grpc_addr: SocketAddr,
+    monitoring_addr: SocketAddr,
+    signer: Arc<Signer>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+impl App {
+    /// Validates `config`, starts everything and returns once both ports are
+    /// bound.
+    pub async fn build(config: Config) -> Result<App> {
+        config.validate()?;
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let signer = Arc::new({
+            let options = SignerOptions {
+                dir: config.root_ca_dir.clone(),
+                trust_domain: config.trust_domain.clone(),
+                self_signed_ttl: config.self_signed_ca_cert_ttl,
+            };
+            tokio::task::spawn_blocking(move || Signer::open(options))
+                .await
+                .map_err(|e| Error::Config(format!("signer start-up panicked: {e}")))??
+        });
+        tasks.push(tokio::spawn(
+            signer
+                .clone()
+                .watch(config.ca_dir_poll_interval, cancel.clone()),
+        ));
+        if let Some(path) = config.root_cert_out.clone() {
+            write_atomic(&path, signer.current().bundle_pem())?;
+            tasks.push(tokio::spawn(publish_roots(
+                signer.clone(),
+                path,
+                cancel.clone(),
+            )));
+        }
+
+        let directory: Option<Arc<dyn PodDirectory>> = match &config.registry_file {
+            Some(path) => {
+                let watcher = RegistryWatcher::spawn(path.clone(), config.file_poll_interval)
+                    .map_err(Error::Registry)?;
+                Some(Arc::new(RegistryDirectory::new(watcher)))
+            }
+            None => None,
+        };
+        #[cfg(feature = "kube")]
+        let kube = if config.token_review {
+            Some(crate::authn::token_review::KubeApi::connect(&config).await?)
+        } else {
+            None
+        };
+        #[cfg(feature = "kube")]
+        let directory: Option<Arc<dyn PodDirectory>> = match (&kube, directory) {
+            (Some(api), None) => Some(Arc::new(api.clone())),
+            (_, d) => d,
+        };
+
+        let mut chain: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
+            signer.clone(),
+            config.trust_domain.clone(),
+            directory.clone(),
+        ))];
+        if let Some(path) = &config.jwks_file {
+            let jwks =
+                JwksSource::watch_file(path.clone(), config.file_poll_interval, cancel.clone())?;
+            let directory = directory
+                .clone()
+                .ok_or_else(|| Error::Config("JWT authentication needs a pod directory".into()))?;
+            chain.push(Arc::new(JwtAuthenticator::new(
+                config.trust_domain.clone(),
+                config.token_issuer.clone(),
+                config.audiences(),
+                jwks,
+                directory,
+            )));
+        }
+        #[cfg(feature = "kube")]
+        if let Some(api) = &kube {
+            chain.push(Arc::new(
+                crate::authn::token_review::TokenReviewAuthenticator::new(
+                    api.clone(),
+                    config.trust_domain.clone(),
+                    config.audiences(),
+                ),
+            ));
+        }
+        let authn = Authn::new(chain);
+        tracing::info!(authenticators = ?authn.names(), "authentication chain");
+
+        let metrics = Arc::new(Metrics::new());
+        let core = Arc::new(CaCore {
+            trust_domain: config.trust_domain.clone(),
+            cluster_id: config.cluster_id.clone(),
+            default_ttl: config.default_workload_cert_ttl,
+            max_ttl: config.max_workload_cert_ttl,
+            authn,
+            authz: Authorizer::new(
+                config.trust_domain.clone(),
+                config.node_accounts()?,
+                directory.clone(),
+            ),
+            signer: signer.clone(),
+            metrics: metrics.clone(),
+        });
+
+        let serving = Arc::new(ServingCert::new(
+            &signer.current(),
+            config.serving_dns_names(),
+            config.server_ips.clone(),
+        )?);
+        tasks.push(tokio::spawn(
+            serving.clone().maintain(signer.clone(), cancel.clone()),
+        ));
+        let tls = Arc::new(server_config(serving)?);
+
+        let grpc_listener = bind(config.grpc_addr).await?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.grpc_addr.to_string(),
+            source,
+        })?;
+        let monitoring_listener = bind(config.monitoring_addr).await?;
+        let monitoring_addr = monitoring_listener
+            .local_addr()
+            .map_err(|source| Error::Bind {
+                addr: config.monitoring_addr.to_string(),
+                source,
+            })?;
+
+        let monitor = Arc::new(Monitor {
+            signer: signer.clone(),
+            metrics: metrics.clone(),
+            serving: AtomicBool::new(false),
+        });
+        tasks.push(tokio::spawn(monitoring::serve(
+            monitoring_listener,
+            monitor.clone(),
+            cancel.clone(),
+        )));
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<meshid_common::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer<CaService>>()
+            .await;
+        let incoming = tls_incoming(grpc_listener, tls, cancel.clone());
+        let service = CaService::new(core).into_server(config.max_request_bytes);
+        let grpc_cancel = cancel.clone();
+        let grpc_monitor = monitor.clone();
+        tasks.push(tokio::spawn(async move {
+            grpc_monitor.set_serving(true);
+            let served = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, grpc_cancel.cancelled())
+                .await;
+            grpc_monitor.set_serving(false);
+            if let Err(e) = served {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+
+        tracing::info!(grpc.addr = %grpc_addr, monitoring.addr = %monitoring_addr, "meshid-ca serving");
+        Ok(App {
+            grpc_addr,
+            monitoring_addr,
+            signer,
+            metrics,
+            cancel,
+            tasks,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn monitoring_addr(&self) -> SocketAddr {
+        self.monitoring_addr
+    }
+
+    /// The roots clients should trust now.
+    pub fn root_bundle(&self) -> TrustBundle {
+        self.signer.current().bundle.clone()
+    }
+
+    pub fn signer(&self) -> &Arc<Signer> {
+        &self.signer
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Cancelled when the app shuts down.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops accepting, lets running calls finish (up to a grace period) and
+    /// waits for every task.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+            tracing::warn!("some tasks did not stop within the grace period");
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Rewrites the root bundle file whenever the roots change.
+async fn publish_roots(signer: Arc<Signer>, path: std::path::PathBuf, cancel: CancellationToken) {
+    let mut rx = signer.subscribe();
+    let mut last = signer.current().bundle.clone();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+        let state = rx.borrow_and_update().clone();
+        if state.bundle == last {
+            continue;
+        }
+        last = state.bundle.clone();
+        match write_atomic(&path, state.bundle_pem()) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), roots = last.roots().len(), "root bundle published")
+            }
+            Err(e) => tracing::error!(error = %e, "root bundle could not be written"),
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Projected service-account JWTs checked against the issuer's JWKS
+//! (DESIGN §4): RS256 or ES256 only, `iss`, `aud`, `exp` and `nbf` checked,
+//! `sub = system:serviceaccount:<ns>:<sa>`, and the `kubernetes.io` pod claim
+//! must name a pod that is still alive — a token does not outlive its pod.
+//!
+//! The JWKS file is re-read when it changes; a bad new version is logged and
+//! the last good one stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use meshid_common::SpiffeId;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{AuthContext, AuthError, Authenticator, Caller, parse_service_account_subject};
+use crate::directory::PodDirectory;
+use crate::error::{Error, Result};
+
+/// Algorithms a service-account token may use.
+pub const ALLOWED_ALGORITHMS: [Algorithm; 2] = [Algorithm::RS256, Algorithm::ES256];
+/// Clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY: Duration = Duration::from_secs(30);
+
+/// One verification key of the JWKS.
+#[derive(Clone)]
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    pub alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerificationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerificationKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish()
+    }
+}
+
+/// The usable keys of a JWKS document.
+#[derive(Clone, Debug, Default)]
+pub struct Jwks {
+    pub keys: Vec<VerificationKey>,
+}
+
+impl Jwks {
+    /// Parses a JWKS document; keys of other algorithms are skipped (logged).
+    pub fn parse(json: &str, source_name: &str) -> Result<Self> {
+        let bad = |reason: String| Error::Jwks {
+            source_name: source_name.to_owned(),
+            reason,
+        };
+        let set: JwkSet = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(KeyAlgorithm::RS256), _) => Some(Algorithm::RS256),
+                (Some(KeyAlgorithm::ES256), _) => Some(Algorithm::ES256),
+                (None, AlgorithmParameters::RSA(_)) => Some(Algorithm::RS256),
+                (None, AlgorithmParameters::EllipticCurve(ec))
+                    if ec.curve == EllipticCurve::P256 =>
+                {
+                    Some(Algorithm::ES256)
+                }
+                _ => None,
+            };
+            let Some(alg) = alg else {
+                tracing::warn!(source = source_name, kid = ?jwk.common.key_id, "JWKS key skipped: not an RS256 or ES256 key");
+                continue;
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| {
+                bad(format!(
+                    "key {:?}: {e}",
+                    jwk.common.key_id.as_deref().unwrap_or("")
+                ))
+            })?;
+            keys.push(VerificationKey {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(bad("no RS256 or ES256 key in the set".into()));
+        }
+        Ok(Jwks { keys })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&json, &path.display().to_string())
+    }
+}
+
+/// Keeps the JWKS of a file current.
+#[derive(Debug, Clone)]
+pub struct JwksSource {
+    rx: watch::Receiver<Arc<Jwks>>,
+}
+
+impl JwksSource {
+    /// A fixed set (tests).
+    pub fn fixed(jwks: Jwks) -> Self {
+        let (_, rx) = watch::channel(Arc::new(jwks));
+        JwksSource { rx }
+    }
+
+    /// Loads `path` (an error if it is missing or bad) and re-reads it when
+    /// it changes, until `cancel`.
+    pub fn watch_file(
+        path: PathBuf,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
+        let stamp = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len(), m.ino()))
+        };
+        // Stamp before reading: a change after this is seen by the next poll.
+        let mut last = stamp(&path);
+        let jwks = Jwks::load(&path)?;
+        let (tx, rx) = watch::channel(Arc::new(jwks));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let now = stamp(&path);
+                if now == last || now.is_none() {
+                    continue;
+                }
+                last = now;
+                match Jwks::load(&path) {
+                    Ok(jwks) => {
+                        tracing::info!(path = %path.display(), keys = jwks.keys.len(), "JWKS reloaded");
+                        tx.send_replace(Arc::new(jwks));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "JWKS change rejected; keeping the last good keys")
+                    }
+                }
+            }
+        });
+        Ok(JwksSource { rx })
+    }
+
+    pub fn current(&self) -> Arc<Jwks> {
+        self.rx.borrow().clone()
+    }
+}
+
+/// The claims meshid reads from a service-account token.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KubernetesClaims {
+    namespace: Option<String>,
+    serviceaccount: Option<NameUid>,
+    pod: Option<NameUid>,
+    node: Option<NameUid>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NameUid {
+    name: String,
+    uid: String,
+}
+
+/// Validates bearer JWTs.
+#[derive(Debug)]
+pub struct JwtAuthenticator {
+    trust_domain: String,
+    issuer: String,
+    audiences: Vec<String>,
+    jwks: JwksSource,
+    directory: Arc<dyn PodDirectory>,
+}
+
+impl JwtAuthenticator {
+    pub fn new(
+        trust_domain: String,
+        issuer: String,
+        audiences: Vec<String>,
+        jwks: JwksSource,
+        directory: Arc<dyn PodDirectory>,
+    ) -> Self {
+        JwtAuthenticator {
+            trust_domain,
+            issuer,
+            audiences,
+            jwks,
+            directory,
+        }
+    }
+
+    async fn check(&self, token: &str) -> Result<Caller, AuthError> {
+        let fail = |m: String| AuthError::Jwt(m);
+        let (alg, kid) = header_alg_and_kid(token).map_err(fail)?;
+        let jwks = self.jwks.current();
+        let candidates: Vec<&VerificationKey> = jwks
+            .keys
+            .iter()
+            .filter(|k| k.alg == alg && (kid.is_none() || k.kid == kid))
+            .collect();
+        if candidates.is_empty() {
+            return Err(fail(match &kid {
+                Some(kid) => {
+                    format!("unknown signing key id {kid:?} (not in the JWKS for {alg:?})")
+                }
+                None => format!("no JWKS key for algorithm {alg:?}"),
+            }));
+        }
+        let mut validation = Validation::new(alg);
+        validation.set_audience(&self.audiences);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY.as_secs();
+        let mut claims = None;
+        for key in &candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                }
+                Err(e) => return Err(fail(self.describe(&e))),
+            }
+        }
+        let Some(claims) = claims else {
+            return Err(fail(if kid.is_some() {
+                "the signature does not verify with the JWKS key of that id".into()
+            } else {
+                "the signature does not verify with any JWKS key (unknown signing key)".into()
+            }));
+        };
+        let (ns, sa) = parse_service_account_subject(&claims.sub).ok_or_else(|| {
+            fail(format!(
+                "subject {:?} is not a service account (system:serviceaccount:<namespace>:<name>)",
+                claims.sub
+            ))
+        })?;
+        let k8s = claims.kubernetes.as_ref();
+        if let Some(claimed) = k8s.and_then(|k| k.namespace.as_deref())
+            && claimed != ns
+        {
+            return Err(fail(format!(
+                "kubernetes.io.namespace {claimed:?} does not match the subject's {ns:?}"
+            )));
+        }
+        if let Some(claimed) = k8s.and_then(|k| k.serviceaccount.as_ref())
+            && claimed.name != sa
+        {
+            return Err(fail(format!(
+                "kubernetes.io.serviceaccount {:?} does not match the subject's {sa:?}",
+                claimed.name
+            )));
+        }
+        let pod = k8s.and_then(|k| k.pod.as_ref()).ok_or_else(|| {
+            fail("the token is not bound to a pod (no kubernetes.io.pod claim)".into())
+        })?;
+        let live = self
+            .directory
+            .live_pod(ns, &pod.name, &pod.uid)
+            .await
+            .map_err(|e| fail(format!("pod lookup failed: {e}")))?
+            .ok_or_else(|| {
+                fail(format!(
+                    "pod {ns}/{} (uid {}) is not running: the token's pod is gone",
+                    pod.name, pod.uid
+                ))
+            })?;
+        if live.service_account != sa {
+            return Err(fail(format!(
+                "pod {ns}/{} runs as {:?}, not {sa:?}",
+                pod.name, live.service_account
+            )));
+        }
+        if let Some(node) = k8s.and_then(|k| k.node.as_ref())
+            && node.name != live.node
+        {
+            return Err(fail(format!(
+                "token is bound to node {:?} but pod {ns}/{} runs on {:?}",
+                node.name, pod.name, live.node
+            )));
+        }
+        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa)
+            .map_err(|e| fail(format!("the service account makes no valid SPIFFE ID: {e}")))?;
+        Ok(Caller {
+            id,
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+            node: Some(live.node),
+            pod: Some(live.name),
+            method: "jwt",
+        })
+    }
+
+    fn describe(&self, e: &jsonwebtoken::errors::Error) -> String {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => "the token has expired (exp is in the past)".into(),
+            ErrorKind::ImmatureSignature => {
+                "the token is not valid yet (nbf is in the future)".into()
+            }
+            ErrorKind::InvalidAudience => format!(
+                "wrong audience: the token's aud is not one of {:?}",
+                self.audiences
+            ),
+            ErrorKind::InvalidIssuer => {
+                format!("wrong issuer: the token's iss is not {:?}", self.issuer)
+            }
+            ErrorKind::MissingRequiredClaim(c) => format!("the token has no {c:?} claim"),
+            ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key".into(),
+            ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
+                "the token's claims are malformed".into()
+            }
+            ErrorKind::Base64(_) | ErrorKind::InvalidToken | ErrorKind::Utf8(_) => {
+                "the token is malformed".into()
+            }
+            other => format!("the token is invalid ({other:?})"),
+        }
+    }
+}
+
+/// Reads `alg` and `kid` from the header without trusting anything else,
+/// so `none`, HMAC and unknown algorithms get a clear refusal.
+fn header_alg_and_kid(token: &str) -> std::result::Result<(Algorithm, Option<String>), String> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("the token is not a JWT (expected three dot-separated parts)".into());
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|_| "the token header is not base64url".to_owned())?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| "the token header is not JSON".to_owned())?;
+    let alg = value
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .ok_or_else(|| "the token header has no alg".to_owned())?;
+    let alg = match alg {
+        "RS256" => Algorithm::RS256,
+        "ES256" => Algorithm::ES256,
+        a if a.eq_ignore_ascii_case("none") => {
+            return Err("unsigned tokens (alg none) are not accepted".into());
+        }
+        other => {
+            return Err(format!(
+                "algorithm {other:?} is not accepted (only RS256 and ES256)"
+            ));
+        }
+    };
+    let kid = value.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+    Ok((alg, kid))
+}
+
+impl Authenticator for JwtAuthenticator {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        ctx: AuthContext<'a>,
+    ) -> BoxFuture<'a, Option<Result<Caller, AuthError>>> {
+        Box::pin(async move {
+            let token = ctx.bearer?;
+            Some(self.check(token).await)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn header_refusals_name_the_algorithm() {
+        let t = |h: &str| format!("{}.{}.sig", b64(h), b64("{}"));
+        assert!(
+            header_alg_and_kid(&t(r#"{"alg":"none"}"#))
+                .unwrap_err()
+                .contains("alg none")
+        );
+        assert!(
+            header_alg_and_kid(&t(r#"{"alg":"HS256"}"#))
+                .unwrap_err()
+                .contains("\"HS256\"")
+        );
+        assert!(header_alg_and_kid("abc").unwrap_err().contains("three"));
+        let (alg, kid) = header_alg_and_kid(&t(r#"{"alg":"ES256","kid":"k1"}"#)).unwrap();
+        assert_eq!(alg, Algorithm::ES256);
+        assert_eq!(kid.as_deref(), Some("k1"));
+    }
+}

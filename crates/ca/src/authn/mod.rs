@@ -1,0 +1,198 @@
+//! Authentication: who is calling. Authenticators are tried in order and the
+//! first that accepts wins: the TLS client certificate (a workload renewing
+//! with its current SVID), then the bearer JWT against the issuer's JWKS,
+//! then (feature `kube`) a Kubernetes TokenReview. If none accepts, every
+//! reason is reported. Tokens never appear in a reason.
+
+pub mod client_cert;
+pub mod jwt;
+#[cfg(feature = "kube")]
+pub mod token_review;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use meshid_common::SpiffeId;
+use rustls_pki_types::CertificateDer;
+use tonic::metadata::MetadataMap;
+
+use crate::error::Error;
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub id: SpiffeId,
+    pub namespace: String,
+    pub service_account: String,
+    /// The node the caller's pod runs on, when the credential says (tokens).
+    pub node: Option<String>,
+    /// The caller's pod, when the credential says (tokens).
+    pub pod: Option<String>,
+    /// Which authenticator accepted it.
+    pub method: &'static str,
+}
+
+/// Why one authenticator refused a credential.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "no credential: the request has no `authorization: Bearer <token>` header and no client certificate"
+    )]
+    NoCredential,
+    #[error("malformed authorization header: {0}")]
+    MalformedAuthorization(&'static str),
+    #[error("client certificate: {0}")]
+    ClientCert(String),
+    #[error("JWT: {0}")]
+    Jwt(String),
+    #[error("TokenReview: {0}")]
+    TokenReview(String),
+}
+
+/// What an authenticator sees of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthContext<'a> {
+    /// The token of a well-formed `authorization: Bearer` header.
+    pub bearer: Option<&'a str>,
+    /// The TLS client certificate chain, leaf first.
+    pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+}
+
+/// One way of proving an identity.
+pub trait Authenticator: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+
+    /// `None` when the request carries no credential of this kind.
+    fn authenticate<'a>(
+        &'a self,
+        ctx: AuthContext<'a>,
+    ) -> BoxFuture<'a, Option<Result<Caller, AuthError>>>;
+}
+
+/// The ordered list of authenticators.
+#[derive(Debug, Clone, Default)]
+pub struct Authn {
+    chain: Vec<Arc<dyn Authenticator>>,
+}
+
+impl Authn {
+    pub fn new(chain: Vec<Arc<dyn Authenticator>>) -> Self {
+        Authn { chain }
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.chain.iter().map(|a| a.name()).collect()
+    }
+
+    /// Tries each authenticator in turn.
+    pub async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Caller, Error> {
+        let mut reasons = Vec::new();
+        let bearer = match bearer_token(metadata) {
+            Ok(token) => token,
+            Err(e) => {
+                reasons.push(e);
+                None
+            }
+        };
+        let ctx = AuthContext {
+            bearer,
+            peer_certs: peer_certs.filter(|c| !c.is_empty()),
+        };
+        for authenticator in &self.chain {
+            match authenticator.authenticate(ctx).await {
+                Some(Ok(caller)) => return Ok(caller),
+                Some(Err(e)) => reasons.push(e),
+                None => {}
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push(AuthError::NoCredential);
+        }
+        Err(Error::Authentication { reasons })
+    }
+}
+
+/// The token of `authorization: Bearer <token>`; `Ok(None)` without the header.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = metadata.get("authorization") else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::MalformedAuthorization("the value is not ASCII"))?;
+    let Some((scheme, token)) = value.split_once(' ') else {
+        return Err(AuthError::MalformedAuthorization(
+            "expected `Bearer <token>`",
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::MalformedAuthorization(
+            "the scheme is not Bearer",
+        ));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::MalformedAuthorization("the token is empty"));
+    }
+    Ok(Some(token))
+}
+
+/// Splits `system:serviceaccount:<ns>:<sa>`.
+pub fn parse_service_account_subject(sub: &str) -> Option<(&str, &str)> {
+    let rest = sub.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then_some((ns, sa))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(value: &str) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert("authorization", value.parse().unwrap());
+        md
+    }
+
+    #[test]
+    fn bearer_header_forms() {
+        assert_eq!(bearer_token(&MetadataMap::new()), Ok(None));
+        assert_eq!(bearer_token(&md("Bearer abc")), Ok(Some("abc")));
+        assert_eq!(bearer_token(&md("bearer abc")), Ok(Some("abc")));
+        assert!(bearer_token(&md("Basic abc")).is_err());
+        assert!(bearer_token(&md("abc")).is_err());
+        assert!(bearer_token(&md("Bearer  ")).is_err());
+    }
+
+    #[test]
+    fn subjects() {
+        assert_eq!(
+            parse_service_account_subject("system:serviceaccount:default:web"),
+            Some(("default", "web"))
+        );
+        assert_eq!(parse_service_account_subject("system:node:n1"), None);
+        assert_eq!(
+            parse_service_account_subject("system:serviceaccount:default:"),
+            None
+        );
+        assert_eq!(
+            parse_service_account_subject("system:serviceaccount:a:b:c"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn no_credential_at_all_says_so() {
+        let err = Authn::default()
+            .authenticate(&MetadataMap::new(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.to_string().contains("no `authorization"), "{err}");
+    }
+}

@@ -1,0 +1,176 @@
+//! The one error type of meshid-ca, and its mapping to gRPC status codes
+//! (DESIGN §2.1): the only place that decides which code a failure gets.
+//!
+//! No variant carries a token or key material; messages name the identity,
+//! file or field that was wrong.
+
+use std::path::PathBuf;
+
+use crate::authn::AuthError;
+
+/// Everything that can go wrong in the CA, at start or for one request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- per request -------------------------------------------------------
+    #[error("authentication failed: {}", join(.reasons))]
+    Authentication { reasons: Vec<AuthError> },
+
+    #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
+    UnknownCluster { got: String, expected: String },
+
+    #[error("impersonation of {target:?} by {caller} refused: {reason}")]
+    Impersonation {
+        caller: String,
+        target: String,
+        reason: String,
+    },
+
+    #[error("invalid CSR: {0}")]
+    Csr(#[source] meshid_common::Error),
+
+    #[error("the CSR asks for {requested} but the caller may only get {allowed}")]
+    CsrIdentity { requested: String, allowed: String },
+
+    #[error("the CSR has {count} URI SANs; at most one (the caller's SPIFFE ID) is allowed")]
+    CsrUriSans { count: usize },
+
+    #[error(
+        "the CSR asks for {requested} in trust domain {requested_td:?}; this CA serves {trust_domain:?}"
+    )]
+    CsrTrustDomain {
+        requested: String,
+        requested_td: String,
+        trust_domain: String,
+    },
+
+    #[error("the CSR's URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
+    CsrUri { uri: String, reason: String },
+
+    #[error(
+        "validity_duration {requested_secs}s is above the maximum {max_secs}s (MAX_WORKLOAD_CERT_TTL)"
+    )]
+    TtlTooLong { requested_secs: i64, max_secs: u64 },
+
+    #[error(
+        "the signing certificate {serial} expired at {not_after} (unix seconds); the CA cannot issue"
+    )]
+    SignerExpired { serial: String, not_after: i64 },
+
+    #[error("signing failed: {0}")]
+    Signing(#[source] meshid_common::Error),
+
+    // ---- configuration and start-up ---------------------------------------
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "CA directory {dir} holds only part of a plugged-in CA: missing {missing:?} (all of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem are needed)"
+    )]
+    PartialCaDir { dir: PathBuf, missing: Vec<String> },
+
+    #[error(
+        "private key {path} is readable by group or others (mode {mode:o}); run chmod 600 on it"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+
+    #[error("CA material {path}: {source}")]
+    CaMaterial {
+        path: PathBuf,
+        #[source]
+        source: meshid_common::Error,
+    },
+
+    #[error("CA material in {dir}: {reason}")]
+    CaChain { dir: PathBuf, reason: String },
+
+    #[error(
+        "new root bundle in {dir} is neither a superset nor a subset of the one in use; refused"
+    )]
+    RootRotationRefused { dir: PathBuf },
+
+    #[error("JWKS {source_name}: {reason}")]
+    Jwks { source_name: String, reason: String },
+
+    #[error("workload registry: {0}")]
+    Registry(#[source] meshid_common::Error),
+
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("TLS: {0}")]
+    Tls(String),
+
+    #[error("token issuer: {0}")]
+    Token(String),
+
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
+
+    #[error("{0}")]
+    Common(#[from] meshid_common::Error),
+}
+
+fn join(reasons: &[AuthError]) -> String {
+    if reasons.is_empty() {
+        return "no authenticator is configured".into();
+    }
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    /// The gRPC code istiod would answer with.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::Authentication { .. }
+            | Error::UnknownCluster { .. }
+            | Error::Impersonation { .. } => Code::Unauthenticated,
+            Error::Csr(_)
+            | Error::CsrIdentity { .. }
+            | Error::CsrUriSans { .. }
+            | Error::CsrTrustDomain { .. }
+            | Error::CsrUri { .. }
+            | Error::TtlTooLong { .. } => Code::InvalidArgument,
+            _ => Code::Internal,
+        }
+    }
+
+    /// A short label for `citadel_server_csr_sign_err_count{error}` and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Authentication { .. } | Error::UnknownCluster { .. } => "authentication",
+            Error::Impersonation { .. } => "impersonation",
+            Error::Csr(_) => "csr_parse",
+            Error::CsrIdentity { .. }
+            | Error::CsrUriSans { .. }
+            | Error::CsrTrustDomain { .. }
+            | Error::CsrUri { .. } => "csr_identity",
+            Error::TtlTooLong { .. } => "ttl",
+            Error::SignerExpired { .. } => "signer_expired",
+            Error::Signing(_) => "sign",
+            _ => "internal",
+        }
+    }
+
+    /// The status returned to the caller.
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code(), self.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

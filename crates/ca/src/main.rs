@@ -1,0 +1,30 @@
+//! meshid-ca: parse the configuration, start the CA, wait for a signal.
+
+use anyhow::Context;
+use meshid_ca::{App, Config};
+use meshid_common::telemetry::{self, TelemetryConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let _telemetry =
+        telemetry::init(&TelemetryConfig::from_env("meshid-ca")).context("telemetry set-up")?;
+    meshid_common::tls::install_crypto_provider();
+    config.validate().context("invalid configuration")?;
+    tracing::info!("meshid-ca configuration:\n{}", config.describe());
+    let app = App::build(config).await.context("meshid-ca start-up")?;
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("ctrl-c handler")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Prometheus metrics with istiod's names (DESIGN §3), plus an issuance
+//! latency histogram.
+//!
+//! istiod exports its counters without the OpenMetrics `_total` suffix
+//! (`citadel_server_csr_count`), and dashboards query those names, so the
+//! counters here are encoded as plain samples of a counter family and the
+//! page is served as the classic Prometheus text format.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::signer::Signer;
+
+/// A monotonic counter exported under its exact name (no `_total`).
+#[derive(Clone, Debug, Default)]
+pub struct IstioCounter(Arc<AtomicU64>);
+
+impl IstioCounter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for IstioCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for IstioCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+type ErrorLabels = Vec<(&'static str, &'static str)>;
+
+/// Every metric of the CA.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub csr_count: IstioCounter,
+    pub success_count: IstioCounter,
+    pub authentication_failures: IstioCounter,
+    sign_errors: Family<ErrorLabels, IstioCounter>,
+    root_expiry: Gauge<f64, AtomicU64>,
+    latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let csr_count = IstioCounter::default();
+        let success_count = IstioCounter::default();
+        let authentication_failures = IstioCounter::default();
+        let sign_errors = Family::<ErrorLabels, IstioCounter>::default();
+        let root_expiry = Gauge::<f64, AtomicU64>::default();
+        let latency = Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
+        registry.register(
+            "citadel_server_csr_count",
+            "The number of CSRs received by Citadel server.",
+            csr_count.clone(),
+        );
+        registry.register(
+            "citadel_server_success_cert_issuance_count",
+            "The number of certificates issuances that have succeeded.",
+            success_count.clone(),
+        );
+        registry.register(
+            "citadel_server_authentication_failure_count",
+            "The number of authentication failures.",
+            authentication_failures.clone(),
+        );
+        registry.register(
+            "citadel_server_csr_sign_err_count",
+            "The number of errors occurred when signing the CSR.",
+            sign_errors.clone(),
+        );
+        registry.register(
+            "citadel_server_root_cert_expiry_seconds",
+            "Seconds until the earliest root certificate expires; negative once it has.",
+            root_expiry.clone(),
+        );
+        registry.register(
+            "meshid_ca_issuance_duration_seconds",
+            "Time to answer a CreateCertificate call, from receipt to response.",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            csr_count,
+            success_count,
+            authentication_failures,
+            sign_errors,
+            root_expiry,
+            latency,
+        }
+    }
+
+    /// Counts a failed request under its error label.
+    pub fn sign_error(&self, label: &'static str) {
+        self.sign_errors
+            .get_or_create(&vec![("error", label)])
+            .inc();
+    }
+
+    pub fn observe_latency(&self, elapsed: Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The text page, with gauges brought up to date from `signer`.
+    pub fn render(&self, signer: &Signer) -> String {
+        let state = signer.current();
+        let earliest = state
+            .bundle
+            .roots()
+            .iter()
+            .filter_map(|r| meshid_common::CertInfo::from_der(r).ok())
+            .map(|i| i.not_after)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let secs = match earliest.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        self.root_expiry.set(secs);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istiod_names_without_suffix() {
+        let m = Metrics::new();
+        m.csr_count.inc();
+        m.sign_error("ttl");
+        m.observe_latency(Duration::from_millis(3));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &m.registry).unwrap();
+        assert!(out.contains("\ncitadel_server_csr_count 1\n"), "{out}");
+        assert!(
+            out.contains("citadel_server_csr_sign_err_count{error=\"ttl\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshid_ca_issuance_duration_seconds_bucket"),
+            "{out}"
+        );
+        assert!(!out.contains("_total"), "{out}");
+    }
+}

@@ -1,0 +1,318 @@
+//! The gRPC side: `IstioCertificateService/CreateCertificate` and the gRPC
+//! health service over TLS, with the accept loop that does handshakes
+//! concurrently and hands tonic connections that know their client
+//! certificate.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use meshid_common::SpiffeId;
+use meshid_common::keys::parse_csr_pem;
+use meshid_common::proto::istio_ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use meshid_common::proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
+use meshid_common::telemetry;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::authn::{Authn, Caller};
+use crate::authz::{Authorizer, impersonated_identity};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::signer::{Issued, Signer};
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the service knows of a connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// The client's certificate chain, if it sent one (leaf first).
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// A TLS connection as tonic sees it.
+#[derive(Debug)]
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections until `cancel`, handshakes each in its own task,
+/// and yields the established ones.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let peer_certs =
+                            tls.get_ref().1.peer_certificates().map(|c| {
+                                Arc::new(c.iter().map(|d| d.clone().into_owned()).collect())
+                            });
+                        let info = ConnInfo { remote, peer_certs };
+                        let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer.addr = %remote, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer.addr = %remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Everything a request needs.
+#[derive(Debug)]
+pub struct CaCore {
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub authn: Authn,
+    pub authz: Authorizer,
+    pub signer: Arc<Signer>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The `IstioCertificateService` implementation.
+#[derive(Debug, Clone)]
+pub struct CaService {
+    core: Arc<CaCore>,
+}
+
+impl CaService {
+    pub fn new(core: Arc<CaCore>) -> Self {
+        CaService { core }
+    }
+
+    /// The tonic service, with the request size limit.
+    pub fn into_server(self, max_request_bytes: usize) -> IstioCertificateServiceServer<CaService> {
+        IstioCertificateServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    }
+}
+
+impl CaCore {
+    fn check_cluster(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
+        let Some(value) = metadata.get("clusterid") else {
+            return Ok(());
+        };
+        let got = value.to_str().unwrap_or("<non-ASCII>");
+        if got.is_empty() || got == self.cluster_id {
+            Ok(())
+        } else {
+            Err(Error::UnknownCluster {
+                got: got.chars().take(128).collect(),
+                expected: self.cluster_id.clone(),
+            })
+        }
+    }
+
+    fn ttl(&self, validity_duration: i64) -> Result<Duration> {
+        if validity_duration <= 0 {
+            return Ok(self.default_ttl);
+        }
+        let requested = Duration::from_secs(validity_duration as u64);
+        if requested > self.max_ttl {
+            return Err(Error::TtlTooLong {
+                requested_secs: validity_duration,
+                max_secs: self.max_ttl.as_secs(),
+            });
+        }
+        Ok(requested)
+    }
+
+    /// istiod ignores the CSR's SANs; meshid refuses a CSR that asks for
+    /// anything but the identity it will get.
+    fn check_csr_identity(&self, uri_sans: &[String], identity: &SpiffeId) -> Result<()> {
+        match uri_sans {
+            [] => Ok(()),
+            [uri] => {
+                let requested = SpiffeId::parse(uri).map_err(|e| Error::CsrUri {
+                    uri: uri.chars().take(256).collect(),
+                    reason: e.to_string(),
+                })?;
+                if !requested.is_member_of(&self.trust_domain) {
+                    return Err(Error::CsrTrustDomain {
+                        requested: requested.to_string(),
+                        requested_td: requested.trust_domain().to_owned(),
+                        trust_domain: self.trust_domain.clone(),
+                    });
+                }
+                if &requested != identity {
+                    return Err(Error::CsrIdentity {
+                        requested: requested.to_string(),
+                        allowed: identity.to_string(),
+                    });
+                }
+                Ok(())
+            }
+            many => Err(Error::CsrUriSans { count: many.len() }),
+        }
+    }
+
+    async fn issue(
+        &self,
+        request: &Request<IstioCertificateRequest>,
+    ) -> Result<(Caller, SpiffeId, Issued)> {
+        let metadata = request.metadata();
+        self.check_cluster(metadata)?;
+        let peer_certs = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.peer_certs.clone());
+        let caller = self
+            .authn
+            .authenticate(metadata, peer_certs.as_deref().map(Vec::as_slice))
+            .instrument(tracing::info_span!("ca.authenticate"))
+            .await?;
+        let body = request.get_ref();
+        let identity = async {
+            let target = impersonated_identity(body.metadata.as_ref())?;
+            self.authz.authorize(&caller, target.as_deref()).await
+        }
+        .instrument(tracing::info_span!(
+            "ca.authorize",
+            caller = %caller.id,
+            method = caller.method
+        ))
+        .await?;
+        let issued = tracing::info_span!("ca.sign", spiffe.id = %identity).in_scope(|| {
+            let ttl = self.ttl(body.validity_duration)?;
+            let csr = parse_csr_pem(&body.csr).map_err(Error::Csr)?;
+            self.check_csr_identity(&csr.uri_sans, &identity)?;
+            self.signer.sign(&csr.public_key_spki, &identity, ttl)
+        })?;
+        Ok((caller, identity, issued))
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> std::result::Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let remote = request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.remote.to_string())
+            .unwrap_or_default();
+        let span = tracing::info_span!("ca.create_certificate", peer.addr = %remote);
+        telemetry::set_remote_parent(&span, telemetry::extract_grpc(request.metadata()));
+        let core = &self.core;
+        core.metrics.csr_count.inc();
+        let result = core.issue(&request).instrument(span.clone()).await;
+        let elapsed = started.elapsed();
+        core.metrics.observe_latency(elapsed);
+        let _entered = span.enter();
+        match result {
+            Ok((caller, identity, issued)) => {
+                core.metrics.success_count.inc();
+                tracing::info!(
+                    spiffe.id = %identity,
+                    cert.serial = %issued.leaf.serial,
+                    cert.not_after = meshid_common::cert::unix_secs(issued.leaf.not_after),
+                    caller = %caller.id,
+                    caller.method = caller.method,
+                    caller.node = caller.node.as_deref().unwrap_or(""),
+                    latency_us = elapsed.as_micros() as u64,
+                    "certificate issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.chain,
+                }))
+            }
+            Err(e) => {
+                if e.code() == tonic::Code::Unauthenticated {
+                    core.metrics.authentication_failures.inc();
+                }
+                core.metrics.sign_error(e.label());
+                tracing::warn!(error = %e, code = ?e.code(), "certificate request refused");
+                Err(e.to_status())
+            }
+        }
+    }
+}

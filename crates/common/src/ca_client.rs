@@ -1,0 +1,414 @@
+//! The client side of the Istio CA (`IstioCertificateService/CreateCertificate`,
+//! DESIGN §2.1), shared by the agent and the ztunnel.
+//!
+//! It speaks gRPC over TLS to `CA_ADDRESS`, trusting the roots of `CA_ROOT_CA`
+//! and checking the CA's DNS name (`istiod.istio-system.svc` unless told
+//! otherwise: the address is often an IP). Each call carries the bearer token,
+//! the `clusterid`, the optional `ImpersonatedIdentity` and the caller's W3C
+//! trace context. Answers are not trusted blindly: the chain must have a leaf
+//! and a root bundle, the leaf must hold our public key and the identity we
+//! asked for, and it must verify to the returned roots for both client and
+//! server use. Errors keep the gRPC status code so callers can tell a refusal
+//! (`UNAUTHENTICATED`) from an outage (`UNAVAILABLE`).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::bundle::{TrustBundle, Usage};
+use crate::cert::{CertInfo, certs_to_pem, parse_pem_certs};
+use crate::error::{Error, Result};
+use crate::keys::PrivateKey;
+use crate::proto::istio_ca::IstioCertificateRequest;
+use crate::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::spiffe::SpiffeId;
+use crate::tls::Svid;
+
+/// The DNS name in the CA's serving certificate.
+pub const DEFAULT_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
+/// Default `CA_ADDRESS`.
+pub const DEFAULT_CA_ADDRESS: &str = "https://localhost:15012";
+/// Metadata key a node agent uses to ask for another workload's certificate.
+pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
+/// Default deadline of one CreateCertificate call.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default TCP + TLS connect deadline.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the CA is and how to trust it.
+#[derive(Clone)]
+pub struct CaClientConfig {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots the CA's serving certificate must chain to (`CA_ROOT_CA`).
+    pub root_pem: String,
+    /// The DNS name checked in the CA's certificate.
+    pub server_name: String,
+    /// Sent as `clusterid` when set.
+    pub cluster_id: Option<String>,
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for CaClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaClientConfig")
+            .field("address", &self.address)
+            .field("server_name", &self.server_name)
+            .field("cluster_id", &self.cluster_id)
+            .field(
+                "roots",
+                &parse_pem_certs(&self.root_pem).map_or(0, |c| c.len()),
+            )
+            .field("call_timeout", &self.call_timeout)
+            .finish()
+    }
+}
+
+impl CaClientConfig {
+    /// A config with the default server name and timeouts.
+    pub fn new(address: impl Into<String>, root_pem: impl Into<String>) -> Self {
+        CaClientConfig {
+            address: address.into(),
+            root_pem: root_pem.into(),
+            server_name: DEFAULT_CA_SERVER_NAME.to_owned(),
+            cluster_id: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// What one call sends besides the CSR.
+#[derive(Clone, Copy, Default)]
+pub struct CallOptions<'a> {
+    /// The service-account JWT, sent as `authorization: Bearer <token>`.
+    pub token: Option<&'a str>,
+    /// Ask for this identity on behalf of a workload (node agents only).
+    pub impersonate: Option<&'a SpiffeId>,
+}
+
+impl fmt::Debug for CallOptions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallOptions")
+            .field("token", &self.token.map(|_| "[redacted]"))
+            .field("impersonate", &self.impersonate.map(SpiffeId::as_str))
+            .finish()
+    }
+}
+
+/// A CA connection (lazily established, shared by clones).
+#[derive(Clone)]
+pub struct CaClient {
+    client: IstioCertificateServiceClient<Channel>,
+    config: CaClientConfig,
+}
+
+impl fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaClient")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl CaClient {
+    /// A client that connects on first use (so a workload may start before
+    /// the CA). Fails only on a bad address or unusable roots.
+    pub fn new(config: CaClientConfig) -> Result<Self> {
+        Self::build(config, None)
+    }
+
+    /// A client that also presents `svid` as its TLS client certificate, so
+    /// the CA may authenticate a renewal by the current certificate.
+    pub fn with_client_certificate(config: CaClientConfig, svid: &Svid) -> Result<Self> {
+        let chain = certs_to_pem(svid.chain());
+        let key = svid.key().to_pkcs8_pem();
+        Self::build(config, Some(Identity::from_pem(chain, key.as_bytes())))
+    }
+
+    fn build(config: CaClientConfig, identity: Option<Identity>) -> Result<Self> {
+        let fail = |reason: String| Error::CaConnect {
+            address: config.address.clone(),
+            reason,
+        };
+        if !config.address.starts_with("https://") {
+            return Err(fail("the CA address must start with https://".into()));
+        }
+        let roots = parse_pem_certs(&config.root_pem)
+            .map_err(|e| fail(format!("CA root certificates: {e}")))?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(certs_to_pem(&roots)))
+            .domain_name(config.server_name.clone());
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        let channel = Channel::from_shared(config.address.clone())
+            .map_err(|e| fail(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| fail(e.to_string()))?
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.call_timeout)
+            .connect_lazy();
+        Ok(CaClient {
+            client: IstioCertificateServiceClient::new(channel),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &CaClientConfig {
+        &self.config
+    }
+
+    /// The generated client on the same connection, for callers (tests) that
+    /// need to send requests this API would not build.
+    pub fn raw(&self) -> IstioCertificateServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Sends a CSR and returns the certificate chain as the CA answered it,
+    /// unchecked. `validity` zero asks for the CA's default.
+    pub async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        validity: Duration,
+        options: CallOptions<'_>,
+    ) -> Result<Vec<String>> {
+        let mut metadata_struct = None;
+        if let Some(id) = options.impersonate {
+            metadata_struct = Some(prost_types::Struct {
+                fields: [(
+                    IMPERSONATED_IDENTITY_KEY.to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+                    },
+                )]
+                .into(),
+            });
+        }
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: i64::try_from(validity.as_secs()).unwrap_or(i64::MAX),
+            metadata: metadata_struct,
+        });
+        let md = request.metadata_mut();
+        if let Some(token) = options.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::CaResponse("the token is not a valid header value".into()))?;
+            md.insert("authorization", value);
+        }
+        if let Some(cluster) = &self.config.cluster_id {
+            let value = cluster.parse().map_err(|_| Error::CaConnect {
+                address: self.config.address.clone(),
+                reason: format!("cluster id {cluster:?} is not a valid header value"),
+            })?;
+            md.insert("clusterid", value);
+        }
+        crate::telemetry::inject_grpc(md);
+        let response = self
+            .client
+            .clone()
+            .create_certificate(request)
+            .await
+            .map_err(|status| Error::Ca {
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?;
+        Ok(response.into_inner().cert_chain)
+    }
+
+    /// Asks for a certificate for `id` over `key` and checks the answer (see
+    /// [`validate_response`]). With `options.impersonate` set, `id` must be
+    /// that identity.
+    pub async fn sign(
+        &self,
+        key: PrivateKey,
+        id: &SpiffeId,
+        validity: Duration,
+        options: CallOptions<'_>,
+    ) -> Result<(Svid, TrustBundle)> {
+        let csr = key.csr_for(id)?;
+        let chain = self.create_certificate(&csr, validity, options).await?;
+        let (certs, bundle) = validate_response(&chain, &key, id, SystemTime::now())?;
+        Ok((Svid::new(certs, key)?, bundle))
+    }
+}
+
+/// Checks a `cert_chain` answer for a CSR over `key` asking for `id`:
+/// at least a leaf and a root bundle; the leaf holds `key`'s public key and
+/// exactly `id`; it verifies through the intermediates to the roots of the
+/// last element, for client and for server use. Returns the chain to present
+/// (leaf + intermediates) and the trust bundle.
+pub fn validate_response(
+    chain: &[String],
+    key: &PrivateKey,
+    id: &SpiffeId,
+    now: SystemTime,
+) -> Result<(Vec<CertificateDer<'static>>, TrustBundle)> {
+    let bad = |reason: String| Error::CaResponse(reason);
+    if chain.len() < 2 {
+        return Err(bad(format!(
+            "the certificate chain has {} element(s); a leaf and a root bundle are required",
+            chain.len()
+        )));
+    }
+    let (roots_pem, certs_pem) = chain.split_last().expect("two elements at least");
+    let bundle = TrustBundle::from_pem(roots_pem)
+        .map_err(|e| bad(format!("the last element is not a root bundle: {e}")))?;
+    let mut certs = Vec::with_capacity(certs_pem.len());
+    for (i, pem) in certs_pem.iter().enumerate() {
+        let parsed = parse_pem_certs(pem).map_err(|e| bad(format!("chain element {i}: {e}")))?;
+        if i == 0 && parsed.len() != 1 {
+            return Err(bad(format!(
+                "the leaf element holds {} certificates",
+                parsed.len()
+            )));
+        }
+        certs.extend(parsed);
+    }
+    let leaf = CertInfo::from_der(&certs[0]).map_err(|e| bad(format!("leaf: {e}")))?;
+    if leaf.public_key_spki != key.public_key_spki() {
+        return Err(bad(format!(
+            "leaf {} does not hold the public key of our CSR",
+            leaf.serial
+        )));
+    }
+    let got = leaf
+        .require_spiffe_id()
+        .map_err(|e| bad(format!("leaf: {e}")))?;
+    if got != id {
+        return Err(bad(format!(
+            "leaf {} is for {got}, we asked for {id}",
+            leaf.serial
+        )));
+    }
+    for usage in [Usage::ClientAuth, Usage::ServerAuth] {
+        bundle
+            .verify(&certs, usage, now)
+            .map_err(|e| bad(format!("{usage:?}: {e}")))?;
+    }
+    Ok((certs, bundle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::cert_to_pem;
+    use crate::keys::KeyType;
+    use crate::testing::TestPki;
+
+    fn answer(pki: &TestPki, key: &PrivateKey, id: &SpiffeId) -> Vec<String> {
+        let leaf = pki
+            .signer()
+            .issue_leaf(
+                key.public_key_spki(),
+                id,
+                Duration::from_secs(600),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let mut chain = vec![cert_to_pem(&leaf)];
+        if let Some(inter) = &pki.intermediate {
+            chain.push(inter.cert_pem());
+        }
+        chain.push(pki.bundle().to_pem());
+        chain
+    }
+
+    #[test]
+    fn a_good_answer_is_accepted() {
+        let pki = TestPki::new("cluster.local")
+            .unwrap()
+            .with_intermediate()
+            .unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let id = pki.id("default", "web");
+        let (certs, bundle) =
+            validate_response(&answer(&pki, &key, &id), &key, &id, SystemTime::now()).unwrap();
+        assert_eq!(certs.len(), 2);
+        assert_eq!(bundle, pki.bundle());
+    }
+
+    #[test]
+    fn bad_answers_are_rejected_with_a_reason() {
+        let pki = TestPki::new("cluster.local").unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let id = pki.id("default", "web");
+        let good = answer(&pki, &key, &id);
+        let now = SystemTime::now();
+
+        let err = validate_response(&good[..1], &key, &id, now).unwrap_err();
+        assert!(err.to_string().contains("1 element"), "{err}");
+
+        let other_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let err = validate_response(&good, &other_key, &id, now).unwrap_err();
+        assert!(err.to_string().contains("public key"), "{err}");
+
+        let other_id = pki.id("default", "db");
+        let err = validate_response(&good, &key, &other_id, now).unwrap_err();
+        assert!(err.to_string().contains("we asked for"), "{err}");
+
+        let stranger = TestPki::new("cluster.local").unwrap();
+        let mut foreign_roots = good.clone();
+        *foreign_roots.last_mut().unwrap() = stranger.bundle().to_pem();
+        let err = validate_response(&foreign_roots, &key, &id, now).unwrap_err();
+        assert!(err.to_string().contains("does not chain"), "{err}");
+
+        let mut not_roots = good.clone();
+        *not_roots.last_mut().unwrap() = "garbage".into();
+        let err = validate_response(&not_roots, &key, &id, now).unwrap_err();
+        assert!(err.to_string().contains("root bundle"), "{err}");
+    }
+
+    #[test]
+    fn config_needs_https_and_roots() {
+        let pki = TestPki::new("cluster.local").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let err = CaClient::new(CaClientConfig::new(
+                "http://127.0.0.1:1",
+                pki.bundle().to_pem(),
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains("https://"), "{err}");
+            let err =
+                CaClient::new(CaClientConfig::new("https://127.0.0.1:1", "nope")).unwrap_err();
+            assert!(err.to_string().contains("root"), "{err}");
+        });
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_is_unavailable() {
+        crate::tls::install_crypto_provider();
+        let pki = TestPki::new("cluster.local").unwrap();
+        let mut config = CaClientConfig::new("https://127.0.0.1:1", pki.bundle().to_pem());
+        config.connect_timeout = Duration::from_millis(500);
+        let client = CaClient::new(config).unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let err = client
+            .sign(
+                key,
+                &pki.id("default", "web"),
+                Duration::from_secs(60),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Ca {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}

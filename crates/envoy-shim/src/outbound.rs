@@ -1,0 +1,139 @@
+//! Outbound listeners (Istio's :15001, or one per destination): the local
+//! app connects here and the shim dials the destination with mTLS using
+//! the workload SVID (ISTIO_MUTUAL), refusing a server whose SPIFFE ID is
+//! not the one configured for that destination (secure naming). A
+//! destination configured as outside the mesh gets plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_common::tls::{PeerMatcher, client_config, sni_for};
+use meshid_common::{CredentialsRx, SpiffeId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::OutboundRoute;
+use crate::conn::{AccessLog, ConnResult, Direction, Tracker, classify_tls_error, connect, splice};
+use crate::error::Result;
+
+/// Everything an outbound connection on one listener needs.
+pub(crate) struct Outbound {
+    pub dest: SocketAddr,
+    /// `None`: outside the mesh, plaintext.
+    pub tls: Option<(SpiffeId, TlsConnector)>,
+    pub creds: CredentialsRx,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub limit: Arc<Semaphore>,
+    pub log: AccessLog,
+    pub abort: CancellationToken,
+}
+
+/// The TLS connector for a mesh destination: our SVID, and only `server` accepted.
+pub(crate) fn connector(
+    route: &OutboundRoute,
+    creds: &CredentialsRx,
+) -> Result<Option<(SpiffeId, TlsConnector)>> {
+    match &route.peer {
+        None => Ok(None),
+        Some(id) => {
+            let config = client_config(creds.clone(), PeerMatcher::Exact(id.clone()))?;
+            Ok(Some((id.clone(), TlsConnector::from(Arc::new(config)))))
+        }
+    }
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Outbound>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tasks.spawn(async move { handle(ctx, tcp, peer).await });
+    }
+}
+
+async fn handle(ctx: Arc<Outbound>, app: TcpStream, peer: SocketAddr) {
+    let mode = if ctx.tls.is_some() {
+        "ISTIO_MUTUAL"
+    } else {
+        "DISABLE"
+    };
+    let mut t = Tracker::new(Direction::Outbound, mode, peer, ctx.dest);
+    let Ok(_permit) = ctx.limit.clone().try_acquire_owned() else {
+        t.fail(ConnResult::Overflow, "overflow", "connection limit reached");
+        return t.finish(&ctx.log);
+    };
+    let active = ctx.log.metrics().active(Direction::Outbound.as_str());
+    active.inc();
+    let _ = app.set_nodelay(true);
+    if ctx.tls.is_some() && ctx.creds.borrow().is_none() {
+        t.fail(
+            ConnResult::NotReady,
+            "not_ready",
+            "no SDS secrets yet (default and ROOTCA)",
+        );
+    } else {
+        match connect(ctx.dest, ctx.connect_timeout).await {
+            Err(e) => t.fail(
+                ConnResult::UpstreamUnavailable,
+                "upstream_unavailable",
+                format!("destination {} unavailable: {e}", ctx.dest),
+            ),
+            Ok(upstream) => match &ctx.tls {
+                None => splice(&mut t, app, upstream, &ctx.abort).await,
+                Some((id, connector)) => {
+                    t.ev.tls = true;
+                    let deadline = Instant::now() + ctx.handshake_timeout;
+                    match tokio::time::timeout_at(
+                        deadline,
+                        connector.connect(sni_for(id), upstream),
+                    )
+                    .await
+                    {
+                        Err(_) => t.fail(
+                            ConnResult::HandshakeFailed,
+                            "timeout",
+                            format!(
+                                "TLS handshake with {} ({id}) not finished within {:?}",
+                                ctx.dest, ctx.handshake_timeout
+                            ),
+                        ),
+                        Ok(Err(e)) => {
+                            let (class, reason) = classify_tls_error(&e);
+                            t.fail(
+                                ConnResult::HandshakeFailed,
+                                class,
+                                format!("to {} expecting {id}: {reason}", ctx.dest),
+                            );
+                        }
+                        Ok(Ok(tls)) => {
+                            t.ev.peer_id = Some(id.clone());
+                            splice(&mut t, app, tls, &ctx.abort).await;
+                        }
+                    }
+                }
+            },
+        }
+    }
+    active.dec();
+    t.finish(&ctx.log);
+}

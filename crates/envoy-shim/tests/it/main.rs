@@ -1,0 +1,9 @@
+//! Integration tests of meshid-envoy-shim, run in-process on 127.0.0.1:
+//! one test binary, one module per concern.
+
+mod envoy;
+mod inbound;
+mod openssl;
+mod outbound;
+mod sds;
+mod support;

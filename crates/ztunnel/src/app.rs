@@ -1,0 +1,348 @@
+//! A running ztunnel: [`App::build`] binds every listener, starts following
+//! the registry and fetching certificates, and returns the bound addresses;
+//! [`App::shutdown`] stops accepting and drains connections.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_common::registry::RegistryWatcher;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::certs::{CertManager, CertSettings};
+use crate::config::{Config, DEFAULT_HBONE_PORT, OutboundRoute};
+use crate::connlog::{ConnLog, ConnRecord};
+use crate::directory::Directory;
+use crate::error::{Error, Result};
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Route};
+use crate::policy::Policies;
+use crate::pool::Pool;
+use crate::source::{CaSource, CertificateSource};
+
+/// How long [`App::shutdown`] lets open connections finish.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running ztunnel.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    hbone_addr: SocketAddr,
+    plaintext_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    outbound_addrs: Vec<SocketAddr>,
+    certs: CertManager,
+    directory: watch::Receiver<Arc<Directory>>,
+    metrics: Arc<Metrics>,
+    outbound: Arc<Outbound>,
+    admin: Arc<Admin>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { what, addr, source })
+}
+
+impl App {
+    /// A ztunnel asking the CA of `config` for its workloads' certificates,
+    /// following the registry file of `config`.
+    pub async fn build(config: Config) -> Result<App> {
+        let source = Arc::new(CaSource::new(&config)?);
+        Self::build_with_source(config, source).await
+    }
+
+    /// As [`App::build`], with another certificate source (tests, benches).
+    pub async fn build_with_source(
+        config: Config,
+        source: Arc<dyn CertificateSource>,
+    ) -> Result<App> {
+        let registry = RegistryWatcher::spawn(&config.registry_file, config.registry_poll)?;
+        Self::build_with(config, source, registry).await
+    }
+
+    /// As [`App::build`], with a certificate source and a registry of the caller's.
+    pub async fn build_with(
+        config: Config,
+        source: Arc<dyn CertificateSource>,
+        registry: RegistryWatcher,
+    ) -> Result<App> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let certs = CertManager::new(
+            source,
+            CertSettings {
+                grace_period_ratio: config.grace_period_ratio,
+                grace_period_ratio_jitter: config.grace_period_ratio_jitter,
+                initial_backoff: config.initial_backoff,
+                max_backoff: config.max_backoff,
+                max_concurrent_fetches: config.max_concurrent_fetches,
+                cert_wait: config.cert_wait,
+            },
+            metrics.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let connlog = Arc::new(ConnLog::default());
+
+        // The registry, indexed for this node; certificates follow it.
+        let mut registry_rx = registry.subscribe();
+        let first = Directory::build(
+            &registry_rx.borrow_and_update(),
+            &config.node_name,
+            &config.trust_domain,
+        );
+        certs.set_identities(first.local_identities());
+        tracing::info!(
+            node = %config.node_name,
+            local_identities = first.local_identities().len(),
+            "workload registry loaded"
+        );
+        let (dir_tx, directory) = watch::channel(Arc::new(first));
+        {
+            let certs = certs.clone();
+            let cancel = cancel.clone();
+            let (node, td) = (config.node_name.clone(), config.trust_domain.clone());
+            let _keep_watcher = registry;
+            tokio::spawn(async move {
+                let _keep_watcher = _keep_watcher;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = registry_rx.changed() => if r.is_err() { return },
+                    }
+                    let dir = Directory::build(&registry_rx.borrow_and_update(), &node, &td);
+                    let ids: HashSet<_> = dir.local_identities().clone();
+                    certs.set_identities(&ids);
+                    tracing::info!(local_identities = ids.len(), "workload registry changed");
+                    dir_tx.send_replace(Arc::new(dir));
+                }
+            });
+        }
+
+        let hbone = bind("HBONE", config.hbone_addr).await?;
+        let hbone_addr = hbone.local_addr().map_err(|source| Error::Listen {
+            what: "HBONE",
+            addr: config.hbone_addr,
+            source,
+        })?;
+        let inbound = Arc::new(Inbound {
+            trust_domain: config.trust_domain.clone(),
+            directory: directory.clone(),
+            certs: certs.clone(),
+            policies: Policies::new(config.policies.clone()),
+            metrics: metrics.clone(),
+            connlog: connlog.clone(),
+            connect_timeout: config.connect_timeout,
+        });
+        tracker.spawn(
+            inbound
+                .clone()
+                .serve_hbone(hbone, cancel.clone(), tracker.clone()),
+        );
+        let plaintext_addr = match config.inbound_plaintext_addr {
+            Some(addr) => {
+                let l = bind("plaintext inbound", addr).await?;
+                let bound = l.local_addr().ok();
+                tracker.spawn(
+                    inbound
+                        .clone()
+                        .serve_plaintext(l, cancel.clone(), tracker.clone()),
+                );
+                bound
+            }
+            None => None,
+        };
+
+        let admin_listener = bind("admin", config.admin_addr).await?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_addr);
+        let admin = Arc::new(Admin {
+            node: config.node_name.clone(),
+            certs: certs.clone(),
+            directory: directory.clone(),
+            metrics: metrics.clone(),
+            connlog: connlog.clone(),
+        });
+        tracker.spawn(
+            admin
+                .clone()
+                .serve(admin_listener, cancel.clone(), tracker.clone()),
+        );
+
+        let local_hbone = match hbone_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), hbone_addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), hbone_addr.port())
+            }
+            _ => hbone_addr,
+        };
+        let outbound = Arc::new(Outbound {
+            node: config.node_name.clone(),
+            directory: directory.clone(),
+            certs: certs.clone(),
+            pool: Pool::new(config.connect_timeout, metrics.clone()),
+            metrics: metrics.clone(),
+            connlog: connlog.clone(),
+            local_hbone,
+            peers: std::sync::RwLock::new(config.peers.clone()),
+            default_hbone_port: DEFAULT_HBONE_PORT,
+        });
+        let mut app = App {
+            config: config.clone(),
+            hbone_addr,
+            plaintext_addr,
+            admin_addr,
+            outbound_addrs: Vec::new(),
+            certs,
+            directory,
+            metrics,
+            outbound,
+            admin,
+            cancel,
+            tracker,
+        };
+        for route in &config.outbound {
+            let bound = app.add_outbound(route).await?;
+            app.outbound_addrs.push(bound);
+        }
+        tracing::info!(
+            hbone = %hbone_addr,
+            plaintext = ?plaintext_addr,
+            admin = %admin_addr,
+            outbound = ?app.outbound_addrs,
+            "ztunnel listening"
+        );
+        Ok(app)
+    }
+
+    /// Opens a process-mode outbound listener for `route` and returns its
+    /// bound address (pass port 0 to pick one).
+    pub async fn add_outbound(&self, route: &OutboundRoute) -> Result<SocketAddr> {
+        let (namespace, pod) = route.source.split_once('/').ok_or_else(|| {
+            Error::Config(format!(
+                "outbound source {:?} is not NAMESPACE/POD",
+                route.source
+            ))
+        })?;
+        let listener = bind("outbound", route.listen).await?;
+        let bound = listener.local_addr().map_err(|source| Error::Listen {
+            what: "outbound",
+            addr: route.listen,
+            source,
+        })?;
+        let r = Route {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            destination: route.destination,
+        };
+        self.tracker.spawn(self.outbound.clone().serve(
+            listener,
+            r,
+            self.cancel.clone(),
+            self.tracker.clone(),
+        ));
+        Ok(bound)
+    }
+
+    /// Sets (or replaces) the HBONE address of `node`'s ztunnel.
+    pub fn set_peer(&self, node: &str, addr: SocketAddr) {
+        let mut peers = self.outbound.peers.write().expect("peers lock");
+        peers.retain(|(n, _)| n != node);
+        peers.push((node.to_owned(), addr));
+    }
+
+    /// The most recent proxied connections (as `/debug/connections`).
+    pub fn recent_connections(&self) -> Vec<ConnRecord> {
+        self.outbound.connlog.recent()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn hbone_addr(&self) -> SocketAddr {
+        self.hbone_addr
+    }
+
+    pub fn plaintext_addr(&self) -> Option<SocketAddr> {
+        self.plaintext_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Addresses of the outbound listeners of the config, in its order.
+    pub fn outbound_addrs(&self) -> &[SocketAddr] {
+        &self.outbound_addrs
+    }
+
+    pub fn certs(&self) -> &CertManager {
+        &self.certs
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.borrow().clone()
+    }
+
+    /// The HBONE connection pool (tests check sharing).
+    pub fn pool(&self) -> &Pool {
+        &self.outbound.pool
+    }
+
+    /// Same answer as `/ready`.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        self.admin.readiness()
+    }
+
+    /// Waits until every local identity has a certificate (or `timeout`).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let counts = self.certs.counts();
+            let available = counts
+                .get(&crate::certs::CertState::Available)
+                .copied()
+                .unwrap_or(0);
+            if available == self.certs.len() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "warming up {} workload certificates ({available} available)",
+                        self.certs.len()
+                    ),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops accepting, lets connections finish for [`DRAIN_GRACE`].
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the drain grace period");
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The ztunnel's view of the workload registry: every workload indexed by
+//! address (to find a destination's node and identity) and by name (to find
+//! a local source), and the set of identities running on this node (the
+//! certificates to hold). Rebuilt each time the registry file changes.
+//!
+//! A ztunnel serves the workloads of its node whose `mode` is `ambient` or
+//! unset; a pod in any other mode (`sidecar`, `none`, …) has its own proxy
+//! or none, and gets no certificate or traffic from the ztunnel.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use meshid_common::SpiffeId;
+use meshid_common::registry::{Registry, Workload};
+
+/// One workload and its SPIFFE identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub workload: Workload,
+    pub identity: SpiffeId,
+    /// Served by the ztunnel of its node (mode `ambient` or unset).
+    pub ambient: bool,
+}
+
+impl WorkloadInfo {
+    /// `namespace/name`, as logs name a pod.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.workload.namespace, self.workload.name)
+    }
+}
+
+/// An index over one version of the registry, from one node's point of view.
+#[derive(Debug, Default)]
+pub struct Directory {
+    node: String,
+    by_addr: HashMap<SocketAddr, Arc<WorkloadInfo>>,
+    by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    by_name: HashMap<(String, String), Arc<WorkloadInfo>>,
+    local_identities: HashSet<SpiffeId>,
+}
+
+impl Directory {
+    /// Indexes `registry` for `node`. Workloads whose identity does not
+    /// make a valid SPIFFE ID are logged and left out.
+    pub fn build(registry: &Registry, node: &str, trust_domain: &str) -> Self {
+        let mut d = Directory {
+            node: node.to_owned(),
+            ..Default::default()
+        };
+        for w in &registry.workloads {
+            let identity = match w.identity(trust_domain) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "workload skipped");
+                    continue;
+                }
+            };
+            let ambient = w
+                .mode
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case("ambient"));
+            let info = Arc::new(WorkloadInfo {
+                workload: w.clone(),
+                identity,
+                ambient,
+            });
+            if w.node == node && ambient {
+                d.local_identities.insert(info.identity.clone());
+            }
+            if let Some(sa) = w.socket_addr() {
+                d.by_addr.insert(sa, info.clone());
+            } else if let Some(ip) = w.ip() {
+                d.by_ip.insert(ip, info.clone());
+            }
+            d.by_name
+                .insert((w.namespace.clone(), w.name.clone()), info);
+        }
+        d
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The workload listening at `addr`: the one registered with that exact
+    /// `ip:port`, else the one registered with that IP and no port.
+    pub fn lookup(&self, addr: SocketAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.by_addr
+            .get(&addr)
+            .or_else(|| self.by_ip.get(&addr.ip()))
+    }
+
+    /// The workload at `addr` if it runs on this node and this ztunnel serves it.
+    pub fn local_at(&self, addr: SocketAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.lookup(addr)
+            .filter(|w| w.workload.node == self.node && w.ambient)
+    }
+
+    /// Pod `namespace/name` if it runs on this node and this ztunnel serves it.
+    pub fn local_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadInfo>> {
+        self.by_name(namespace, name)
+            .filter(|w| w.workload.node == self.node && w.ambient)
+    }
+
+    /// Pod `namespace/name`, wherever it runs.
+    pub fn by_name(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadInfo>> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Identities of the workloads running on this node.
+    pub fn local_identities(&self) -> &HashSet<SpiffeId> {
+        &self.local_identities
+    }
+
+    /// Local workloads this ztunnel serves, for the admin page.
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<WorkloadInfo>> {
+        self.by_name
+            .values()
+            .filter(move |w| w.workload.node == self.node && w.ambient)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, sa: &str, node: &str, addr: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            node: node.into(),
+            uid: name.into(),
+            address: Some(addr.into()),
+            mode: Some("ambient".into()),
+        }
+    }
+
+    #[test]
+    fn lookups_by_address_port_first_then_ip() {
+        let mut r = Registry::default();
+        r.upsert_workload(pod("web-0", "web", "node-a", "127.0.0.1:9001"));
+        r.upsert_workload(pod("db-0", "db", "node-b", "127.0.0.2:9002"));
+        r.upsert_workload(pod("cache-0", "cache", "node-b", "10.0.0.9"));
+        let mut sidecar = pod("legacy-0", "legacy", "node-a", "127.0.0.1:9003");
+        sidecar.mode = Some("sidecar".into());
+        r.upsert_workload(sidecar);
+        let d = Directory::build(&r, "node-a", "cluster.local");
+        let web = d.lookup("127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert_eq!(
+            web.identity.as_str(),
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
+        assert!(d.lookup("127.0.0.1:9999".parse().unwrap()).is_none());
+        assert_eq!(
+            d.lookup("10.0.0.9:6379".parse().unwrap())
+                .unwrap()
+                .workload
+                .name,
+            "cache-0"
+        );
+        assert!(d.local_at("127.0.0.2:9002".parse().unwrap()).is_none());
+        assert!(d.local_at("127.0.0.1:9001".parse().unwrap()).is_some());
+        assert_eq!(
+            d.local_identities().len(),
+            1,
+            "the sidecar pod is not served"
+        );
+        assert!(d.local_at("127.0.0.1:9003".parse().unwrap()).is_none());
+        assert!(d.local_by_name("default", "legacy-0").is_none());
+        assert!(d.local_by_name("default", "web-0").is_some());
+        assert_eq!(
+            d.by_name("default", "db-0").unwrap().workload.node,
+            "node-b"
+        );
+        assert_eq!(d.local_workloads().count(), 1);
+    }
+}

@@ -1,0 +1,104 @@
+//! The one error type of meshid-ztunnel. Every variant says what happened and
+//! to which identity, address or file; none carries a token or key material.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshid_common::SpiffeId;
+
+/// Everything that can go wrong in the ztunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("cannot read the ztunnel's token {path}: {source}")]
+    TokenUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("the ztunnel's token file {path} is empty")]
+    TokenEmpty { path: PathBuf },
+
+    #[error("cannot read {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+
+    /// The CA refused the request (`UNAUTHENTICATED`, `INVALID_ARGUMENT`, …).
+    #[error("the CA refused a certificate for {id} ({code:?}): {message}")]
+    CaRefused {
+        id: SpiffeId,
+        code: tonic::Code,
+        message: String,
+    },
+
+    /// The CA could not be reached or failed on its side: worth retrying.
+    #[error("the CA did not issue a certificate for {id}: {message}")]
+    CaUnavailable { id: SpiffeId, message: String },
+
+    /// The CA answered, but not with a usable certificate for the identity asked for.
+    #[error("refused the certificate issued for {id}: {reason}")]
+    BadCertificate { id: SpiffeId, reason: String },
+
+    #[error("this ztunnel does not host identity {0}")]
+    NotHosted(SpiffeId),
+
+    #[error("no certificate for {id} yet: {reason}")]
+    CertUnavailable { id: SpiffeId, reason: String },
+
+    #[error("no workload at {0} in the registry")]
+    UnknownDestination(SocketAddr),
+
+    #[error("workload {workload} has no usable identity: {reason}")]
+    BadWorkload { workload: String, reason: String },
+
+    #[error("no local workload {0} on this node")]
+    UnknownSource(String),
+
+    #[error("cannot reach the ztunnel of node {node} at {addr}: {source}")]
+    PeerConnect {
+        node: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+
+    #[error("TLS with {peer} at {addr}: {reason}")]
+    Tls {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+
+    #[error("HTTP/2 with {addr}: {reason}")]
+    Http { addr: SocketAddr, reason: String },
+
+    #[error("the ztunnel at {addr} answered {status} to CONNECT {authority}")]
+    ConnectRefused {
+        addr: SocketAddr,
+        authority: String,
+        status: http::StatusCode,
+    },
+
+    #[error("timed out after {after:?} while {what}")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
+
+    #[error(transparent)]
+    Common(#[from] meshid_common::Error),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

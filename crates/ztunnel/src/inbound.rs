@@ -1,0 +1,534 @@
+//! Inbound: the HBONE server (:15008) and the plaintext listener (:15006).
+//!
+//! HBONE: the server reads the ClientHello, maps its SNI to a hosted identity
+//! and finishes the handshake with that identity's certificate (waiting for
+//! it, with priority, if it is not fetched yet); the client must present a
+//! chain that verifies to the bundle and names an identity of our trust
+//! domain; the session must be TLS 1.3 with `h2`. Each HTTP/2 request then
+//! gets:
+//!
+//! | answer | when |
+//! |---|---|
+//! | 400 | not `CONNECT`, or `:authority` is not `ip:port` |
+//! | 404 | no workload of this node listens at `:authority` |
+//! | 401 | the workload is not the identity the client dialled, or its policy denies the client |
+//! | 503 | the workload does not accept the TCP connection |
+//! | 200 | otherwise; bytes flow both ways until either side closes |
+//!
+//! A connection with no SNI, an SNI naming no identity of this node, no TLS
+//! at all, or a client certificate that does not verify is closed during the
+//! handshake.
+//!
+//! Plaintext (process mode): the client sends a PROXY protocol v1 line naming
+//! the destination (`PROXY TCP4 <src> <dst> <sport> <dport>\r\n`, what a
+//! transparent redirect would have told us with `SO_ORIGINAL_DST`); the
+//! destination must be a local workload in PERMISSIVE mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshid_common::SpiffeId;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::certs::CertManager;
+use crate::connlog::{ConnLog, ConnRecord};
+use crate::directory::{Directory, WorkloadInfo};
+use crate::error::{Error, Result};
+use crate::metrics::{CodeLabels, Direction, Metrics};
+use crate::policy::{Mode, Policies};
+
+/// HTTP/2 streams one HBONE connection may carry at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// What every inbound connection needs.
+#[derive(Debug)]
+pub struct Inbound {
+    pub trust_domain: String,
+    pub directory: watch::Receiver<Arc<Directory>>,
+    pub certs: CertManager,
+    pub policies: Policies,
+    pub metrics: Arc<Metrics>,
+    pub connlog: Arc<ConnLog>,
+    pub connect_timeout: Duration,
+}
+
+/// The two ends of one HBONE connection.
+#[derive(Clone, Debug)]
+struct ConnInfo {
+    peer_addr: SocketAddr,
+    /// The identity we presented (chosen by SNI).
+    local_id: SpiffeId,
+    /// The client's identity, from its verified certificate.
+    peer_id: SpiffeId,
+    /// When the client's certificate expires: no new stream after that.
+    peer_not_after: std::time::SystemTime,
+}
+
+fn empty(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}
+
+impl Inbound {
+    /// Accepts HBONE connections until `cancel`.
+    pub async fn serve_hbone(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    let cancel = cancel.clone();
+                    tracker.spawn(async move { this.handle_hbone(stream, peer, cancel).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_hbone(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let conn = match self.handshake(stream, peer).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.hbone_handshake_failures.inc();
+                tracing::warn!(peer.addr = %peer, error = %e, "HBONE handshake refused");
+                return;
+            }
+        };
+        let (tls, info) = conn;
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let info = info.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle_request(req, &info).await) }
+        });
+        let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .max_frame_size(256 * 1024)
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(serving);
+        tokio::select! {
+            r = &mut serving => {
+                if let Err(e) = r {
+                    tracing::debug!(peer.addr = %peer, error = %e, "HBONE connection ended");
+                }
+            }
+            _ = cancel.cancelled() => {
+                serving.as_mut().graceful_shutdown();
+                let _ = serving.await;
+            }
+        }
+    }
+
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, ConnInfo)> {
+        let tls_err = |peer_name: &str, reason: String| Error::Tls {
+            peer: peer_name.to_owned(),
+            addr: peer,
+            reason,
+        };
+        let timeout = self.connect_timeout;
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let start = tokio::time::timeout(timeout, acceptor)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("reading a ClientHello from {peer}"),
+                after: timeout,
+            })?
+            .map_err(|e| tls_err("client", format!("not a TLS ClientHello: {e}")))?;
+        let sni = start
+            .client_hello()
+            .server_name()
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                tls_err(
+                    "client",
+                    "no SNI: cannot tell which workload is dialled".into(),
+                )
+            })?;
+        let local_id = self.certs.identity_for_sni(&sni).ok_or_else(|| {
+            tls_err(
+                "client",
+                format!("SNI {sni:?} names no identity hosted on this node"),
+            )
+        })?;
+        let (entry, _) = self.certs.wait_for(&local_id).await?;
+        let config = crate::tls::server_config(&entry, &self.trust_domain)?;
+        let tls = tokio::time::timeout(timeout, start.into_stream(config))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("TLS handshake with {peer}"),
+                after: timeout,
+            })?
+            .map_err(|e| tls_err("client", e.to_string()))?;
+        let session = tls.get_ref().1;
+        crate::tls::check_session(session).map_err(|r| tls_err("client", r))?;
+        let leaf = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| tls_err("client", "no client certificate".into()))?;
+        let leaf = meshid_common::CertInfo::from_der(leaf)?;
+        let peer_id = leaf
+            .spiffe_id
+            .clone()
+            .ok_or_else(|| tls_err("client", "no SPIFFE ID in the client certificate".into()))?;
+        Ok((
+            tls,
+            ConnInfo {
+                peer_addr: peer,
+                local_id,
+                peer_id,
+                peer_not_after: leaf.not_after,
+            },
+        ))
+    }
+
+    async fn handle_request(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Response<Empty<Bytes>> {
+        let span = tracing::info_span!(
+            "hbone.inbound",
+            src.identity = %conn.peer_id,
+            dst.identity = %conn.local_id,
+            peer.addr = %conn.peer_addr,
+            dst.addr = tracing::field::Empty,
+        );
+        meshid_common::telemetry::set_remote_parent(
+            &span,
+            meshid_common::telemetry::extract_http(req.headers()),
+        );
+        let status = self.route(req, conn).instrument(span.clone()).await;
+        self.metrics
+            .hbone_responses
+            .get_or_create(&CodeLabels {
+                code: status.as_u16().to_string(),
+            })
+            .inc();
+        empty(status)
+    }
+
+    /// Decides the answer; on 200 the forwarding task is already spawned.
+    async fn route(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> StatusCode {
+        let refuse = |status: StatusCode, reason: &str| {
+            tracing::warn!(
+                direction = "inbound",
+                src.identity = %conn.peer_id,
+                dst.identity = %conn.local_id,
+                status = status.as_u16(),
+                reason,
+                "HBONE request refused"
+            );
+            status
+        };
+        if req.method() != Method::CONNECT {
+            return refuse(StatusCode::BAD_REQUEST, "not a CONNECT request");
+        }
+        if std::time::SystemTime::now() > conn.peer_not_after {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "the client certificate of this connection has expired",
+            );
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return refuse(StatusCode::BAD_REQUEST, ":authority is not ip:port");
+        };
+        tracing::Span::current().record("dst.addr", tracing::field::display(target));
+        let Some(dst) = self.directory.borrow().local_at(target).cloned() else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "no workload of this node at that address",
+            );
+        };
+        if dst.identity != conn.local_id {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "the workload at that address is not the identity this connection was opened for",
+            );
+        }
+        let policy = self
+            .policies
+            .for_workload(&dst.workload, &self.trust_domain);
+        if let Err(e) = policy.peers.check(&conn.peer_id) {
+            return refuse(StatusCode::UNAUTHORIZED, &e.to_string());
+        }
+        let upstream = match connect(target, self.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        };
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (forwarded, traceparent) = (header("forwarded"), header("traceparent"));
+        let upgrade = hyper::upgrade::on(&mut req);
+        let metrics = self.metrics.clone();
+        let connlog = self.connlog.clone();
+        let conn = conn.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                match upgrade.await {
+                    Ok(upgraded) => {
+                        let mut client = TokioIo::new(upgraded);
+                        forward(
+                            &metrics,
+                            &connlog,
+                            &mut client,
+                            upstream,
+                            AccessLog {
+                                src: Some(&conn.peer_id),
+                                dst: &dst,
+                                peer_addr: conn.peer_addr,
+                                forwarded: forwarded.as_deref(),
+                                traceparent: traceparent.as_deref(),
+                                target,
+                            },
+                        )
+                        .await
+                    }
+                    Err(e) => tracing::warn!(error = %e, "CONNECT upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+        StatusCode::OK
+    }
+
+    /// Accepts plaintext connections until `cancel`.
+    pub async fn serve_plaintext(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    tracker.spawn(async move {
+                        if let Err(e) = this.handle_plaintext(stream, peer).await {
+                            tracing::warn!(peer.addr = %peer, error = %e, "plaintext inbound refused");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "plaintext accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_plaintext(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        let _ = stream.set_nodelay(true);
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::with_capacity(108);
+        let read = async {
+            let mut limited = (&mut reader).take(108);
+            limited.read_until(b'\n', &mut line).await
+        };
+        tokio::time::timeout(self.connect_timeout, read)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("reading the PROXY header from {peer}"),
+                after: self.connect_timeout,
+            })?
+            .map_err(|source| Error::Io {
+                what: "PROXY header from",
+                path: peer.to_string().into(),
+                source,
+            })?;
+        let target = parse_proxy_v1(&line).ok_or_else(|| {
+            Error::Config(format!(
+                "plaintext from {peer}: expected a PROXY v1 header naming the destination"
+            ))
+        })?;
+        let dst = self
+            .directory
+            .borrow()
+            .local_at(target)
+            .cloned()
+            .ok_or(Error::UnknownDestination(target))?;
+        let policy = self
+            .policies
+            .for_workload(&dst.workload, &self.trust_domain);
+        if policy.mode != Mode::Permissive {
+            return Err(Error::Config(format!(
+                "workload {} is STRICT: plaintext refused",
+                dst.name()
+            )));
+        }
+        let upstream = connect(target, self.connect_timeout).await?;
+        forward(
+            &self.metrics,
+            &self.connlog,
+            &mut reader,
+            upstream,
+            AccessLog {
+                src: None,
+                dst: &dst,
+                peer_addr: peer,
+                forwarded: None,
+                traceparent: None,
+                target,
+            },
+        )
+        .await;
+        Ok(())
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// `PROXY TCP4 src dst sport dport\r\n` → `dst:dport`.
+pub fn parse_proxy_v1(line: &[u8]) -> Option<SocketAddr> {
+    let line = std::str::from_utf8(line).ok()?.strip_suffix("\r\n")?;
+    let parts: Vec<&str> = line.split(' ').collect();
+    match parts.as_slice() {
+        ["PROXY", "TCP4" | "TCP6", _src, dst, _sport, dport] => {
+            Some(SocketAddr::new(dst.parse().ok()?, dport.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+async fn connect(target: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("connecting to workload {target}"),
+            after: timeout,
+        })?
+        .map_err(|source| Error::Io {
+            what: "connecting to workload",
+            path: target.to_string().into(),
+            source,
+        })?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+struct AccessLog<'a> {
+    src: Option<&'a SpiffeId>,
+    dst: &'a WorkloadInfo,
+    peer_addr: SocketAddr,
+    forwarded: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    target: SocketAddr,
+}
+
+async fn forward<C>(
+    metrics: &Metrics,
+    connlog: &ConnLog,
+    client: &mut C,
+    mut upstream: TcpStream,
+    log: AccessLog<'_>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let labels = Metrics::dir(Direction::Inbound);
+    metrics.connections_opened.get_or_create(&labels).inc();
+    let result = tokio::io::copy_bidirectional(client, &mut upstream).await;
+    metrics.connections_closed.get_or_create(&labels).inc();
+    let (from_client, to_client) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
+    metrics
+        .bytes_sent
+        .get_or_create(&labels)
+        .inc_by(from_client);
+    metrics
+        .bytes_received
+        .get_or_create(&labels)
+        .inc_by(to_client);
+    tracing::info!(
+        direction = "inbound",
+        src.identity = log.src.map(|s| s.as_str()).unwrap_or("none (plaintext)"),
+        dst.identity = %log.dst.identity,
+        dst.workload = %log.dst.name(),
+        dst.addr = %log.target,
+        peer.addr = %log.peer_addr,
+        forwarded = log.forwarded,
+        bytes_sent = from_client,
+        bytes_received = to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.as_ref().err().map(|e| e.to_string()),
+        "connection complete"
+    );
+    connlog.push(ConnRecord {
+        direction: "inbound",
+        src_identity: log.src.map(|s| s.to_string()),
+        dst_identity: log.dst.identity.to_string(),
+        dst_addr: log.target,
+        peer_addr: log.peer_addr,
+        forwarded: log.forwarded.map(str::to_owned),
+        traceparent: log.traceparent.map(str::to_owned),
+        bytes_sent: from_client,
+        bytes_received: to_client,
+        error: result.err().map(|e| e.to_string()),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_v1_headers_name_the_destination() {
+        assert_eq!(
+            parse_proxy_v1(b"PROXY TCP4 127.0.0.9 127.0.0.2 5555 8080\r\n"),
+            Some("127.0.0.2:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proxy_v1(b"PROXY TCP6 ::1 ::2 5555 80\r\n"),
+            Some("[::2]:80".parse().unwrap())
+        );
+        assert_eq!(parse_proxy_v1(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(parse_proxy_v1(b"PROXY TCP4 a b c d\r\n"), None);
+        assert_eq!(parse_proxy_v1(b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2"), None);
+    }
+}

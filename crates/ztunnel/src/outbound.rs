@@ -1,0 +1,208 @@
+//! Outbound: a local workload's connection leaves through HBONE.
+//!
+//! In process mode each route is a listener owned by one source workload and
+//! bound to one destination address (`--outbound NS/POD@LISTEN=DEST`): what
+//! arrives on it comes from that workload and goes to that destination. The
+//! registry names the destination's node and identity; the connection is
+//! tunnelled as an HTTP/2 CONNECT stream over mTLS presenting the **source
+//! workload's** certificate to the destination node's ztunnel, which must
+//! present the destination workload's identity.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::certs::CertManager;
+use crate::connlog::{ConnLog, ConnRecord};
+use crate::directory::Directory;
+use crate::error::{Error, Result};
+use crate::metrics::{Direction, Metrics};
+use crate::pool::{ConnectRequest, Pool, PoolKey};
+
+/// What every outbound connection needs.
+#[derive(Debug)]
+pub struct Outbound {
+    pub node: String,
+    pub directory: watch::Receiver<Arc<Directory>>,
+    pub certs: CertManager,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub connlog: Arc<ConnLog>,
+    /// This node's own HBONE address (for destinations on this node).
+    pub local_hbone: SocketAddr,
+    /// Configured peer HBONE addresses by node name.
+    pub peers: std::sync::RwLock<Vec<(String, SocketAddr)>>,
+    /// Port of a peer's HBONE server when its address is not configured.
+    pub default_hbone_port: u16,
+}
+
+/// One outbound route.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub namespace: String,
+    pub pod: String,
+    pub destination: SocketAddr,
+}
+
+impl Outbound {
+    /// Where the ztunnel of `node` listens for HBONE, to reach `dest`.
+    pub fn hbone_address(&self, node: &str, dest: SocketAddr) -> SocketAddr {
+        if node == self.node {
+            return self.local_hbone;
+        }
+        self.peers
+            .read()
+            .expect("peers lock")
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| SocketAddr::new(dest.ip(), self.default_hbone_port))
+    }
+
+    /// Accepts connections on `listener` until `cancel`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        route: Route,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let route = route.clone();
+            tracker.spawn(async move { this.handle(stream, peer, &route).await });
+        }
+    }
+
+    async fn handle(&self, mut stream: TcpStream, peer: SocketAddr, route: &Route) {
+        let _ = stream.set_nodelay(true);
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "hbone.connect",
+            src.workload = %format!("{}/{}", route.namespace, route.pod),
+            dst.addr = %route.destination,
+            src.identity = tracing::field::Empty,
+            dst.identity = tracing::field::Empty,
+            peer.addr = tracing::field::Empty,
+        );
+        let opened = async {
+            let (tunnel, src, dst) = self.open(peer, route).await?;
+            Ok::<_, Error>((tunnel, src, dst))
+        }
+        .instrument(span.clone())
+        .await;
+        let (tunnel, src, dst) = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.outbound_failures.inc();
+                span.in_scope(|| tracing::warn!(error = %e, "outbound connection refused"));
+                return;
+            }
+        };
+        let labels = Metrics::dir(Direction::Outbound);
+        self.metrics.connections_opened.get_or_create(&labels).inc();
+        let mut tunnel = TokioIo::new(tunnel);
+        let result = tokio::io::copy_bidirectional(&mut stream, &mut tunnel).await;
+        self.metrics.connections_closed.get_or_create(&labels).inc();
+        let (sent, received) = match &result {
+            Ok((s, r)) => (*s, *r),
+            Err(_) => (0, 0),
+        };
+        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
+        self.metrics
+            .bytes_received
+            .get_or_create(&labels)
+            .inc_by(received);
+        span.in_scope(|| {
+            tracing::info!(
+                direction = "outbound",
+                src.identity = %src,
+                dst.identity = %dst,
+                dst.addr = %route.destination,
+                bytes_sent = sent,
+                bytes_received = received,
+                duration_ms = started.elapsed().as_millis() as u64,
+                error = result.as_ref().err().map(|e| e.to_string()),
+                "connection complete"
+            )
+        });
+        self.connlog.push(ConnRecord {
+            direction: "outbound",
+            src_identity: Some(src.to_string()),
+            dst_identity: dst.to_string(),
+            dst_addr: route.destination,
+            peer_addr: peer,
+            forwarded: None,
+            traceparent: None,
+            bytes_sent: sent,
+            bytes_received: received,
+            error: result.err().map(|e| e.to_string()),
+        });
+    }
+
+    async fn open(
+        &self,
+        peer: SocketAddr,
+        route: &Route,
+    ) -> Result<(
+        hyper::upgrade::Upgraded,
+        meshid_common::SpiffeId,
+        meshid_common::SpiffeId,
+    )> {
+        let (src, dst) = {
+            let dir = self.directory.borrow();
+            let src = dir
+                .local_by_name(&route.namespace, &route.pod)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::UnknownSource(format!("{}/{}", route.namespace, route.pod))
+                })?;
+            let dst = dir
+                .lookup(route.destination)
+                .cloned()
+                .ok_or(Error::UnknownDestination(route.destination))?;
+            (src, dst)
+        };
+        let span = tracing::Span::current();
+        span.record("src.identity", tracing::field::display(&src.identity));
+        span.record("dst.identity", tracing::field::display(&dst.identity));
+        let (entry, _) = self.certs.wait_for(&src.identity).await?;
+        let node_addr = self.hbone_address(&dst.workload.node, route.destination);
+        span.record("peer.addr", tracing::field::display(node_addr));
+        let key = PoolKey {
+            source: src.identity.clone(),
+            destination: dst.identity.clone(),
+            node_addr,
+        };
+        let source_ip = src.workload.ip().unwrap_or(match peer.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ip => ip,
+        });
+        let req = ConnectRequest {
+            authority: route.destination,
+            source_ip,
+            node: dst.workload.node.clone(),
+        };
+        let tunnel = self.pool.connect(&key, &entry.credentials(), &req).await?;
+        Ok((tunnel, src.identity.clone(), dst.identity.clone()))
+    }
+}

@@ -1,0 +1,70 @@
+//! The rustls configs of HBONE (DESIGN §2.5), built on meshid-common's SPIFFE
+//! verifiers.
+//!
+//! - Server: one config per hosted identity, presenting that identity's
+//!   certificate and demanding a client certificate of the trust domain. The
+//!   HBONE server reads the ClientHello first and picks the config whose
+//!   identity's [`sni_for`](meshid_common::tls::sni_for) matches the SNI, so
+//!   it always presents the certificate of the workload being dialled, and
+//!   can wait (with priority) for a certificate not fetched yet.
+//! - Client: one config per (source identity, destination identity),
+//!   presenting the source workload's certificate and accepting only a server
+//!   whose SAN is the destination workload's identity.
+//!
+//! Both set ALPN `h2`. common's builders enable TLS 1.2 as well, so
+//! [`check_session`] refuses, on both sides, any session that is not TLS 1.3
+//! with `h2` before a byte of HTTP/2 flows.
+
+use std::sync::Arc;
+
+use meshid_common::tls::{ClientAuth, PeerMatcher};
+use meshid_common::{CredentialsRx, SpiffeId};
+
+use crate::certs::Entry;
+use crate::error::Result;
+
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The HBONE server config of `entry`'s identity (built once per identity).
+pub fn server_config(entry: &Entry, trust_domain: &str) -> Result<Arc<rustls::ServerConfig>> {
+    if let Some(c) = entry.server_config.get() {
+        return Ok(c.clone());
+    }
+    let mut config = meshid_common::tls::server_config(
+        entry.credentials(),
+        PeerMatcher::TrustDomain(trust_domain.to_owned()),
+        ClientAuth::Required,
+    )?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let config = Arc::new(config);
+    Ok(entry.server_config.get_or_init(|| config).clone())
+}
+
+/// An HBONE client config presenting `source`'s certificate to a server that
+/// must be `destination`.
+pub fn client_config(
+    source: CredentialsRx,
+    destination: &SpiffeId,
+) -> Result<rustls::ClientConfig> {
+    let mut config =
+        meshid_common::tls::client_config(source, PeerMatcher::Exact(destination.clone()))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Ok when the session is TLS 1.3 with ALPN `h2`; else why not.
+pub fn check_session(state: &rustls::CommonState) -> std::result::Result<(), String> {
+    if state.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Err(format!(
+            "negotiated {:?}; HBONE requires TLS 1.3",
+            state.protocol_version()
+        ));
+    }
+    if state.alpn_protocol() != Some(ALPN_H2) {
+        return Err(format!(
+            "negotiated ALPN {:?}; HBONE requires h2",
+            state.alpn_protocol().map(String::from_utf8_lossy)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The ztunnels against a real meshid CA in-process: each authenticates with
+//! its own node-bound token and gets its node's workload certificates by
+//! impersonation; the CA refuses node-a's ztunnel a workload of node-b.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use meshid_ca::{TokenAlgorithm, TokenClaims, TokenIssuer};
+use meshid_common::registry::{Node, Registry, Workload};
+use meshid_ztunnel::source::{CaSource, CertificateSource};
+use meshid_ztunnel::{App, Config, Error};
+use support::*;
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    ca: meshid_ca::App,
+    a: Config,
+    b: Config,
+    registry: Registry,
+}
+
+fn ztunnel_pod(node: &str) -> Workload {
+    Workload {
+        name: format!("ztunnel-{node}"),
+        namespace: "istio-system".into(),
+        service_account: "ztunnel".into(),
+        node: node.into(),
+        uid: format!("uid-ztunnel-{node}"),
+        address: None,
+        // The ztunnel is not in the mesh it serves.
+        mode: Some("none".into()),
+    }
+}
+
+fn write_token(issuer: &TokenIssuer, w: &Workload, path: &Path) {
+    let claims = TokenClaims::for_pod(
+        &w.namespace,
+        &w.service_account,
+        &w.name,
+        &w.uid,
+        &w.node,
+        &format!("uid-{}", w.node),
+    );
+    std::fs::write(path, issuer.mint(&claims).unwrap()).unwrap();
+}
+
+async fn cluster() -> Cluster {
+    meshid_common::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n);
+    let web = echo_server("127.0.0.1").await;
+    let db = echo_server("127.0.0.2").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    for node in ["node-a", "node-b"] {
+        registry.upsert_workload(ztunnel_pod(node));
+        registry.upsert_node(Node {
+            name: node.into(),
+            uid: format!("uid-{node}"),
+        });
+    }
+    registry.write_atomic(&p("registry.json")).unwrap();
+    let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+    TokenIssuer::write_jwks(&p("jwks.json"), &[&issuer]).unwrap();
+    let s = |path: &Path| path.display().to_string();
+    let ca_config = meshid_ca::Config::from_args([
+        "meshid-ca".to_string(),
+        "--trust-domain".into(),
+        TD.into(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--monitoring-addr".into(),
+        "127.0.0.1:0".into(),
+        "--root-ca-dir".into(),
+        s(&p("cacerts")),
+        "--root-cert-out".into(),
+        s(&p("root-cert.pem")),
+        "--jwks-file".into(),
+        s(&p("jwks.json")),
+        "--registry-file".into(),
+        s(&p("registry.json")),
+        "--file-poll-interval".into(),
+        "50ms".into(),
+    ])
+    .unwrap();
+    let ca = meshid_ca::App::build(ca_config).await.unwrap();
+    let mut configs = Vec::new();
+    for (node, ip) in [("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")] {
+        let token = p(&format!("token-{node}"));
+        write_token(&issuer, &ztunnel_pod(node), &token);
+        configs.push(Config {
+            ca_address: format!("https://127.0.0.1:{}", ca.grpc_addr().port()),
+            ca_root_ca: p("root-cert.pem"),
+            token_path: token,
+            ..config(node, ip, &p("registry.json"))
+        });
+    }
+    let b = configs.pop().unwrap();
+    let a = configs.pop().unwrap();
+    Cluster {
+        _tmp: tmp,
+        ca,
+        a,
+        b,
+        registry,
+    }
+}
+
+#[tokio::test]
+async fn the_ca_refuses_node_a_a_cert_for_a_workload_only_on_node_b() {
+    let c = cluster().await;
+    let source = CaSource::new(&c.a).unwrap();
+    let web = meshid_common::SpiffeId::for_service_account(TD, "default", "web").unwrap();
+    let db = meshid_common::SpiffeId::for_service_account(TD, "default", "db").unwrap();
+    // Its own node's workload: granted, for exactly that identity.
+    let (svid, _) = source.fetch(&web).await.unwrap();
+    assert_eq!(svid.id(), &web);
+    // A workload that runs only on node-b: refused as unauthenticated.
+    match source.fetch(&db).await {
+        Err(Error::CaRefused { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // node-b's ztunnel may have it.
+    let (svid, _) = CaSource::new(&c.b).unwrap().fetch(&db).await.unwrap();
+    assert_eq!(svid.id(), &db);
+    c.ca.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_ztunnels_with_certs_from_the_ca_carry_a_connection() {
+    let c = cluster().await;
+    let b = App::build(c.b.clone()).await.unwrap();
+    let a = App::build(Config {
+        peers: vec![("node-b".into(), b.hbone_addr())],
+        ..c.a.clone()
+    })
+    .await
+    .unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    b.wait_ready(Duration::from_secs(20)).await.unwrap();
+    // Each ztunnel holds only its own node's workload identity.
+    let ids = |app: &App| -> Vec<String> {
+        app.certs()
+            .snapshot()
+            .into_iter()
+            .map(|s| s.identity)
+            .collect()
+    };
+    assert_eq!(ids(&a), vec![format!("spiffe://{TD}/ns/default/sa/web")]);
+    assert_eq!(ids(&b), vec![format!("spiffe://{TD}/ns/default/sa/db")]);
+    let db = c
+        .registry
+        .pod("default", "db-0")
+        .unwrap()
+        .socket_addr()
+        .unwrap();
+    let route = a
+        .add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/web-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: db,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_through(route, b"through the CA").await.unwrap(),
+        b"through the CA"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = b.recent_connections();
+    assert_eq!(
+        seen[0].src_identity.as_deref(),
+        Some(format!("spiffe://{TD}/ns/default/sa/web").as_str())
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    c.ca.shutdown().await;
+}

@@ -1,0 +1,332 @@
+//! Two ztunnels in one process: workloads on node-a reach workloads on
+//! node-b through HBONE, with each side presenting the workload's own
+//! certificate, and the HBONE server refuses what it must.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use http::Method;
+use meshid_common::registry::Registry;
+use meshid_ztunnel::certs::CertState;
+use meshid_ztunnel::policy::{Allow, Mode, PolicyRule};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Topology {
+    mesh: Mesh,
+    db: std::net::SocketAddr,
+    locked: std::net::SocketAddr,
+    down: std::net::SocketAddr,
+    legacy: std::net::SocketAddr,
+}
+
+/// node-a: web-0 (sa web). node-b: db-0 (sa db), locked-0 (only sa admin
+/// may call it), down-0 (nothing listens), legacy-0 (PERMISSIVE).
+async fn topology() -> Topology {
+    let web = echo_server("127.0.0.1").await;
+    let db = echo_server("127.0.0.2").await;
+    let locked = echo_server("127.0.0.2").await;
+    let down = closed_port("127.0.0.2").await;
+    let legacy = echo_server("127.0.0.2").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    registry.upsert_workload(pod("locked-0", "locked", "node-b", locked));
+    registry.upsert_workload(pod("down-0", "down", "node-b", down));
+    registry.upsert_workload(pod("legacy-0", "legacy", "node-b", legacy));
+    let policies = vec![
+        PolicyRule {
+            namespace: "default".into(),
+            workload: Some("locked-0".into()),
+            mode: Mode::Strict,
+            allow: Some(Allow {
+                ids: vec![sa_id("admin")],
+                namespaces: vec![],
+            }),
+        },
+        PolicyRule {
+            namespace: "default".into(),
+            workload: Some("legacy-0".into()),
+            mode: Mode::Permissive,
+            allow: None,
+        },
+    ];
+    let mesh = Mesh::start(registry, policies, Duration::from_secs(3600)).await;
+    Topology {
+        mesh,
+        db,
+        locked,
+        down,
+        legacy,
+    }
+}
+
+fn sa_id(sa: &str) -> meshid_common::SpiffeId {
+    meshid_common::SpiffeId::for_service_account(TD, "default", sa).unwrap()
+}
+
+#[tokio::test]
+async fn a_node_a_workload_reaches_a_node_b_workload_as_itself() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let route = m.route_a("web-0", t.db).await;
+    // Several connections at once share one mTLS connection.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        tasks.push(tokio::spawn(async move {
+            let msg = format!("hello {i}");
+            let back = echo_through(route, msg.as_bytes()).await.unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let opened = m.a.metrics().hbone_pool_connections.get();
+    assert_eq!(opened, 1, "10 streams over one HBONE connection");
+
+    // node-b saw web's identity, not a ztunnel's.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = m.b.recent_connections();
+    assert_eq!(seen.len(), 10);
+    for c in &seen {
+        assert_eq!(c.direction, "inbound");
+        assert_eq!(c.src_identity.as_deref(), Some(m.id("web").as_str()));
+        assert_eq!(c.dst_identity, m.id("db").as_str());
+        assert_eq!(c.forwarded.as_deref(), Some("for=\"127.0.0.1\""));
+        assert_eq!(c.bytes_sent, c.bytes_received);
+    }
+    let out = m.a.recent_connections();
+    assert!(
+        out.iter()
+            .all(|c| c.direction == "outbound" && c.error.is_none())
+    );
+    let metrics = m.b.metrics().render();
+    assert!(
+        metrics.contains("istio_tcp_connections_opened_total{direction=\"inbound\"} 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ztunnel_hbone_responses_total{code=\"200\"} 10"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_server_presents_the_dialled_workloads_cert_and_checks_the_client() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let web = m.pki.svid("default", "web").unwrap();
+    // The server must present db's identity when db is dialled...
+    let mut h = raw_hbone(&m.pki, web, &m.id("db"), m.b.hbone_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.db.to_string()).await,
+        200
+    );
+    // ...and locked's when locked is dialled (the client checks the SAN).
+    let web = m.pki.svid("default", "web").unwrap();
+    let mut h = raw_hbone(&m.pki, web, &m.id("locked"), m.b.hbone_addr())
+        .await
+        .unwrap();
+    // The policy of locked-0 lets only sa admin in.
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.locked.to_string()).await,
+        401
+    );
+    let admin = m.pki.svid("default", "admin").unwrap();
+    let mut h = raw_hbone(&m.pki, admin, &m.id("locked"), m.b.hbone_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.locked.to_string()).await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_right_answer() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let b = m.b.hbone_addr();
+    let web = || m.pki.svid("default", "web").unwrap();
+
+    let mut h = raw_hbone(&m.pki, web(), &m.id("db"), b).await.unwrap();
+    // Not CONNECT.
+    assert_eq!(
+        status_of(&mut h, Method::GET, &format!("https://{}/", t.db)).await,
+        400
+    );
+    // CONNECT to an address with no workload of node-b (web-0 is on node-a).
+    let web_addr =
+        m.a.directory()
+            .by_name("default", "web-0")
+            .unwrap()
+            .workload
+            .socket_addr()
+            .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &web_addr.to_string()).await,
+        404
+    );
+    assert_eq!(status_of(&mut h, Method::CONNECT, "127.0.0.2:1").await, 404);
+    // CONNECT over db's connection to another workload of the node.
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.legacy.to_string()).await,
+        401
+    );
+    // The workload does not accept the connection.
+    let mut h = raw_hbone(&m.pki, web(), &m.id("down"), b).await.unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.down.to_string()).await,
+        503
+    );
+
+    // Plaintext on the HBONE port: the handshake fails, nothing is served.
+    let mut s = TcpStream::connect(b).await.unwrap();
+    s.write_all(b"CONNECT 127.0.0.2:80 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the server closes");
+    assert!(n.is_err() || !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
+
+    // A client cert of another trust domain (same root, so only the name is wrong).
+    let evil = meshid_common::SpiffeId::parse("spiffe://evil.example/ns/default/sa/web").unwrap();
+    let evil_svid = m
+        .pki
+        .svid_at(&evil, Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    let refused = match raw_hbone(&m.pki, evil_svid, &m.id("db"), b).await {
+        Err(_) => true,
+        // TLS 1.3: the client may finish before the server's verdict; the
+        // first request then fails.
+        Ok(mut h) => {
+            let req = http::Request::builder()
+                .method(Method::CONNECT)
+                .uri(t.db.to_string())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            h.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused, "a foreign trust domain must not get a tunnel");
+
+    // An identity this ztunnel does not host (web runs on node-a).
+    let err = match raw_hbone(&m.pki, web(), &m.id("web"), b).await {
+        Err(e) => e,
+        Ok(mut h) => {
+            let req = http::Request::builder()
+                .method(Method::CONNECT)
+                .uri(web_addr.to_string())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            h.send_request(req)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    assert!(!err.is_empty());
+    let failures = m.b.metrics().hbone_handshake_failures.get();
+    assert!(
+        failures >= 3,
+        "plaintext, foreign domain, unhosted: {failures}"
+    );
+    let metrics = m.b.metrics().render();
+    for code in ["400", "404", "401", "503"] {
+        assert!(
+            metrics.contains(&format!("ztunnel_hbone_responses_total{{code=\"{code}\"}}")),
+            "{code}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn plaintext_inbound_only_reaches_permissive_workloads() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let plain = m.b.plaintext_addr().unwrap();
+    let send = |dst: std::net::SocketAddr| async move {
+        let mut s = TcpStream::connect(plain).await.unwrap();
+        let header = format!("PROXY TCP4 127.0.0.9 {} 40000 {}\r\n", dst.ip(), dst.port());
+        s.write_all(header.as_bytes()).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    };
+    assert_eq!(
+        send(t.legacy).await,
+        b"ping",
+        "PERMISSIVE accepts plaintext"
+    );
+    assert!(send(t.db).await.is_empty(), "STRICT refuses plaintext");
+    let seen = m.b.recent_connections();
+    assert!(
+        seen.iter()
+            .any(|c| c.src_identity.is_none() && c.dst_addr == t.legacy)
+    );
+}
+
+#[tokio::test]
+async fn certificates_follow_the_registry_and_the_admin_pages_show_them() {
+    let mut t = topology().await;
+    let m = &mut t.mesh;
+    let db = m.id("db");
+    assert!(m.b.certs().current(&db).is_some());
+    let (status, body) = admin_get(m.b.admin_addr(), "/debug/certs").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(db.as_str()) && body.contains("\"available\""),
+        "{body}"
+    );
+    let (status, _) = admin_get(m.b.admin_addr(), "/ready").await;
+    assert_eq!(status, 200);
+    let (status, body) = admin_get(m.b.admin_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("ztunnel_workload_certs{state=\"available\"} 4"),
+        "{body}"
+    );
+
+    // db-0 leaves node-b; a new workload arrives.
+    let extra = echo_server("127.0.0.2").await;
+    m.update_registry(|r| {
+        r.remove_workload("default", "db-0");
+        r.upsert_workload(pod("new-0", "new", "node-b", extra));
+    });
+    let new = m.id("new");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while m.b.certs().current(&new).is_none() || m.b.certs().entry(&db).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registry change not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let states: Vec<_> =
+        m.b.certs()
+            .snapshot()
+            .into_iter()
+            .map(|s| s.state)
+            .collect();
+    assert_eq!(states, vec![CertState::Available; 4]);
+    // node-a now reaches the new workload, and no longer finds db-0.
+    let to_new = m.route_a("web-0", extra).await;
+    assert_eq!(echo_through(to_new, b"hi").await.unwrap(), b"hi");
+    let to_db = m.route_a("web-0", t.db).await;
+    assert!(
+        echo_through(to_db, b"hi")
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+}

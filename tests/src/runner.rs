@@ -1,0 +1,224 @@
+//! Runs the suites against a topology and reports: the flags of
+//! `meshid-e2e` (and so of `cargo xtask e2e`), the default mesh, teardown
+//! on every exit path including Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::process_backend::{MeshSpec, PodSpec, ProcessMesh};
+use crate::report::Report;
+use crate::suites;
+use crate::topology::{Mode, Proxy, Topology};
+use crate::waterfall;
+
+/// `meshid-e2e` flags.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "meshid-e2e",
+    about = "Bring up a meshid mesh and run the end-to-end suites"
+)]
+pub struct Args {
+    /// Where the components run: process (local processes), docker or kind.
+    #[arg(long, default_value = "process")]
+    pub backend: String,
+    /// Run only these suites (repeatable): issuance, mtls, rotation, tracing, revocation-by-ttl.
+    #[arg(long = "suite")]
+    pub suites: Vec<String>,
+    /// Workload certificate TTL in seconds (short, so rotation and expiry happen during the run).
+    #[arg(long, default_value_t = 20)]
+    pub ttl: u64,
+    /// Leave the mesh running after the suites and print how to reach each part (Ctrl-C ends it).
+    #[arg(long)]
+    pub keep: bool,
+    /// Also send every span to this OTLP/gRPC collector, e.g. Jaeger at http://127.0.0.1:4317.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Directory holding the component binaries (default: next to this program).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Where the JUnit XML and JSON reports go.
+    #[arg(long, default_value = "target/e2e")]
+    pub out: PathBuf,
+}
+
+/// The mesh of issue 7: sidecar pods with shims in STRICT and PERMISSIVE,
+/// plus the pod the revocation suite deletes.
+pub fn default_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("productpage", "productpage", Proxy::Shim, Mode::Strict),
+        PodSpec::new("reviews", "reviews", Proxy::Shim, Mode::Permissive),
+        PodSpec::new(
+            suites::revocation::VICTIM,
+            "legacy",
+            Proxy::Shim,
+            Mode::Strict,
+        ),
+    ]
+}
+
+/// Validates suite names.
+pub fn selected_suites(args: &Args) -> Result<Vec<&'static str>, String> {
+    if args.suites.is_empty() {
+        return Ok(suites::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for s in &args.suites {
+        let known = suites::ALL
+            .iter()
+            .find(|k| **k == s.as_str() || (s == "revocation" && **k == "revocation-by-ttl"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown suite {s:?}; the suites are: {}",
+                    suites::ALL.join(", ")
+                )
+            })?;
+        if !out.contains(known) {
+            out.push(*known);
+        }
+    }
+    // Keep the canonical order (revocation last).
+    out.sort_by_key(|s| suites::ALL.iter().position(|k| k == s));
+    Ok(out)
+}
+
+/// Runs everything; returns the process exit code.
+pub async fn run(args: Args) -> u8 {
+    meshid_common::tls::install_crypto_provider();
+    let chosen = match selected_suites(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("meshid-e2e: {e}");
+            return 2;
+        }
+    };
+    if args.ttl < 6 {
+        eprintln!(
+            "meshid-e2e: --ttl {} is too short to observe a rotation; use 6 seconds or more",
+            args.ttl
+        );
+        return 2;
+    }
+    if args.backend != "process" {
+        eprintln!(
+            "meshid-e2e: the {} backend is not built yet; only --backend process runs today",
+            args.backend
+        );
+        return 2;
+    }
+    let bin_dir = match args
+        .bin_dir
+        .clone()
+        .or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from))
+    {
+        Some(d) => d,
+        None => {
+            eprintln!("meshid-e2e: cannot tell where the component binaries are; pass --bin-dir");
+            return 2;
+        }
+    };
+    let spec = MeshSpec {
+        trust_domain: "cluster.local".into(),
+        ttl: Duration::from_secs(args.ttl),
+        pods: default_pods(),
+        bin_dir,
+        extra_otlp: args.otlp_endpoint.clone(),
+    };
+    let started = Instant::now();
+    eprintln!(
+        "e2e: starting the mesh (process backend, TTL {} s)",
+        args.ttl
+    );
+    let mut mesh = tokio::select! {
+        m = ProcessMesh::start(spec) => match m {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("meshid-e2e: the mesh did not come up: {e}");
+                return 2;
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("meshid-e2e: interrupted while starting; stopping");
+            return 130;
+        }
+    };
+    eprintln!("e2e: mesh up in {:.1} s", started.elapsed().as_secs_f64());
+    let mut report = Report {
+        backend: mesh.backend().into(),
+        ..Report::default()
+    };
+    let interrupted = tokio::select! {
+        _ = run_suites(&mut mesh, &chosen, &mut report) => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    report.wall_time = started.elapsed();
+    if interrupted {
+        eprintln!("meshid-e2e: interrupted; tearing the mesh down");
+        mesh.teardown().await;
+        return 130;
+    }
+    println!("\n{}", report.table());
+    if let Some(trace) = suites::tracing::issuance_trace(&mesh.spans().all()) {
+        println!(
+            "issuance trace {}:\n{}",
+            trace[0].trace_id,
+            waterfall::render(&trace, 48)
+        );
+    }
+    if let Err(e) = report.write(&args.out) {
+        eprintln!("meshid-e2e: writing reports to {}: {e}", args.out.display());
+    } else {
+        println!(
+            "reports: {}/junit.xml, {}/report.json",
+            args.out.display(),
+            args.out.display()
+        );
+    }
+    if report.failed() > 0 {
+        println!("logs of this run: {}", mesh.dir().join("logs").display());
+    }
+    if args.keep {
+        println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    mesh.teardown().await;
+    u8::from(report.failed() > 0)
+}
+
+async fn run_suites(mesh: &mut ProcessMesh, chosen: &[&str], report: &mut Report) {
+    for suite in chosen {
+        eprintln!("e2e: suite {suite}");
+        match *suite {
+            "issuance" => suites::issuance::run(mesh, report).await,
+            "mtls" => suites::mtls::run(mesh, report).await,
+            "rotation" => suites::rotation::run(mesh, report).await,
+            "tracing" => suites::tracing::run(mesh, report).await,
+            "revocation-by-ttl" => suites::revocation::run(mesh, report).await,
+            other => eprintln!("e2e: no suite {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn suites_are_validated_and_kept_in_order() {
+        let args = Args::parse_from(["meshid-e2e", "--suite", "revocation", "--suite", "mtls"]);
+        assert_eq!(
+            selected_suites(&args).unwrap(),
+            vec!["mtls", "revocation-by-ttl"]
+        );
+        let bad = Args::parse_from(["meshid-e2e", "--suite", "nope"]);
+        assert!(
+            selected_suites(&bad)
+                .unwrap_err()
+                .contains("unknown suite \"nope\"")
+        );
+        assert_eq!(
+            selected_suites(&Args::parse_from(["meshid-e2e"])).unwrap(),
+            suites::ALL.to_vec()
+        );
+    }
+}

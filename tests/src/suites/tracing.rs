@@ -1,0 +1,133 @@
+//! tracing: one issuance is one trace across components, correctly nested:
+//! proxy `sds.fetch` → agent (`sds.stream`, `agent.csr`) → CA
+//! (`ca.authenticate`, `ca.sign`), every parent present in the trace.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use super::ensure;
+use crate::case;
+use crate::client::eventually;
+use crate::otlp::Span;
+use crate::report::Report;
+use crate::topology::Topology;
+
+const SUITE: &str = "tracing";
+
+pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
+    case!(
+        report,
+        SUITE,
+        "sidecar_issuance_is_one_nested_trace",
+        sidecar_issuance_is_one_trace(mesh)
+    );
+}
+
+/// The trace of the first sidecar issuance, for the waterfall.
+pub fn issuance_trace(spans: &[Span]) -> Option<Vec<Span>> {
+    let ca_sign: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == "meshid-ca" && s.name == "ca.sign")
+        .collect();
+    let mut best: Option<Vec<Span>> = None;
+    for sign in ca_sign {
+        let trace: Vec<Span> = spans
+            .iter()
+            .filter(|s| s.trace_id == sign.trace_id)
+            .cloned()
+            .collect();
+        let services: HashSet<&str> = trace.iter().map(|s| s.service.as_str()).collect();
+        if services.len() >= 3 {
+            let mut t = trace;
+            t.sort_by_key(|s| s.start_unix_nanos);
+            if best
+                .as_ref()
+                .is_none_or(|b| t[0].start_unix_nanos < b[0].start_unix_nanos)
+            {
+                best = Some(t);
+            }
+        }
+    }
+    best
+}
+
+/// Whether `child` descends from a span of `service` (walking parents inside the trace).
+fn descends_from(trace: &[Span], child: &Span, service: &str) -> bool {
+    let by_id: HashMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let mut cur = by_id.get(child.parent_span_id.as_str()).copied();
+    let mut hops = 0;
+    while let Some(s) = cur {
+        if s.service == service {
+            return true;
+        }
+        hops += 1;
+        if hops > 64 {
+            return false;
+        }
+        cur = by_id.get(s.parent_span_id.as_str()).copied();
+    }
+    false
+}
+
+async fn sidecar_issuance_is_one_trace(mesh: &mut impl Topology) -> Result<(), String> {
+    let store = mesh.spans();
+    // Exporters batch: give them a few seconds.
+    let trace = eventually(
+        Duration::from_secs(15),
+        "an issuance trace spanning proxy, agent and CA",
+        || {
+            let spans = store.all();
+            async move {
+                issuance_trace(&spans).ok_or_else(|| {
+                    let mut names: Vec<String> = spans
+                        .iter()
+                        .map(|s| format!("{}:{}", s.service, s.name))
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    format!(
+                        "{} spans so far, none of a 3-component trace; seen: {}",
+                        spans.len(),
+                        names.join(", ")
+                    )
+                })
+            }
+        },
+    )
+    .await?;
+    let services: HashSet<&str> = trace.iter().map(|s| s.service.as_str()).collect();
+    for want in ["meshid-envoy-shim", "meshid-agent", "meshid-ca"] {
+        ensure(services.contains(want), || {
+            format!("the issuance trace has no {want} span (has {services:?})")
+        })?;
+    }
+    let ids: HashSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<&Span> = trace
+        .iter()
+        .filter(|s| !ids.contains(s.parent_span_id.as_str()))
+        .collect();
+    ensure(roots.len() == 1, || {
+        format!(
+            "the trace should have one root, has {}: {:?}",
+            roots.len(),
+            roots.iter().map(|s| &s.name).collect::<Vec<_>>()
+        )
+    })?;
+    ensure(roots[0].service == "meshid-envoy-shim", || {
+        format!(
+            "the trace's root is {}:{}, not the proxy",
+            roots[0].service, roots[0].name
+        )
+    })?;
+    let sign = trace
+        .iter()
+        .find(|s| s.name == "ca.sign")
+        .ok_or("no ca.sign span")?;
+    ensure(descends_from(&trace, sign, "meshid-agent"), || {
+        "ca.sign is not under an agent span".into()
+    })?;
+    ensure(descends_from(&trace, sign, "meshid-envoy-shim"), || {
+        "ca.sign is not under the proxy's span".into()
+    })?;
+    Ok(())
+}

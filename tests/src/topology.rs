@@ -1,0 +1,113 @@
+//! What a suite sees of a running mesh. Every backend (process, docker,
+//! kind) implements [`Topology`]; suites use nothing else, so each suite
+//! runs unchanged on each backend.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshid_common::SpiffeId;
+
+use crate::Error;
+use crate::http::Response;
+use crate::otlp::SpanStore;
+
+/// Which proxy a sidecar pod runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proxy {
+    Shim,
+    Envoy,
+}
+
+/// PeerAuthentication mode of a pod's inbound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Mode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Strict => "STRICT",
+            Mode::Permissive => "PERMISSIVE",
+            Mode::Disable => "DISABLE",
+        }
+    }
+}
+
+/// A sidecar pod: agent + proxy + echo app.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub id: SpiffeId,
+    pub proxy: Proxy,
+    /// The inbound mode the pod starts with.
+    pub mode: Mode,
+    /// The proxy's inbound listener (what mesh peers dial).
+    pub inbound: SocketAddr,
+    /// The proxy's outbound listener to the first other pod, if any: plaintext in,
+    /// mTLS out with secure naming.
+    pub outbound: Option<(SocketAddr, String)>,
+    /// The echo app behind the proxy (plaintext, local only).
+    pub app: SocketAddr,
+    /// Component names, for [`Topology::admin_get`] and restarts.
+    pub agent: String,
+    pub proxy_component: String,
+}
+
+/// An ambient workload behind a ztunnel.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ambient {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub id: SpiffeId,
+    /// Where the workload's app listens.
+    pub app: SocketAddr,
+}
+
+/// A running mesh, as suites see it.
+#[allow(async_fn_in_trait)]
+pub trait Topology {
+    fn backend(&self) -> &'static str;
+    fn trust_domain(&self) -> &str;
+    /// Certificate TTL the agents ask for.
+    fn ttl(&self) -> Duration;
+    fn pods(&self) -> &[Pod];
+    fn ambient(&self) -> &[Ambient];
+    /// The root bundle the CA publishes (PEM).
+    fn ca_root_pem(&self) -> Result<String, Error>;
+    /// `https://host:port` of the CA's gRPC endpoint, as clients dial it.
+    fn ca_address(&self) -> String;
+    /// A fresh service-account token for `namespace/sa` bound to pod `pod`,
+    /// which is registered on the fly when absent (a test client's own pod).
+    async fn token_for(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+    ) -> Result<String, Error>;
+    /// GET an admin endpoint of a component (`ca`, `<pod>/agent`, `<pod>/proxy`, `<node>/ztunnel`).
+    async fn admin_get(&self, component: &str, path: &str) -> Result<Response, Error>;
+    async fn stop(&mut self, component: &str) -> Result<(), Error>;
+    async fn start(&mut self, component: &str) -> Result<(), Error>;
+    async fn restart(&mut self, component: &str) -> Result<(), Error> {
+        self.stop(component).await?;
+        self.start(component).await
+    }
+    /// Deletes a pod from the cluster's view (the registry): its token stops
+    /// authenticating; its processes keep running with what they have.
+    async fn delete_workload(&mut self, pod: &str) -> Result<(), Error>;
+    /// Sets a pod's inbound mode (PeerAuthentication) at runtime.
+    async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error>;
+    /// Spans collected from every component.
+    fn spans(&self) -> SpanStore;
+    /// How to reach each part, for `--keep`.
+    fn describe(&self) -> String;
+    async fn teardown(&mut self);
+}
