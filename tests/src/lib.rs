@@ -7,6 +7,8 @@
 //! `cargo xtask e2e` runs its `meshid-e2e` binary.
 
 pub mod client;
+pub mod docker;
+pub mod docker_backend;
 pub mod echo;
 pub mod http;
 pub mod otlp;
@@ -35,6 +37,10 @@ pub enum Error {
     Http { url: String, message: String },
     #[error("{0}")]
     Setup(String),
+    /// A Docker operation (image build, network, container) failed; `action`
+    /// names it and the image, network or container it was about.
+    #[error("docker: {action}: {message}")]
+    Docker { action: String, message: String },
 }
 
 impl Error {

@@ -159,7 +159,16 @@ impl OtlpReceiver {
     /// Like [`OtlpReceiver::start`], also forwarding every export to the
     /// OTLP/gRPC collector at `forward` (e.g. `http://127.0.0.1:4317`).
     pub async fn start_forwarding(forward: Option<String>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_forwarding_on(SocketAddr::from(([127, 0, 0, 1], 0)), forward).await
+    }
+
+    /// Like [`OtlpReceiver::start_forwarding`], listening on `bind` (the docker
+    /// backend binds its network's gateway so that containers can export).
+    pub async fn start_forwarding_on(
+        bind: SocketAddr,
+        forward: Option<String>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let store = SpanStore::default();
         let forward = match forward {
@@ -200,7 +209,7 @@ impl OtlpReceiver {
         Ok(OtlpReceiver { addr, store, task })
     }
 
-    /// `http://127.0.0.1:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// `http://<address>:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }

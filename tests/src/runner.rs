@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::docker_backend::DockerMesh;
 use crate::process_backend::{MeshSpec, PodSpec, ProcessMesh};
 use crate::report::Report;
 use crate::suites;
@@ -42,11 +43,12 @@ pub struct Args {
 }
 
 /// The mesh of issue 7: sidecar pods with shims in STRICT and PERMISSIVE,
-/// plus the pod the revocation suite deletes.
+/// one with a real Envoy, plus the pod the revocation suite deletes.
 pub fn default_pods() -> Vec<PodSpec> {
     vec![
         PodSpec::new("productpage", "productpage", Proxy::Shim, Mode::Strict),
         PodSpec::new("reviews", "reviews", Proxy::Shim, Mode::Permissive),
+        PodSpec::new("ratings", "ratings", Proxy::Envoy, Mode::Strict),
         PodSpec::new(
             suites::revocation::VICTIM,
             "legacy",
@@ -98,9 +100,9 @@ pub async fn run(args: Args) -> u8 {
         );
         return 2;
     }
-    if args.backend != "process" {
+    if args.backend != "process" && args.backend != "docker" {
         eprintln!(
-            "meshid-e2e: the {} backend is not built yet; only --backend process runs today",
+            "meshid-e2e: the {} backend is not built yet; --backend process and docker run today",
             args.backend
         );
         return 2;
@@ -116,6 +118,14 @@ pub async fn run(args: Args) -> u8 {
             return 2;
         }
     };
+    // Components start in their own working directories: the path must be absolute.
+    let bin_dir = match std::fs::canonicalize(&bin_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("meshid-e2e: --bin-dir {}: {e}", bin_dir.display());
+            return 2;
+        }
+    };
     let spec = MeshSpec {
         trust_domain: "cluster.local".into(),
         ttl: Duration::from_secs(args.ttl),
@@ -125,10 +135,27 @@ pub async fn run(args: Args) -> u8 {
     };
     let started = Instant::now();
     eprintln!(
-        "e2e: starting the mesh (process backend, TTL {} s)",
-        args.ttl
+        "e2e: starting the mesh ({} backend, TTL {} s)",
+        args.backend, args.ttl
     );
-    let mut mesh = tokio::select! {
+    if args.backend == "docker" {
+        let mesh = tokio::select! {
+            m = DockerMesh::start(spec) => match m {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("meshid-e2e: the mesh did not come up: {e}");
+                    return 2;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("meshid-e2e: interrupted while starting; removing what was started");
+                return 130;
+            }
+        };
+        let logs = mesh.dir().join("logs");
+        return drive(mesh, &args, &chosen, started, logs).await;
+    }
+    let mesh = tokio::select! {
         m = ProcessMesh::start(spec) => match m {
             Ok(m) => m,
             Err(e) => {
@@ -141,13 +168,25 @@ pub async fn run(args: Args) -> u8 {
             return 130;
         }
     };
+    let logs = mesh.dir().join("logs");
+    drive(mesh, &args, &chosen, started, logs).await
+}
+
+/// Runs the suites on a mesh that is up, reports, and tears it down.
+async fn drive(
+    mut mesh: impl Topology,
+    args: &Args,
+    chosen: &[&str],
+    started: Instant,
+    logs: PathBuf,
+) -> u8 {
     eprintln!("e2e: mesh up in {:.1} s", started.elapsed().as_secs_f64());
     let mut report = Report {
         backend: mesh.backend().into(),
         ..Report::default()
     };
     let interrupted = tokio::select! {
-        _ = run_suites(&mut mesh, &chosen, &mut report) => false,
+        _ = run_suites(&mut mesh, chosen, &mut report) => false,
         _ = tokio::signal::ctrl_c() => true,
     };
     report.wall_time = started.elapsed();
@@ -174,7 +213,7 @@ pub async fn run(args: Args) -> u8 {
         );
     }
     if report.failed() > 0 {
-        println!("logs of this run: {}", mesh.dir().join("logs").display());
+        println!("logs of this run: {}", logs.display());
     }
     if args.keep {
         println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
@@ -184,7 +223,7 @@ pub async fn run(args: Args) -> u8 {
     u8::from(report.failed() > 0)
 }
 
-async fn run_suites(mesh: &mut ProcessMesh, chosen: &[&str], report: &mut Report) {
+async fn run_suites(mesh: &mut impl Topology, chosen: &[&str], report: &mut Report) {
     for suite in chosen {
         eprintln!("e2e: suite {suite}");
         match *suite {

@@ -23,12 +23,20 @@ struct Bench {
 }
 
 /// Every benchmark, in the order `cargo xtask bench` runs them.
-const BENCHES: &[Bench] = &[Bench {
-    name: "crypto",
-    package: "meshid-common",
-    target: "crypto",
-    about: "the key, CSR and certificate helpers of meshid-common",
-}];
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "crypto",
+        package: "meshid-common",
+        target: "crypto",
+        about: "the key, CSR and certificate helpers of meshid-common",
+    },
+    Bench {
+        name: "envoy-shim",
+        package: "meshid-envoy-shim",
+        target: "proxy",
+        about: "direct TCP vs shim->shim vs Envoy->Envoy mTLS: req/resp p50/p99, bulk, conns/s, RSS",
+    },
+];
 
 /// Flags of `cargo xtask bench`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]

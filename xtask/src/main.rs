@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod e2e;
+mod images;
 
 use std::{
     ffi::OsString,
@@ -36,6 +37,8 @@ enum Task {
     E2e(e2e::E2eArgs),
     /// Run the benchmarks: all of them, or the one named.
     Bench(bench::BenchArgs),
+    /// Build the e2e docker backend's images (meshid/mesh:dev, meshid/envoy:dev) from target/debug.
+    Images(images::ImagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Task::Ci(args) => ci::run(args),
         Task::E2e(args) => e2e::main(args),
         Task::Bench(args) => bench::run(args),
+        Task::Images(args) => images::run(args),
     };
     match result {
         Ok(code) => code,

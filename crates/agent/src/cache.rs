@@ -241,7 +241,7 @@ impl SecretManager {
         if let Some(cx) = parent {
             set_remote_parent(&span, cx);
         }
-        let result = async {
+        async {
             let token = self.token.read().await?;
             let key = generate_key(self.cfg.key_type).await?;
             let csr_pem = key.csr_for(id)?;
@@ -271,8 +271,7 @@ impl SecretManager {
             })
         }
         .instrument(span)
-        .await;
-        result
+        .await
     }
 
     /// Publishes fresh credentials; returns when to renew them.

@@ -578,7 +578,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_by_name() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (&[], &[("SECRET_TTL", "soon")], "SECRET_TTL"),
             (&[], &[("SECRET_TTL", "100d")], "SECRET_TTL"),
             (&[], &[("SECRET_GRACE_PERIOD_RATIO", "1.5")], "RATIO"),

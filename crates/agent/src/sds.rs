@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -58,6 +58,7 @@ pub struct SdsServer {
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     next_stream: AtomicU64,
+    cache: Arc<RenderCache>,
 }
 
 impl SdsServer {
@@ -71,6 +72,7 @@ impl SdsServer {
             metrics,
             cancel,
             next_stream: AtomicU64::new(1),
+            cache: Arc::default(),
         }
     }
 
@@ -103,6 +105,7 @@ impl SecretDiscoveryService for SdsServer {
             manager: self.manager.clone(),
             metrics: self.metrics.clone(),
             creds: self.manager.credentials(),
+            cache: self.cache.clone(),
             parent: Some(parent),
             stream_id,
             node: None,
@@ -134,14 +137,15 @@ impl SecretDiscoveryService for SdsServer {
             .and_then(|r| r.ok())
             .and_then(|c| c.clone())
             .ok_or_else(|| Error::NotReady.to_status())?;
-        let versions = versions(&req.resource_names, &current);
+        let rendered = self.cache.get(&current);
+        let versions = rendered.versions(&req.resource_names);
         for name in &req.resource_names {
             self.metrics
                 .sds_pushes
                 .get_or_create(&Metrics::resource(name))
                 .inc();
         }
-        Ok(Response::new(response(&versions, &current, "fetch".into())))
+        Ok(Response::new(rendered.response(&versions, "fetch".into())))
     }
 }
 
@@ -176,13 +180,6 @@ fn version(name: &str, creds: &Credentials) -> String {
             .collect::<Vec<_>>()
             .join("+")
     }
-}
-
-fn versions(names: &[String], creds: &Credentials) -> BTreeMap<String, String> {
-    names
-        .iter()
-        .map(|n| (n.clone(), version(n, creds)))
-        .collect()
 }
 
 /// One SDS `Secret` in an `Any`.
@@ -230,21 +227,80 @@ pub fn render(name: &str, creds: &Credentials) -> prost_types::Any {
     any
 }
 
-fn response(
-    versions: &BTreeMap<String, String>,
-    creds: &Credentials,
-    nonce: String,
-) -> DiscoveryResponse {
-    DiscoveryResponse {
-        version_info: versions
+/// Both secrets of one credentials version, rendered once and shared by
+/// every stream (a rotation pushed to a thousand streams encodes once).
+#[derive(Debug)]
+pub struct Rendered {
+    svid: Arc<meshid_common::Svid>,
+    bundle: Arc<meshid_common::TrustBundle>,
+    default: (String, prost_types::Any),
+    root: (String, prost_types::Any),
+}
+
+impl Rendered {
+    fn new(creds: &Credentials) -> Self {
+        Rendered {
+            svid: creds.svid.clone(),
+            bundle: creds.bundle.clone(),
+            default: (
+                version(WORKLOAD_RESOURCE, creds),
+                render(WORKLOAD_RESOURCE, creds),
+            ),
+            root: (version(ROOT_RESOURCE, creds), render(ROOT_RESOURCE, creds)),
+        }
+    }
+
+    fn is_for(&self, creds: &Credentials) -> bool {
+        Arc::ptr_eq(&self.svid, &creds.svid) && Arc::ptr_eq(&self.bundle, &creds.bundle)
+    }
+
+    fn get(&self, name: &str) -> &(String, prost_types::Any) {
+        if name == WORKLOAD_RESOURCE {
+            &self.default
+        } else {
+            &self.root
+        }
+    }
+
+    fn versions(&self, names: &[String]) -> BTreeMap<String, String> {
+        names
             .iter()
-            .map(|(n, v)| format!("{n}:{v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        resources: versions.keys().map(|n| render(n, creds)).collect(),
-        canary: false,
-        type_url: SECRET_TYPE_URL.to_owned(),
-        nonce,
+            .map(|n| (n.clone(), self.get(n).0.clone()))
+            .collect()
+    }
+
+    fn response(&self, versions: &BTreeMap<String, String>, nonce: String) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: versions
+                .iter()
+                .map(|(n, v)| format!("{n}:{v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            resources: versions.keys().map(|n| self.get(n).1.clone()).collect(),
+            canary: false,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce,
+        }
+    }
+}
+
+/// The latest [`Rendered`].
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    slot: Mutex<Option<Arc<Rendered>>>,
+}
+
+impl RenderCache {
+    pub fn get(&self, creds: &Credentials) -> Arc<Rendered> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(r) if r.is_for(creds) => r.clone(),
+            _ => {
+                let r = Arc::new(Rendered::new(creds));
+                *slot = Some(r.clone());
+                r
+            }
+        }
     }
 }
 
@@ -253,6 +309,7 @@ struct StreamTask {
     manager: Arc<SecretManager>,
     metrics: Arc<Metrics>,
     creds: CredentialsRx,
+    cache: Arc<RenderCache>,
     /// The client's trace, handed to the manager for the first CSR.
     parent: Option<opentelemetry::Context>,
     stream_id: u64,
@@ -381,13 +438,14 @@ impl StreamTask {
         if self.names.is_empty() {
             return None;
         }
-        let versions = versions(&self.names, &creds);
+        let rendered = self.cache.get(&creds);
+        let versions = rendered.versions(&self.names);
         if !force && versions == self.sent {
             return None;
         }
         self.seq += 1;
         let nonce = format!("{}-{}", self.stream_id, self.seq);
-        let resp = response(&versions, &creds, nonce.clone());
+        let resp = rendered.response(&versions, nonce.clone());
         for name in versions.keys() {
             self.metrics
                 .sds_pushes

@@ -54,7 +54,24 @@ impl App {
         config.validate()?;
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
+        match Self::start(config, cancel.clone(), &mut tasks).await {
+            Ok(app) => Ok(app),
+            Err(e) => {
+                // Stop whatever had started before the failure.
+                cancel.cancel();
+                for task in tasks {
+                    task.abort();
+                }
+                Err(e)
+            }
+        }
+    }
 
+    async fn start(
+        config: Config,
+        cancel: CancellationToken,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Result<App> {
         let signer = Arc::new({
             let options = SignerOptions {
                 dir: config.root_ca_dir.clone(),
@@ -104,9 +121,30 @@ impl App {
             config.trust_domain.clone(),
             directory.clone(),
         ))];
-        if let Some(path) = &config.jwks_file {
-            let jwks =
-                JwksSource::watch_file(path.clone(), config.file_poll_interval, cancel.clone())?;
+        let jwks = match (&config.jwks_file, &config.jwks_url) {
+            (Some(path), _) => Some(JwksSource::watch_file(
+                path.clone(),
+                config.file_poll_interval,
+                cancel.clone(),
+            )?),
+            (None, Some(url)) => {
+                let roots = match &config.jwks_url_ca {
+                    Some(path) => Some(root_store(path)?),
+                    None => None,
+                };
+                Some(
+                    JwksSource::watch_url(
+                        url.clone(),
+                        roots,
+                        config.jwks_refresh_interval,
+                        cancel.clone(),
+                    )
+                    .await?,
+                )
+            }
+            (None, None) => None,
+        };
+        if let Some(jwks) = jwks {
             let directory = directory
                 .clone()
                 .ok_or_else(|| Error::Config("JWT authentication needs a pod directory".into()))?;
@@ -209,7 +247,7 @@ impl App {
             signer,
             metrics,
             cancel,
-            tasks,
+            tasks: std::mem::take(tasks),
         })
     }
 
@@ -255,6 +293,25 @@ impl Drop for App {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// A rustls root store from a PEM file.
+fn root_store(path: &std::path::Path) -> Result<rustls::RootCertStore> {
+    let pem = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = meshid_common::cert::parse_pem_certs(&pem).map_err(|source| Error::CaMaterial {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in certs {
+        store
+            .add(cert)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    }
+    Ok(store)
 }
 
 /// Rewrites the root bundle file whenever the roots change.

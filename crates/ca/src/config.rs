@@ -30,6 +30,7 @@ pub const CA_SERVICE_NAME: &str = "istiod.istio-system.svc";
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CA_DIR_POLL: &str = "1s";
 pub const DEFAULT_FILE_POLL: &str = "500ms";
+pub const DEFAULT_JWKS_REFRESH: &str = "5m";
 /// Lifetime of the CA's own serving certificate (re-issued at half-life).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -83,6 +84,19 @@ pub struct Config {
     /// authentication. Needs --registry-file to check that pods are alive.
     #[arg(long, env = "JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
+
+    /// JWKS URL of the token issuer (http:// or https://), fetched at start
+    /// and every --jwks-refresh-interval; instead of --jwks-file.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// PEM roots that an https --jwks-url must chain to.
+    #[arg(long, env = "JWKS_URL_CA")]
+    pub jwks_url_ca: Option<PathBuf>,
+
+    /// How often --jwks-url is fetched again.
+    #[arg(long, default_value = DEFAULT_JWKS_REFRESH, value_parser = parse_duration)]
+    pub jwks_refresh_interval: Duration,
 
     /// Workload registry file (pods and nodes) kept by the harness.
     #[arg(long, env = "WORKLOAD_REGISTRY")]
@@ -208,11 +222,33 @@ impl Config {
             return bad("--self-signed-ca-cert-ttl must be at least 1h".into());
         }
         self.node_accounts()?;
-        if self.jwks_file.is_some() && self.registry_file.is_none() && !self.kube_enabled() {
+        if self.jwks_file.is_some() && self.jwks_url.is_some() {
+            return bad("--jwks-file and --jwks-url are exclusive: give one".into());
+        }
+        if (self.jwks_file.is_some() || self.jwks_url.is_some())
+            && self.registry_file.is_none()
+            && !self.kube_enabled()
+        {
             return bad(
-                "--jwks-file needs --registry-file: a token only authenticates while its pod is alive"
+                "--jwks-file / --jwks-url need --registry-file: a token only authenticates while its pod is alive"
                     .into(),
             );
+        }
+        if let Some(url) = &self.jwks_url {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| Error::Config(format!("--jwks-url {url:?}: {e}")))?;
+            match uri.scheme_str() {
+                Some("http") => {}
+                Some("https") if self.jwks_url_ca.is_some() => {}
+                Some("https") => {
+                    return bad("an https --jwks-url needs --jwks-url-ca (PEM roots)".into());
+                }
+                _ => return bad(format!("--jwks-url {url:?} must be http:// or https://")),
+            }
+            if uri.host().is_none() {
+                return bad(format!("--jwks-url {url:?} has no host"));
+            }
         }
         if self.max_request_bytes < 4096 {
             return bad("--max-request-bytes must be at least 4096".into());
@@ -307,6 +343,7 @@ impl Config {
         let _ = writeln!(out, "token_audiences: {:?}", self.audiences());
         let _ = writeln!(out, "token_issuer: {}", self.token_issuer);
         let _ = writeln!(out, "jwks_file: {}", path(&self.jwks_file));
+        let _ = writeln!(out, "jwks_url: {}", self.jwks_url.as_deref().unwrap_or("-"));
         let _ = writeln!(out, "registry_file: {}", path(&self.registry_file));
         let _ = writeln!(
             out,
@@ -404,6 +441,15 @@ mod tests {
                 .to_string()
                 .contains("--registry-file")
         );
+        let url = |u: &str| {
+            Config::from_args(["meshid-ca", "--jwks-url", u, "--registry-file", "/r"])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(url("https://issuer.example/jwks").contains("--jwks-url-ca"));
+        assert!(url("ftp://issuer.example/jwks").contains("http://"));
         let c = Config::from_args(["meshid-ca", "--default-workload-cert-ttl", "100d"]).unwrap();
         assert!(c.validate().is_err());
     }

@@ -275,12 +275,8 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> std::result::Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
-        let remote = request
-            .extensions()
-            .get::<ConnInfo>()
-            .map(|c| c.remote.to_string())
-            .unwrap_or_default();
-        let span = tracing::info_span!("ca.create_certificate", peer.addr = %remote);
+        let remote = request.extensions().get::<ConnInfo>().map(|c| c.remote);
+        let span = tracing::info_span!("ca.create_certificate", peer.addr = ?remote);
         telemetry::set_remote_parent(&span, telemetry::extract_grpc(request.metadata()));
         let core = &self.core;
         core.metrics.csr_count.inc();

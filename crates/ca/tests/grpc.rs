@@ -1082,3 +1082,49 @@ async fn a_new_pod_authenticates_once_registered() {
     .await
     .unwrap();
 }
+
+/// Serves `body` at every path over plain HTTP/1.1.
+async fn serve_jwks(body: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(hyper::body::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_jwks_can_come_from_a_url() {
+    let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+    let addr = serve_jwks(issuer.jwks_json()).await;
+    let url = format!("http://{addr}/openid/v1/jwks");
+    let mut fx = Fixture::start_with(TokenAlgorithm::Es256, &["--jwks-url", &url]).await;
+    fx.issuer = issuer;
+    let token = fx.token("default", "web-0");
+    let csr = key().csr_for(&id("default", "web")).unwrap();
+    fx.call(&csr, 60, Some(&bearer(&token)), |_| {})
+        .await
+        .unwrap();
+
+    // A URL that does not answer stops the start with a clear error.
+    let mut config = fx.config();
+    config.jwks_url = Some("http://127.0.0.1:1/jwks".into());
+    let err = meshid_ca::App::build(config).await.unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}

@@ -40,7 +40,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the CA is and how to trust it.
 #[derive(Clone)]
 pub struct CaClientConfig {
-    /// `https://host:port`.
+    /// `https://host:port`, or Istio's `host:port` (TLS is implied).
     pub address: String,
     /// PEM roots the CA's serving certificate must chain to (`CA_ROOT_CA`).
     pub root_pem: String,
@@ -116,7 +116,8 @@ impl fmt::Debug for CaClient {
 
 impl CaClient {
     /// A client that connects on first use (so a workload may start before
-    /// the CA). Fails only on a bad address or unusable roots.
+    /// the CA). Fails only on a bad address or unusable roots. Must be called
+    /// inside a Tokio runtime.
     pub fn new(config: CaClientConfig) -> Result<Self> {
         Self::build(config, None)
     }
@@ -129,13 +130,17 @@ impl CaClient {
         Self::build(config, Some(Identity::from_pem(chain, key.as_bytes())))
     }
 
-    fn build(config: CaClientConfig, identity: Option<Identity>) -> Result<Self> {
+    fn build(mut config: CaClientConfig, identity: Option<Identity>) -> Result<Self> {
+        // Istio writes CA_ADDRESS as host:port; the scheme is always TLS.
+        if !config.address.contains("://") {
+            config.address = format!("https://{}", config.address);
+        }
         let fail = |reason: String| Error::CaConnect {
             address: config.address.clone(),
             reason,
         };
         if !config.address.starts_with("https://") {
-            return Err(fail("the CA address must start with https://".into()));
+            return Err(fail("the CA is only reached over TLS: use https://".into()));
         }
         let roots = parse_pem_certs(&config.root_pem)
             .map_err(|e| fail(format!("CA root certificates: {e}")))?;
@@ -377,6 +382,15 @@ mod tests {
             ))
             .unwrap_err();
             assert!(err.to_string().contains("https://"), "{err}");
+            let bare = CaClient::new(CaClientConfig::new(
+                "istiod.istio-system.svc:15012",
+                pki.bundle().to_pem(),
+            ))
+            .unwrap();
+            assert_eq!(
+                bare.config().address,
+                "https://istiod.istio-system.svc:15012"
+            );
             let err =
                 CaClient::new(CaClientConfig::new("https://127.0.0.1:1", "nope")).unwrap_err();
             assert!(err.to_string().contains("root"), "{err}");

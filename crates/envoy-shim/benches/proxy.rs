@@ -43,7 +43,8 @@ struct Row {
     large: ReqResp,
     bulk_mib_s: f64,
     conns_per_s: f64,
-    rss_kib: Vec<(String, u64)>,
+    /// (name, max VmRSS, max RssAnon) in KiB.
+    rss_kib: Vec<(String, u64, u64)>,
 }
 
 /// A child process killed on drop.
@@ -229,10 +230,11 @@ fn run_all(
         let stop = stop.clone();
         let pids = pids.to_vec();
         std::thread::spawn(move || {
-            let mut max = vec![0u64; pids.len()];
+            let mut max = vec![(0u64, 0u64); pids.len()];
             while !stop.load(Ordering::Relaxed) {
                 for (i, (_, pid)) in pids.iter().enumerate() {
-                    max[i] = max[i].max(rss_kib(*pid, "VmRSS:"));
+                    max[i].0 = max[i].0.max(rss_kib(*pid, "VmRSS:"));
+                    max[i].1 = max[i].1.max(rss_kib(*pid, "RssAnon:"));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -258,7 +260,7 @@ fn run_all(
         rss_kib: pids
             .iter()
             .zip(max)
-            .map(|((n, _), m)| (n.clone(), m))
+            .map(|((n, _), (rss, anon))| (n.clone(), rss, anon))
             .collect(),
         ..row
     }
@@ -489,26 +491,30 @@ fn main() {
         );
     }
     println!();
-    println!("| process | RSS idle MiB | RSS max under load MiB (sampled) | VmHWM MiB |");
-    println!("|---|---|---|---|");
+    println!(
+        "| process | RSS idle MiB | RSS max under load MiB (sampled) | of which private (RssAnon) MiB | VmHWM MiB |"
+    );
+    println!("|---|---|---|---|---|");
     for (name, idle_kib) in &idle {
-        let under = shim
+        let (under, anon) = shim
             .rss_kib
             .iter()
             .chain(&envoy.rss_kib)
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
-            .unwrap_or(0);
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, a)| (*v, *a))
+            .unwrap_or((0, 0));
         let hwm = peak
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| *v)
             .unwrap_or(0);
+        let mib = |k: u64| k as f64 / 1024.0;
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} |",
-            *idle_kib as f64 / 1024.0,
-            under as f64 / 1024.0,
-            hwm as f64 / 1024.0
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            mib(*idle_kib),
+            mib(under),
+            mib(anon),
+            mib(hwm)
         );
     }
     println!();

@@ -196,6 +196,22 @@ impl Tracker {
     }
 }
 
+/// Holds the active-connections gauge up for the life of a connection.
+pub(crate) struct Active(prometheus_client::metrics::gauge::Gauge);
+
+impl Active {
+    pub fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Active(gauge)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Counts bytes through a stream. A TLS peer that closes without
 /// `close_notify` reads as a normal end of stream, as in Envoy: framing is
 /// the application's business.

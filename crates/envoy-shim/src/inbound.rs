@@ -22,7 +22,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{AccessLog, ConnResult, Direction, Tracker, classify_tls_error, connect, splice};
+use crate::conn::{
+    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice,
+};
 use crate::error::Result;
 use crate::policy::{Mode, PolicyRx};
 
@@ -82,8 +84,7 @@ async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {
         t.fail(ConnResult::Overflow, "overflow", "connection limit reached");
         return t.finish(&ctx.log);
     };
-    let active = ctx.log.metrics().active(Direction::Inbound.as_str());
-    active.inc();
+    let _active = Active::new(ctx.log.metrics().active(Direction::Inbound.as_str()));
     if ctx.creds.borrow().is_none() {
         t.fail(
             ConnResult::NotReady,
@@ -104,7 +105,6 @@ async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {
                         "eof",
                         "peer closed before sending anything",
                     );
-                    active.dec();
                     return t.finish(&ctx.log);
                 }
                 Err(e) => {
@@ -113,7 +113,6 @@ async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {
                         "io",
                         format!("reading the first bytes: {e}"),
                     );
-                    active.dec();
                     return t.finish(&ctx.log);
                 }
             },
@@ -131,7 +130,6 @@ async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {
             }
         }
     }
-    active.dec();
     t.finish(&ctx.log);
 }
 

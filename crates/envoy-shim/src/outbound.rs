@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::OutboundRoute;
-use crate::conn::{AccessLog, ConnResult, Direction, Tracker, classify_tls_error, connect, splice};
+use crate::conn::{
+    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice,
+};
 use crate::error::Result;
 
 /// Everything an outbound connection on one listener needs.
@@ -82,8 +84,7 @@ async fn handle(ctx: Arc<Outbound>, app: TcpStream, peer: SocketAddr) {
         t.fail(ConnResult::Overflow, "overflow", "connection limit reached");
         return t.finish(&ctx.log);
     };
-    let active = ctx.log.metrics().active(Direction::Outbound.as_str());
-    active.inc();
+    let _active = Active::new(ctx.log.metrics().active(Direction::Outbound.as_str()));
     let _ = app.set_nodelay(true);
     if ctx.tls.is_some() && ctx.creds.borrow().is_none() {
         t.fail(
@@ -134,6 +135,5 @@ async fn handle(ctx: Arc<Outbound>, app: TcpStream, peer: SocketAddr) {
             },
         }
     }
-    active.dec();
     t.finish(&ctx.log);
 }

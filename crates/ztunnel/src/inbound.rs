@@ -47,6 +47,10 @@ use crate::error::{Error, Result};
 use crate::metrics::{CodeLabels, Direction, Metrics};
 use crate::policy::{Mode, Policies};
 
+/// Buffer size of each direction of a proxied connection: an HTTP/2 write
+/// costs a hop to hyper's stream task, so fewer, larger writes go faster.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
 /// HTTP/2 streams one HBONE connection may carry at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
@@ -474,7 +478,9 @@ async fn forward<C>(
     let started = Instant::now();
     let labels = Metrics::dir(Direction::Inbound);
     metrics.connections_opened.get_or_create(&labels).inc();
-    let result = tokio::io::copy_bidirectional(client, &mut upstream).await;
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+            .await;
     metrics.connections_closed.get_or_create(&labels).inc();
     let (from_client, to_client) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
     metrics

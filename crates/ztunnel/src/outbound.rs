@@ -121,7 +121,13 @@ impl Outbound {
         let labels = Metrics::dir(Direction::Outbound);
         self.metrics.connections_opened.get_or_create(&labels).inc();
         let mut tunnel = TokioIo::new(tunnel);
-        let result = tokio::io::copy_bidirectional(&mut stream, &mut tunnel).await;
+        let result = tokio::io::copy_bidirectional_with_sizes(
+            &mut stream,
+            &mut tunnel,
+            crate::inbound::COPY_BUFFER,
+            crate::inbound::COPY_BUFFER,
+        )
+        .await;
         self.metrics.connections_closed.get_or_create(&labels).inc();
         let (sent, received) = match &result {
             Ok((s, r)) => (*s, *r),

@@ -25,6 +25,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         "traffic_through_a_rotation_never_fails",
         traffic_through_rotation(mesh)
     );
+    case!(
+        report,
+        SUITE,
+        "envoy_takes_the_rotated_cert_without_restart",
+        envoy_takes_rotation(mesh)
+    );
 }
 
 /// (serial, not_before unix secs, not_after unix secs) from an agent's `/debug/certs`.
@@ -144,5 +150,53 @@ async fn traffic_through_rotation(mesh: &mut impl Topology) -> Result<(), String
             "{} kept serial {start_serial} for the whole window",
             pod.name
         )
+    })
+}
+
+/// A real Envoy fed by an agent: after the agent rotates, Envoy's admin
+/// `/certs` lists the new serial and a peer's handshake sees it, with the
+/// same Envoy process throughout.
+async fn envoy_takes_rotation(mesh: &mut impl Topology) -> Result<(), String> {
+    let pod = mesh
+        .pods()
+        .iter()
+        .find(|p| p.proxy == crate::topology::Proxy::Envoy)
+        .cloned()
+        .ok_or("no Envoy pod in the topology")?;
+    let tester =
+        Tester::from_ca(mesh, "tester", "tester-rotation", Duration::from_secs(600)).await?;
+    let (before, _, _) = agent_cert(mesh, &pod.agent).await?;
+    let rotated = crate::client::eventually(
+        mesh.ttl() + Duration::from_secs(5),
+        "the Envoy pod's agent rotates",
+        || async {
+            let (now, _, _) = agent_cert(mesh, &pod.agent).await?;
+            if now != before {
+                Ok(now)
+            } else {
+                Err(format!("still {before}"))
+            }
+        },
+    )
+    .await?;
+    crate::client::eventually(
+        Duration::from_secs(5),
+        "Envoy's /certs shows the rotated serial",
+        || async {
+            let r = mesh
+                .admin_get(&pod.proxy_component, "/certs")
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.body.to_lowercase().contains(&rotated) {
+                Ok(())
+            } else {
+                Err(format!("/certs does not list {rotated}"))
+            }
+        },
+    )
+    .await?;
+    let ex = mtls_echo(pod.inbound, &tester, &pod.id, b"envoy after rotation\n").await?;
+    ensure(ex.server_leaf.serial != before, || {
+        format!("Envoy still presents the old serial {before}")
     })
 }

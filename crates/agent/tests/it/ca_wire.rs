@@ -16,8 +16,7 @@ async fn agent_for(addr: SocketAddr, root_pem: &str, extra: &[&str]) -> (App, te
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "wire.jwt").unwrap();
     std::fs::write(dir.path().join("ca-root.pem"), root_pem).unwrap();
-    let mut builder = AgentBuilder::default();
-    builder.extra_args = [
+    let extra_args = [
         "--ca-address",
         &format!("https://{addr}"),
         "--cluster-id",
@@ -29,6 +28,10 @@ async fn agent_for(addr: SocketAddr, root_pem: &str, extra: &[&str]) -> (App, te
     .chain(extra)
     .map(|s| s.to_string())
     .collect();
+    let builder = AgentBuilder {
+        extra_args,
+        ..AgentBuilder::default()
+    };
     let app = App::build(builder.config(dir.path())).await.unwrap();
     (app, dir)
 }

@@ -4,6 +4,7 @@ mod admin;
 mod ca_wire;
 mod cache;
 mod envoy;
+mod hygiene;
 mod sds;
 mod support;
 mod trace;

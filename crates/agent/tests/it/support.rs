@@ -80,8 +80,6 @@ struct FakeState {
     pki: Arc<TestPki>,
     answer: Answer,
     calls: Vec<Call>,
-    /// Overrides the requested TTL.
-    ttl: Option<Duration>,
 }
 
 /// A CA that signs with a [`TestPki`] at the time of its clock.
@@ -97,7 +95,6 @@ impl FakeCa {
                 pki: Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap()),
                 answer: Answer::Good,
                 calls: Vec::new(),
-                ttl: None,
             }),
             clock,
         })
@@ -105,10 +102,6 @@ impl FakeCa {
 
     pub fn set_answer(&self, answer: Answer) {
         self.state.lock().unwrap().answer = answer;
-    }
-
-    pub fn set_ttl(&self, ttl: Option<Duration>) {
-        self.state.lock().unwrap().ttl = ttl;
     }
 
     /// Replaces the PKI with a new root (a root rotation without overlap).
@@ -137,11 +130,10 @@ impl FakeCa {
 
     /// The answer to a CSR, as the Istio CA's `cert_chain`.
     pub fn answer(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, Status> {
-        let (pki, answer, ttl_override) = {
+        let (pki, answer) = {
             let s = self.state.lock().unwrap();
-            (s.pki.clone(), s.answer.clone(), s.ttl)
+            (s.pki.clone(), s.answer.clone())
         };
-        let ttl = ttl_override.unwrap_or(ttl);
         let csr = parse_csr_pem(csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = SpiffeId::parse(&csr.uri_sans[0]).unwrap();
         let now = self.clock.now();
@@ -264,7 +256,14 @@ impl FakeCaServer {
                 .unwrap()
                 .add_service(IstioCertificateServiceServer::new(CaService(ca)))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        |conn| {
+                            conn.inspect(|s| {
+                                let _ = s.set_nodelay(true);
+                            })
+                        },
+                    ),
                     token.cancelled_owned(),
                 )
                 .await
@@ -404,6 +403,11 @@ impl TestAgent {
     pub fn api_socket(&self) -> PathBuf {
         self.app.workload_api_socket().to_path_buf()
     }
+}
+
+/// An SDS client on the socket at `path`.
+pub async fn sds_client(path: &Path) -> SecretDiscoveryServiceClient<Channel> {
+    SecretDiscoveryServiceClient::new(uds_channel(path).await)
 }
 
 /// A gRPC channel over a Unix socket.

@@ -158,9 +158,170 @@ impl JwksSource {
         Ok(JwksSource { rx })
     }
 
+    /// Fetches `url` (an error if that fails) and again every `interval`,
+    /// until `cancel`. `roots` are what an https server must chain to.
+    pub async fn watch_url(
+        url: String,
+        roots: Option<rustls::RootCertStore>,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
+        let fetcher = Arc::new(UrlFetcher::new(&url, roots)?);
+        let jwks = fetcher.fetch_jwks().await?;
+        let (tx, rx) = watch::channel(Arc::new(jwks));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                match fetcher.fetch_jwks().await {
+                    Ok(jwks) => {
+                        tracing::debug!(url = %fetcher.url, keys = jwks.keys.len(), "JWKS fetched");
+                        tx.send_replace(Arc::new(jwks));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "JWKS fetch failed; keeping the last good keys")
+                    }
+                }
+            }
+        });
+        Ok(JwksSource { rx })
+    }
+
     pub fn current(&self) -> Arc<Jwks> {
         self.rx.borrow().clone()
     }
+}
+
+/// Largest JWKS document accepted from a URL.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fetches a JWKS over HTTP/1.1 (plain or TLS).
+struct UrlFetcher {
+    url: String,
+    uri: http::Uri,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for UrlFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UrlFetcher")
+            .field("url", &self.url)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl UrlFetcher {
+    fn new(url: &str, roots: Option<rustls::RootCertStore>) -> Result<Self> {
+        let bad = |reason: String| Error::Jwks {
+            source_name: url.to_owned(),
+            reason,
+        };
+        let uri: http::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+        let tls = match (uri.scheme_str(), roots) {
+            (Some("http"), _) => None,
+            (Some("https"), Some(roots)) => {
+                let provider = rustls::crypto::CryptoProvider::get_default()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+            }
+            (Some("https"), None) => return Err(bad("https needs trusted roots".into())),
+            _ => return Err(bad("the URL must be http:// or https://".into())),
+        };
+        if uri.host().is_none() {
+            return Err(bad("the URL has no host".into()));
+        }
+        Ok(UrlFetcher {
+            url: url.to_owned(),
+            uri,
+            tls,
+        })
+    }
+
+    async fn fetch_jwks(&self) -> Result<Jwks> {
+        let json = tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r)
+            .map_err(|reason| Error::Jwks {
+                source_name: self.url.clone(),
+                reason,
+            })?;
+        Jwks::parse(&json, &self.url)
+    }
+
+    async fn fetch(&self) -> std::result::Result<String, String> {
+        let host = self.uri.host().unwrap_or_default();
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = self
+            .uri
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((bare_host, port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let authority = self
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let request =
+            http::Request::get(self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+                .header(http::header::HOST, authority)
+                .header(http::header::ACCEPT, "application/json")
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .map_err(|e| e.to_string())?;
+        match &self.tls {
+            None => send(hyper_util::rt::TokioIo::new(tcp), request).await,
+            Some(connector) => {
+                let name = rustls_pki_types::ServerName::try_from(bare_host.to_owned())
+                    .map_err(|e| format!("server name {bare_host:?}: {e}"))?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                send(hyper_util::rt::TokioIo::new(tls), request).await
+            }
+        }
+    }
+}
+
+async fn send<IO>(
+    io: IO,
+    request: http::Request<http_body_util::Empty<hyper::body::Bytes>>,
+) -> std::result::Result<String, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    conn.abort();
+    if !status.is_success() {
+        return Err(format!("HTTP status {status}"));
+    }
+    String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_owned())
 }
 
 /// The claims meshid reads from a service-account token.

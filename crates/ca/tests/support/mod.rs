@@ -126,8 +126,6 @@ impl Fixture {
             dir(&self.ca_dir()),
             "--root-cert-out".into(),
             dir(&self.path("root-cert.pem")),
-            "--jwks-file".into(),
-            dir(&self.path("jwks.json")),
             "--registry-file".into(),
             dir(&self.path("registry.json")),
             "--ca-dir-poll-interval".into(),
@@ -135,6 +133,9 @@ impl Fixture {
             "--file-poll-interval".into(),
             "50ms".into(),
         ];
+        if !self.extra_args.iter().any(|a| a == "--jwks-url") {
+            args.extend(["--jwks-file".into(), dir(&self.path("jwks.json"))]);
+        }
         args.extend(self.extra_args.iter().cloned());
         Config::from_args(args).unwrap()
     }

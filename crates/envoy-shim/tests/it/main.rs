@@ -1,6 +1,7 @@
 //! Integration tests of meshid-envoy-shim, run in-process on 127.0.0.1:
 //! one test binary, one module per concern.
 
+mod agent;
 mod envoy;
 mod inbound;
 mod openssl;

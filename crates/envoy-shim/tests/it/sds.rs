@@ -296,3 +296,39 @@ async fn admin_shows_certs_metrics_and_sets_the_policy() {
     assert_refused(&mut plain, b"plaintext").await;
     assert!(http_get(admin, "/policy").await.1.contains("STRICT"));
 }
+
+#[tokio::test]
+async fn each_sds_stream_carries_a_traceparent_from_its_sds_fetch_span() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("envoy-shim-test")));
+    // This test's runtime is single-threaded: the shim's tasks see this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let pki = pki();
+    let shim = Shim::start(&pki, Mode::Strict, |_, _| {}).await;
+    shim.ready().await;
+    let mut traces = Vec::new();
+    for name in ["default", "ROOTCA"] {
+        let first = shim
+            .sds
+            .requests()
+            .into_iter()
+            .find(|r| r.resource_names == [name])
+            .unwrap();
+        let tp = first
+            .traceparent
+            .unwrap_or_else(|| panic!("no traceparent on the {name} stream"));
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len()),
+            ("00", 32, 16),
+            "{tp}"
+        );
+        traces.push(parts[1].to_owned());
+    }
+    // One span per stream: two root traces.
+    assert_ne!(traces[0], traces[1]);
+}
