@@ -128,28 +128,16 @@ impl PrivateKey {
 
     fn from_pkcs8(key_type: KeyType, pkcs8: Zeroizing<Vec<u8>>) -> Result<Self> {
         let reject = |e: aws_lc_rs::error::KeyRejected| Error::InvalidPrivateKey(e.to_string());
-        let (inner, public_raw, spki) = match key_type.ecdsa_alg() {
+        let (inner, (public_raw, spki)) = match key_type.ecdsa_alg() {
             Some(alg) => {
                 let pair = EcdsaKeyPair::from_pkcs8(alg, &pkcs8).map_err(reject)?;
-                let raw = pair.public_key().as_ref().to_vec();
-                let spki = pair
-                    .public_key()
-                    .as_der()
-                    .map_err(|e| Error::InvalidPrivateKey(e.to_string()))?
-                    .as_ref()
-                    .to_vec();
-                (Inner::Ecdsa(pair), raw, spki)
+                let public = public_parts(&pair)?;
+                (Inner::Ecdsa(pair), public)
             }
             None => {
                 let pair = RsaKeyPair::from_pkcs8(&pkcs8).map_err(reject)?;
-                let raw = pair.public_key().as_ref().to_vec();
-                let spki = pair
-                    .public_key()
-                    .as_der()
-                    .map_err(|e| Error::InvalidPrivateKey(e.to_string()))?
-                    .as_ref()
-                    .to_vec();
-                (Inner::Rsa(pair), raw, spki)
+                let public = public_parts(&pair)?;
+                (Inner::Rsa(pair), public)
             }
         };
         Ok(PrivateKey {
@@ -243,6 +231,19 @@ impl PrivateKey {
             .map_err(|e| Error::BadCsr(e.to_string()))?;
         csr.pem().map_err(|e| Error::BadCsr(e.to_string()))
     }
+}
+
+/// The raw public key (what rcgen signs over) and its DER SubjectPublicKeyInfo.
+fn public_parts<K>(pair: &K) -> Result<(Vec<u8>, Vec<u8>)>
+where
+    K: KeyPair,
+    K::PublicKey: AsRef<[u8]> + AsDer<aws_lc_rs::encoding::PublicKeyX509Der<'static>>,
+{
+    let spki = pair
+        .public_key()
+        .as_der()
+        .map_err(|e| Error::InvalidPrivateKey(e.to_string()))?;
+    Ok((pair.public_key().as_ref().to_vec(), spki.as_ref().to_vec()))
 }
 
 impl rcgen::PublicKeyData for PrivateKey {

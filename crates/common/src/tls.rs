@@ -206,10 +206,13 @@ pub fn server_config(
 ) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeClientVerifier {
-        creds: creds.clone(),
-        peers,
+        check: PeerCheck {
+            creds: creds.clone(),
+            matcher: peers,
+            usage: Usage::ClientAuth,
+            provider: provider.clone(),
+        },
         mandatory: client_auth == ClientAuth::Required,
-        provider: provider.clone(),
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -226,9 +229,12 @@ pub fn server_config(
 pub fn client_config(creds: CredentialsRx, server: PeerMatcher) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        creds: creds.clone(),
-        server,
-        provider: provider.clone(),
+        check: PeerCheck {
+            creds: creds.clone(),
+            matcher: server,
+            usage: Usage::ServerAuth,
+            provider: provider.clone(),
+        },
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -349,12 +355,64 @@ fn verify_peer(
     Ok(id)
 }
 
+/// What both verifiers do: chain + identity against the current
+/// credentials, and handshake signatures with the provider's algorithms.
+#[derive(Debug)]
+struct PeerCheck {
+    creds: CredentialsRx,
+    matcher: PeerMatcher,
+    usage: Usage,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerCheck {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<SpiffeId, rustls::Error> {
+        verify_peer(
+            &self.creds,
+            &self.matcher,
+            end_entity,
+            intermediates,
+            self.usage,
+            now,
+        )
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    creds: CredentialsRx,
-    peers: PeerMatcher,
+    check: PeerCheck,
     mandatory: bool,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -376,14 +434,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        verify_peer(
-            &self.creds,
-            &self.peers,
-            end_entity,
-            intermediates,
-            Usage::ClientAuth,
-            now,
-        )?;
+        self.check.verify(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -393,12 +444,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.check.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -407,26 +453,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.check.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.check.schemes()
     }
 }
 
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    creds: CredentialsRx,
-    server: PeerMatcher,
-    provider: Arc<CryptoProvider>,
+    check: PeerCheck,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -438,14 +475,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        verify_peer(
-            &self.creds,
-            &self.server,
-            end_entity,
-            intermediates,
-            Usage::ServerAuth,
-            now,
-        )?;
+        self.check.verify(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -455,12 +485,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.check.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -469,18 +494,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.check.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.check.schemes()
     }
 }
 
