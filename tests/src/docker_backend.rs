@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshid_ca::token::{TokenAlgorithm, TokenClaims, TokenIssuer};
-use meshid_common::SpiffeId;
 use meshid_common::registry::{Node, Registry, Workload};
+use meshid_common::{CaOptions, CertificateAuthority, SpiffeId};
 use testcontainers::bollard::models::HostConfig;
 use testcontainers::core::{AccessMode, IntoContainerPort, Mount};
 use testcontainers::runners::AsyncRunner;
@@ -39,7 +39,7 @@ use crate::docker::image::{self, Built};
 use crate::docker::{cli, error};
 use crate::http::{self, Response};
 use crate::otlp::{OtlpReceiver, SpanStore};
-use crate::process_backend::{EnvoyPod, MeshSpec, PodSpec, envoy_bootstrap};
+use crate::process_backend::{EnvoyPod, MeshSpec, PodSpec, envoy_bootstrap, write_ca_files};
 use crate::topology::{Ambient, Mode, Pod, Proxy, Topology};
 
 const NODE: &str = "node-sidecar";
@@ -83,6 +83,33 @@ fn write(path: &Path, contents: &str) -> Result<(), Error> {
 
 fn mkdir(path: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+/// Plugged-in CA material as the process backend starts its CA with (root
+/// A, and intermediate A signing workloads), so the root-rotation case has a
+/// root A to rotate away from.
+fn plugged_ca_files(trust_domain: &str) -> Result<Vec<(&'static str, String)>, Error> {
+    let setup = |e: meshid_common::Error| Error::Setup(format!("plugged-in CA: {e}"));
+    let root = CertificateAuthority::self_signed_root(&CaOptions {
+        common_name: Some("meshid e2e root A".into()),
+        ..CaOptions::new(trust_domain, Duration::from_secs(86_400 * 30))
+    })
+    .map_err(setup)?;
+    let inter = root
+        .issue_intermediate(&CaOptions {
+            common_name: Some("meshid e2e intermediate A".into()),
+            ..CaOptions::new(trust_domain, Duration::from_secs(86_400 * 7))
+        })
+        .map_err(setup)?;
+    Ok(vec![
+        ("ca-cert.pem", inter.cert_pem()),
+        ("ca-key.pem", inter.key().to_pkcs8_pem().to_string()),
+        (
+            "cert-chain.pem",
+            format!("{}{}", inter.cert_pem(), root.cert_pem()),
+        ),
+        ("root-cert.pem", root.cert_pem()),
+    ])
 }
 
 fn image_of(reference: &str) -> GenericImage {
@@ -248,7 +275,10 @@ impl DockerMesh {
         let issuer = TokenIssuer::generate(TokenAlgorithm::Es256)
             .map_err(|e| Error::Setup(e.to_string()))?;
         write(&dir.join("cluster/jwks.json"), &issuer.jwks_json())?;
-        mkdir(&dir.join("ca/cacerts"))?;
+        write_ca_files(
+            &dir.join("ca/cacerts"),
+            &plugged_ca_files(&spec.trust_domain)?,
+        )?;
         let mut registry = Registry::default();
         registry.upsert_node(Node {
             name: NODE.into(),
@@ -333,6 +363,7 @@ impl DockerMesh {
             .with_label(RUN_LABEL, &self.run)
             .with_env_var("OTEL_EXPORTER_OTLP_ENDPOINT", self.otlp.endpoint())
             .with_env_var("OTEL_SERVICE_NAME", service)
+            .with_env_var("NO_COLOR", "1")
             .with_env_var(
                 "RUST_LOG",
                 std::env::var("MESHID_E2E_LOG").unwrap_or_else(|_| "info".into()),
@@ -643,7 +674,7 @@ impl DockerMesh {
             };
             polls += 1;
             // Asking Docker costs more than a probe: every tenth poll.
-            if polls % 10 == 0 {
+            if polls.is_multiple_of(10) {
                 let running = component
                     .container(name)?
                     .is_running()
@@ -777,6 +808,11 @@ impl Topology for DockerMesh {
         self.save_registry()
     }
 
+    async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
+        // The directory is bind-mounted into the CA container at /ca/cacerts.
+        write_ca_files(&self.dir.join("ca/cacerts"), files)
+    }
+
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
         let path = self.dir.join("pods").join(pod).join("policy.yaml");
         write(&path, &format!("mtls:\n  mode: {}\n", mode.as_str()))
@@ -817,7 +853,7 @@ impl Topology for DockerMesh {
             };
             let _ = writeln!(
                 out,
-                "pod {:<10} {}  ip {}  inbound {}  agent admin http://{}  proxy admin http://{}  containers {}-{}{{,-agent,-proxy}}",
+                "pod {:<10} {}  ip {}  inbound {}  app {}{}  agent admin http://{}  proxy admin http://{}  containers {}-{}{{,-agent,-proxy}}",
                 p.name,
                 p.id,
                 self.pod_ips
@@ -825,6 +861,11 @@ impl Topology for DockerMesh {
                     .map(|ip| ip.to_string())
                     .unwrap_or_default(),
                 p.inbound,
+                p.app,
+                p.outbound
+                    .as_ref()
+                    .map(|(a, to)| format!("  outbound {a} (to {to})"))
+                    .unwrap_or_default(),
                 addr(&p.agent),
                 addr(&p.proxy_component),
                 self.run,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshid_ca::token::{TokenAlgorithm, TokenClaims, TokenIssuer};
-use meshid_common::SpiffeId;
 use meshid_common::registry::{Node, Registry, Workload};
+use meshid_common::{CaOptions, CertificateAuthority, SpiffeId};
 
 use crate::Error;
 use crate::echo::Echo;
@@ -68,6 +68,23 @@ fn write(path: &Path, contents: &str) -> Result<(), Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::write(path, contents).map_err(|e| Error::io(path, e))
+}
+
+/// Writes CA files atomically (temp file + rename), keys with mode 0600.
+pub(crate) fn write_ca_files(dir: &Path, files: &[(&str, String)]) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (name, contents) in files {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).map_err(|e| Error::io(&tmp, e))?;
+        if name.contains("key") {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// A running process mesh.
@@ -183,8 +200,39 @@ impl ProcessMesh {
         self.spec.bin_dir.join(name)
     }
 
+    /// Plugged-in CA material as Istio recommends: an offline root and an
+    /// intermediate that signs workloads, in `cacerts/`.
+    fn write_plugged_ca(&self, dir: &Path) -> Result<(), Error> {
+        let td = &self.spec.trust_domain;
+        let setup = |e: meshid_common::Error| Error::Setup(format!("plugged-in CA: {e}"));
+        let root = CertificateAuthority::self_signed_root(&CaOptions {
+            common_name: Some("meshid e2e root A".into()),
+            ..CaOptions::new(td, Duration::from_secs(86_400 * 30))
+        })
+        .map_err(setup)?;
+        let inter = root
+            .issue_intermediate(&CaOptions {
+                common_name: Some("meshid e2e intermediate A".into()),
+                ..CaOptions::new(td, Duration::from_secs(86_400 * 7))
+            })
+            .map_err(setup)?;
+        write_ca_files(
+            dir,
+            &[
+                ("ca-cert.pem", inter.cert_pem()),
+                ("ca-key.pem", inter.key().to_pkcs8_pem().to_string()),
+                (
+                    "cert-chain.pem",
+                    format!("{}{}", inter.cert_pem(), root.cert_pem()),
+                ),
+                ("root-cert.pem", root.cert_pem()),
+            ],
+        )
+    }
+
     async fn start_ca(&mut self) -> Result<(), Error> {
         let cwd = self.dir.join("ca");
+        self.write_plugged_ca(&cwd.join("cacerts"))?;
         let spec = Spec::new("ca", self.bin("meshid-ca"), &cwd).args([
             "--trust-domain".to_string(),
             self.spec.trust_domain.clone(),
@@ -496,6 +544,24 @@ impl Topology for ProcessMesh {
             .ok_or_else(|| Error::Setup(format!("no workload named {pod:?}")))?;
         self.registry.remove_workload(&ns, pod);
         self.save_registry()
+    }
+
+    async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
+        write_ca_files(&self.dir.join("ca/cacerts"), files)?;
+        // istiod publishes its root bundle to every namespace (the
+        // istio-ca-root-cert ConfigMap, mounted at CA_ROOT_CA); so does the
+        // cluster the harness plays.
+        if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
+            for pod in &self.pods {
+                let path = self
+                    .dir
+                    .join("pods")
+                    .join(&pod.name)
+                    .join("var/run/secrets/istio/root-cert.pem");
+                write(&path, roots)?;
+            }
+        }
+        Ok(())
     }
 
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {

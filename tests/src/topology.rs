@@ -103,6 +103,17 @@ pub trait Topology {
     /// Deletes a pod from the cluster's view (the registry): its token stops
     /// authenticating; its processes keep running with what they have.
     async fn delete_workload(&mut self, pod: &str) -> Result<(), Error>;
+    /// Replaces files of the CA's plugged-in certificate directory (`cacerts`:
+    /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`), each
+    /// atomically, as an operator updates the `cacerts` secret.
+    async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
+        let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+        Err(Error::Setup(format!(
+            "the {} backend cannot update the CA's certificate files ({})",
+            self.backend(),
+            names.join(", ")
+        )))
+    }
     /// Sets a pod's inbound mode (PeerAuthentication) at runtime.
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error>;
     /// Spans collected from every component.

@@ -36,6 +36,24 @@ const BENCHES: &[Bench] = &[
         target: "proxy",
         about: "direct TCP vs shim->shim vs Envoy->Envoy mTLS: req/resp p50/p99, bulk, conns/s, RSS",
     },
+    Bench {
+        name: "agent",
+        package: "meshid-agent",
+        target: "agent",
+        about: "agent start -> first SDS response, RSS idle and with 1,000 SDS streams, rotation push to 1,000 streams",
+    },
+    Bench {
+        name: "ztunnel",
+        package: "meshid-ztunnel",
+        target: "hbone",
+        about: "direct TCP vs HBONE: throughput, p50/p99, conns/s; RSS and warm-up with 1,000 workload certs",
+    },
+    Bench {
+        name: "ca",
+        package: "meshid-ca",
+        target: "issuance",
+        about: "CA issuances/s over gRPC+TLS at 1/8/64 clients, p50/p99, vs the raw CSR+JWT+sign limit",
+    },
 ];
 
 /// Flags of `cargo xtask bench`.

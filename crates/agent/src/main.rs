@@ -6,7 +6,10 @@ use meshid_agent::App;
 use meshid_agent::config::{Cli, Config, ProcessEnv};
 use meshid_common::telemetry::{self, TelemetryConfig};
 
-#[tokio::main]
+/// One thread: an agent serves one pod (a few SDS and Workload API streams
+/// and a CSR now and then), so a single-threaded runtime keeps it small;
+/// RSA key generation goes to the blocking pool.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-agent"))

@@ -5,7 +5,7 @@
 //! every core — with the ratio between the two.
 //!
 //! `cargo bench -p meshid-ca --bench issuance` (or `cargo xtask bench issuance`);
-//! `MESHID_BENCH_SECS` sets the length of each phase (default 5).
+//! `MESHID_BENCH_SECS` sets the length of each phase (default 5; `-- --quick`: 1).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,11 +19,18 @@ use meshid_common::proto::istio_ca::IstioCertificateRequest;
 use meshid_common::registry::{Registry, Workload};
 use meshid_common::{CaOptions, CertificateAuthority, KeyType, PrivateKey, SpiffeId};
 
+/// `-- --quick` (as `cargo xtask bench -- --quick` passes): 1 s phases.
+static QUICK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn phase() -> Duration {
     let secs = std::env::var("MESHID_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(5.0);
+        .unwrap_or(if QUICK.get().copied().unwrap_or(false) {
+            1.0
+        } else {
+            5.0
+        });
     Duration::from_secs_f64(secs)
 }
 
@@ -317,6 +324,7 @@ fn main() {
     if args.iter().any(|a| !"issuance".contains(a.as_str())) {
         return;
     }
+    let _ = QUICK.set(std::env::args().any(|a| a == "--quick"));
     meshid_common::tls::install_crypto_provider();
     // The CA runs on its own runtime (threads named `ca-server`), the
     // clients on another, so the CA's CPU per issuance can be measured.

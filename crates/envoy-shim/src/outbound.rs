@@ -106,7 +106,7 @@ async fn handle(ctx: Arc<Outbound>, app: TcpStream, peer: SocketAddr) {
                     let deadline = Instant::now() + ctx.handshake_timeout;
                     match tokio::time::timeout_at(
                         deadline,
-                        connector.connect(sni_for(id), upstream),
+                        connector.connect(sni_for(id), tls_io(upstream)),
                     )
                     .await
                     {

@@ -1,6 +1,8 @@
 //! HBONE benchmark (`cargo bench -p meshid-ztunnel --bench hbone`): two
 //! ztunnels in one process (node-a on 127.0.0.1, node-b on 127.0.0.2) with an
-//! in-process signer, compared with direct TCP in the same run:
+//! in-process signer, compared in the same run with direct TCP and with a
+//! pair of meshid-envoy-shims (sidecar mTLS, credentials over SDS), also
+//! in-process:
 //!
 //! - throughput of one connection (MiB/s),
 //! - round-trip latency p50 / p99 of 64-byte ping-pongs on one connection,
@@ -280,6 +282,56 @@ fn field(result: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A client shim with outbound listeners to two server shims (one in front
+/// of `echo`, one of `sink`). Returns (to echo, to sink) and what keeps them up.
+async fn shim_pair(
+    pki: &TestPki,
+    dir: &Path,
+    echo: SocketAddr,
+    sink: SocketAddr,
+) -> (SocketAddr, SocketAddr, Vec<Box<dyn std::any::Any>>) {
+    use meshid_envoy_shim::testing::TestSdsServer;
+    use meshid_envoy_shim::{App as Shim, Config as ShimConfig, OutboundRoute as ShimRoute};
+    let client_id = pki.id("default", "shim-client");
+    let server_id = pki.id("default", "shim-server");
+    let client_creds = pki.credentials(pki.svid("default", "shim-client").unwrap());
+    let server_creds = pki.credentials(pki.svid("default", "shim-server").unwrap());
+    let _ = &client_id;
+    let sds_c = TestSdsServer::start_with(dir.join("c.sock"), &client_creds)
+        .await
+        .unwrap();
+    let sds_s = TestSdsServer::start_with(dir.join("s.sock"), &server_creds)
+        .await
+        .unwrap();
+    let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(sds_c), Box::new(sds_s)];
+    let mut servers = Vec::new();
+    for app in [echo, sink] {
+        let shim = Shim::build(ShimConfig::local(dir.join("s.sock"), app))
+            .await
+            .unwrap();
+        servers.push(shim.inbound_addr());
+        keep.push(Box::new(shim));
+    }
+    let client = Shim::build(ShimConfig {
+        outbound: servers
+            .iter()
+            .map(|dest| ShimRoute {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                dest: *dest,
+                peer: Some(server_id.clone()),
+            })
+            .collect(),
+        ..ShimConfig::local(dir.join("c.sock"), echo)
+    })
+    .await
+    .unwrap();
+    let mut creds = client.credentials();
+    let _ = tokio::time::timeout(Duration::from_secs(10), creds.wait_for(|c| c.is_some())).await;
+    let outs = client.outbound_addrs().to_vec();
+    keep.push(Box::new(client));
+    (outs[0], outs[1], keep)
+}
+
 async fn main_phase(quick: bool) {
     let pki = Arc::new(TestPki::new(TD).unwrap());
     let web = echo_server("127.0.0.1").await;
@@ -316,6 +368,10 @@ async fn main_phase(quick: bool) {
     };
     let hbone_echo = a.add_outbound(&route(echo)).await.unwrap();
     let hbone_sink = a.add_outbound(&route(sink)).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (shim_echo, shim_sink, _shims) = shim_pair(&pki, tmp.path(), echo, sink).await;
+    // Let the server shims get their SDS credentials too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let bytes: u64 = if quick { 64 << 20 } else { 512 << 20 };
     let rounds = if quick { 2_000 } else { 20_000 };
@@ -323,44 +379,41 @@ async fn main_phase(quick: bool) {
 
     println!("meshid-ztunnel HBONE benchmark (2 ztunnels + client + servers in one process)");
     println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "", "direct TCP", "HBONE", "ratio"
+        "{:<36} {:>11} {:>11} {:>11} {:>11}",
+        "", "direct TCP", "shim pair", "HBONE", "HBONE/shim"
     );
+    let row = |what: &str, d: f64, s: f64, h: f64| {
+        println!("{what:<36} {d:>11.1} {s:>11.1} {h:>11.1} {:>11.2}", h / s);
+    };
     let d = throughput(sink, bytes).await;
+    let s = throughput(shim_sink, bytes).await;
     let h = throughput(hbone_sink, bytes).await;
-    println!(
-        "{:<34} {:>14.0} {:>14.0} {:>8.2}",
-        format!("throughput, 1 conn, {} MiB (MiB/s)", bytes >> 20),
+    row(
+        &format!("throughput, 1 conn, {} MiB (MiB/s)", bytes >> 20),
         d,
+        s,
         h,
-        h / d
     );
     let (d50, d99) = latency(echo, rounds).await;
+    let (s50, s99) = latency(shim_echo, rounds).await;
     let (h50, h99) = latency(hbone_echo, rounds).await;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!(
-        "{:<34} {:>14.1} {:>14.1} {:>8.2}",
+    row(
         "latency p50, 64 B ping-pong (µs)",
         us(d50),
+        us(s50),
         us(h50),
-        us(h50) / us(d50)
     );
-    println!(
-        "{:<34} {:>14.1} {:>14.1} {:>8.2}",
+    row(
         "latency p99, 64 B ping-pong (µs)",
         us(d99),
+        us(s99),
         us(h99),
-        us(h99) / us(d99)
     );
     let dc = connections_per_second(echo, conn_time).await;
+    let sc = connections_per_second(shim_echo, conn_time).await;
     let hc = connections_per_second(hbone_echo, conn_time).await;
-    println!(
-        "{:<34} {:>14.0} {:>14.0} {:>8.2}",
-        "new connections/s (16 at a time)",
-        dc,
-        hc,
-        hc / dc
-    );
+    row("new connections/s (16 at a time)", dc, sc, hc);
     println!(
         "HBONE mTLS connections opened by node-a: {}",
         a.metrics().hbone_pool_connections.get()

@@ -29,7 +29,11 @@ use crate::source::{CaSource, CertificateSource};
 /// How long [`App::shutdown`] lets open connections finish.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// A running ztunnel.
+/// How often the HBONE pool lets go of closed and expiring connections.
+pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A running ztunnel. Dropping it stops the listeners; [`App::shutdown`]
+/// also waits for open connections.
 #[derive(Debug)]
 pub struct App {
     config: Config,
@@ -197,6 +201,24 @@ impl App {
             peers: std::sync::RwLock::new(config.peers.clone()),
             default_hbone_port: DEFAULT_HBONE_PORT,
         });
+        {
+            let pool = outbound.pool.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(POOL_SWEEP_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => {
+                            let n = pool.sweep();
+                            if n > 0 {
+                                tracing::debug!(released = n, "HBONE pool swept");
+                            }
+                        }
+                    }
+                }
+            });
+        }
         let mut app = App {
             config: config.clone(),
             hbone_addr,
@@ -344,5 +366,11 @@ impl App {
         {
             tracing::warn!("connections still open after the drain grace period");
         }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }

@@ -19,7 +19,7 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_common::{CredentialsRx, SpiffeId};
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -31,6 +31,10 @@ use crate::metrics::Metrics;
 /// of its certificates, so the peer never sees a stream arrive on an
 /// expired certificate.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
+/// HTTP/2 PING period on pooled connections, to notice a dead peer.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a pooled connection is for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -104,6 +108,23 @@ impl Pool {
                     .unwrap_or(true)
             })
             .count()
+    }
+
+    /// Forgets connections that are closed or too close to a certificate's
+    /// expiry; they close once their last stream ends. Returns how many
+    /// were let go.
+    pub fn sweep(&self) -> usize {
+        let now = SystemTime::now();
+        let mut slots = self.slots.lock().expect("pool lock");
+        let before = slots.len();
+        slots.retain(|_, slot| match slot.try_lock() {
+            // In use right now (a dial in progress): keep.
+            Err(_) => true,
+            Ok(guard) => guard
+                .as_ref()
+                .is_some_and(|p| !p.sender.is_closed() && now < p.usable_until),
+        });
+        before - slots.len()
     }
 
     /// Opens a CONNECT stream to `req.authority` through the peer ztunnel
@@ -235,6 +256,9 @@ impl Pool {
             .and_then(|t| t.checked_sub(EXPIRY_MARGIN))
             .unwrap_or_else(SystemTime::now);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
             .max_frame_size(256 * 1024)

@@ -16,22 +16,25 @@ use tokio::net::TcpStream;
 
 struct Topology {
     mesh: Mesh,
+    cache: std::net::SocketAddr,
     db: std::net::SocketAddr,
     locked: std::net::SocketAddr,
     down: std::net::SocketAddr,
     legacy: std::net::SocketAddr,
 }
 
-/// node-a: web-0 (sa web). node-b: db-0 (sa db), locked-0 (only sa admin
+/// node-a: web-0 (sa web), cache-0 (sa cache). node-b: db-0 (sa db), locked-0 (only sa admin
 /// may call it), down-0 (nothing listens), legacy-0 (PERMISSIVE).
 async fn topology() -> Topology {
     let web = echo_server("127.0.0.1").await;
+    let cache = echo_server("127.0.0.1").await;
     let db = echo_server("127.0.0.2").await;
     let locked = echo_server("127.0.0.2").await;
     let down = closed_port("127.0.0.2").await;
     let legacy = echo_server("127.0.0.2").await;
     let mut registry = Registry::default();
     registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("cache-0", "cache", "node-a", cache));
     registry.upsert_workload(pod("db-0", "db", "node-b", db));
     registry.upsert_workload(pod("locked-0", "locked", "node-b", locked));
     registry.upsert_workload(pod("down-0", "down", "node-b", down));
@@ -56,6 +59,7 @@ async fn topology() -> Topology {
     let mesh = Mesh::start(registry, policies, Duration::from_secs(3600)).await;
     Topology {
         mesh,
+        cache,
         db,
         locked,
         down,
@@ -329,4 +333,46 @@ async fn certificates_follow_the_registry_and_the_admin_pages_show_them() {
             .unwrap_or_default()
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn a_neighbour_on_the_same_node_is_reached_through_hbone_too() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let route = m.route_a("web-0", t.cache).await;
+    assert_eq!(
+        echo_through(route, b"next door").await.unwrap(),
+        b"next door"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let inbound: Vec<_> =
+        m.a.recent_connections()
+            .into_iter()
+            .filter(|c| c.direction == "inbound")
+            .collect();
+    assert_eq!(inbound.len(), 1);
+    assert_eq!(
+        inbound[0].src_identity.as_deref(),
+        Some(m.id("web").as_str())
+    );
+    assert_eq!(inbound[0].dst_identity, m.id("cache").as_str());
+    // A source that is not a workload of this node is refused.
+    let stranger =
+        m.a.add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/db-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: t.cache,
+        })
+        .await
+        .unwrap();
+    assert!(
+        echo_through(stranger, b"x")
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(m.a.metrics().outbound_failures.get(), 1);
+    // Nothing expired or closed: the sweep keeps the pooled connection.
+    assert_eq!(m.a.pool().sweep(), 0);
+    assert_eq!(m.a.pool().open_connections(), 1);
 }

@@ -2,6 +2,7 @@
 //! peer's next handshake sees the new serial, and traffic through the
 //! rotation has no failed request.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::ensure;
@@ -30,6 +31,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         SUITE,
         "envoy_takes_the_rotated_cert_without_restart",
         envoy_takes_rotation(mesh)
+    );
+    case!(
+        report,
+        SUITE,
+        "root_rotation_without_failed_requests",
+        root_rotation(mesh)
     );
 }
 
@@ -198,5 +205,161 @@ async fn envoy_takes_rotation(mesh: &mut impl Topology) -> Result<(), String> {
     let ex = mtls_echo(pod.inbound, &tester, &pod.id, b"envoy after rotation\n").await?;
     ensure(ex.server_leaf.serial != before, || {
         format!("Envoy still presents the old serial {before}")
+    })
+}
+
+/// The ROOTCA roots (subjects) and the leaf's issuer from an agent's `/debug/certs`.
+async fn agent_trust(mesh: &impl Topology, agent: &str) -> Result<(Vec<String>, String), String> {
+    let r = mesh
+        .admin_get(agent, "/debug/certs")
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body).map_err(|e| format!("{agent}: {e}"))?;
+    let resources = v["resources"].as_array().cloned().unwrap_or_default();
+    let roots = resources
+        .iter()
+        .find(|r| r["resource_name"] == "ROOTCA")
+        .and_then(|r| r["roots"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let issuer = resources
+        .iter()
+        .find(|r| r["resource_name"] == "default")
+        .and_then(|r| r["chain"][0]["issuer"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((roots, issuer))
+}
+
+/// Waits until every agent satisfies `ok(roots, leaf_issuer)`.
+async fn all_agents(
+    mesh: &impl Topology,
+    what: &str,
+    ok: impl Fn(&[String], &str) -> bool,
+) -> Result<(), String> {
+    let agents: Vec<String> = mesh.pods().iter().map(|p| p.agent.clone()).collect();
+    for agent in agents {
+        crate::client::eventually(
+            mesh.ttl() + Duration::from_secs(10),
+            &format!("{agent}: {what}"),
+            || async {
+                let (roots, issuer) = agent_trust(mesh, &agent).await?;
+                if ok(&roots, &issuer) {
+                    Ok(())
+                } else {
+                    Err(format!("roots {roots:?}, leaf issued by {issuer:?}"))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Istio's root rotation with plugged-in CAs, under continuous pod-to-pod
+/// traffic: bundle A → A+B → sign under B's intermediate → drop A. Every
+/// agent must learn each step (ROOTCA push, leaf re-issued), and no request
+/// through the outbound routes may fail.
+async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
+    use meshid_common::{CaOptions, CertificateAuthority};
+    let td = mesh.trust_domain().to_owned();
+    let a = mesh.ca_root_pem().map_err(|e| e.to_string())?;
+    let b = CertificateAuthority::self_signed_root(&CaOptions {
+        common_name: Some("meshid e2e root B".into()),
+        ..CaOptions::new(&td, Duration::from_secs(86_400 * 30))
+    })
+    .map_err(|e| e.to_string())?;
+    let ib = b
+        .issue_intermediate(&CaOptions {
+            common_name: Some("meshid e2e intermediate B".into()),
+            ..CaOptions::new(&td, Duration::from_secs(86_400 * 7))
+        })
+        .map_err(|e| e.to_string())?;
+    let routes: Vec<(SocketAddr, String)> = mesh
+        .pods()
+        .iter()
+        .filter_map(|p| p.outbound.clone())
+        .collect();
+    ensure(!routes.is_empty(), || {
+        "no pod-to-pod routes to carry traffic".into()
+    })?;
+
+    // Continuous traffic until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (listen, to) in &routes {
+                    match crate::client::plain_echo(*listen, b"root rotation\n").await {
+                        Ok(()) => ok += 1,
+                        Err(e) => failures.push(format!("-> {to}: {e}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (ok, failures)
+        })
+    };
+
+    let steps = async {
+        let both = format!("{a}{}", b.cert_pem());
+        mesh.update_ca_files(&[("root-cert.pem", both.clone())])
+            .await
+            .map_err(|e| e.to_string())?;
+        all_agents(mesh, "trusts roots A and B", |roots, _| roots.len() == 2).await?;
+        mesh.update_ca_files(&[
+            ("ca-cert.pem", ib.cert_pem()),
+            ("ca-key.pem", ib.key().to_pkcs8_pem().to_string()),
+            (
+                "cert-chain.pem",
+                format!("{}{}", ib.cert_pem(), b.cert_pem()),
+            ),
+            ("root-cert.pem", both),
+        ])
+        .await
+        .map_err(|e| e.to_string())?;
+        all_agents(mesh, "holds a leaf signed under root B", |_, issuer| {
+            issuer.contains("intermediate B")
+        })
+        .await?;
+        mesh.update_ca_files(&[("root-cert.pem", b.cert_pem())])
+            .await
+            .map_err(|e| e.to_string())?;
+        all_agents(mesh, "trusts root B only", |roots, _| {
+            roots.len() == 1 && roots[0].contains("root B")
+        })
+        .await
+    }
+    .await;
+    // A little traffic after the last step too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = traffic.await.map_err(|e| e.to_string())?;
+    steps?;
+    // An agent that has to reconnect after the rotation (a restart here) must
+    // still reach the CA, whose serving certificate now chains to B only.
+    let agent = mesh
+        .pods()
+        .first()
+        .map(|p| p.agent.clone())
+        .ok_or("no pod")?;
+    mesh.restart(&agent)
+        .await
+        .map_err(|e| format!("{agent} did not come back after the root rotation: {e}"))?;
+    ensure(failures.is_empty(), || {
+        format!(
+            "{} of {} requests failed during the root rotation; first: {}",
+            failures.len(),
+            ok as usize + failures.len(),
+            failures[0]
+        )
+    })?;
+    ensure(ok > 20, || {
+        format!("only {ok} requests went through during the rotation")
     })
 }
