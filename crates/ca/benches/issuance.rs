@@ -4,7 +4,7 @@
 //! — CSR verify + JWT verify + leaf sign with the same crypto provider, on
 //! every core — with the ratio between the two.
 //!
-//! `cargo bench -p meshid-ca --bench issuance` (or `cargo xtask bench issuance`);
+//! `cargo bench -p meshid-ca --bench issuance` (or `cargo xtask bench ca`);
 //! `MESHID_BENCH_SECS` sets the length of each phase (default 5; `-- --quick`: 1).
 
 use std::sync::Arc;
@@ -208,15 +208,16 @@ async fn grpc_phase(s: &Setup, clients: usize) -> Phase {
         let errors = errors.clone();
         let make = {
             let csr = s.csr.clone();
-            let auth = format!("Bearer {}", s.token);
+            // Parsed once: the clients' own work is kept to what an agent does.
+            let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", s.token).parse().expect("header");
             move || {
                 let mut req = tonic::Request::new(IstioCertificateRequest {
                     csr: csr.clone(),
                     validity_duration: 3600,
                     metadata: None,
                 });
-                req.metadata_mut()
-                    .insert("authorization", auth.parse().expect("header"));
+                req.metadata_mut().insert("authorization", auth.clone());
                 req
             }
         };

@@ -28,6 +28,8 @@ use crate::tls::{ServingCert, server_config};
 
 /// How long shutdown waits for tasks to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Longest a CreateCertificate call may take (a stuck API lookup included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running CA.
 #[derive(Debug)]
@@ -230,6 +232,7 @@ impl App {
         tasks.push(tokio::spawn(async move {
             grpc_monitor.set_serving(true);
             let served = tonic::transport::Server::builder()
+                .timeout(REQUEST_TIMEOUT)
                 .add_service(health_service)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, grpc_cancel.cancelled())

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub authentication_failures: IstioCounter,
     sign_errors: Family<ErrorLabels, IstioCounter>,
     root_expiry: Gauge<f64, AtomicU64>,
+    root_expiry_timestamp: Gauge<f64, AtomicU64>,
+    chain_expiry: Gauge<f64, AtomicU64>,
     latency: Histogram,
 }
 
@@ -75,6 +77,8 @@ impl Metrics {
         let authentication_failures = IstioCounter::default();
         let sign_errors = Family::<ErrorLabels, IstioCounter>::default();
         let root_expiry = Gauge::<f64, AtomicU64>::default();
+        let root_expiry_timestamp = Gauge::<f64, AtomicU64>::default();
+        let chain_expiry = Gauge::<f64, AtomicU64>::default();
         let latency = Histogram::new([
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ]);
@@ -104,6 +108,16 @@ impl Metrics {
             root_expiry.clone(),
         );
         registry.register(
+            "citadel_server_root_cert_expiry_timestamp",
+            "The unix timestamp, in seconds, when the earliest root certificate expires.",
+            root_expiry_timestamp.clone(),
+        );
+        registry.register(
+            "citadel_server_cert_chain_expiry_seconds",
+            "Seconds until the signing certificate expires; negative once it has.",
+            chain_expiry.clone(),
+        );
+        registry.register(
             "meshid_ca_issuance_duration_seconds",
             "Time to answer a CreateCertificate call, from receipt to response.",
             latency.clone(),
@@ -115,6 +129,8 @@ impl Metrics {
             authentication_failures,
             sign_errors,
             root_expiry,
+            root_expiry_timestamp,
+            chain_expiry,
             latency,
         }
     }
@@ -141,11 +157,14 @@ impl Metrics {
             .map(|i| i.not_after)
             .min()
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let secs = match earliest.duration_since(SystemTime::now()) {
+        let until = |t: SystemTime| match t.duration_since(SystemTime::now()) {
             Ok(d) => d.as_secs_f64(),
             Err(e) => -e.duration().as_secs_f64(),
         };
-        self.root_expiry.set(secs);
+        self.root_expiry.set(until(earliest));
+        self.root_expiry_timestamp
+            .set(meshid_common::cert::unix_secs(earliest) as f64);
+        self.chain_expiry.set(until(state.ca.info().not_after));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             out.clear();

@@ -757,6 +757,8 @@ async fn ready_metrics_and_grpc_health() {
         "citadel_server_authentication_failure_count 1",
         "citadel_server_csr_sign_err_count{error=\"authentication\"} 1",
         "citadel_server_root_cert_expiry_seconds",
+        "citadel_server_root_cert_expiry_timestamp",
+        "citadel_server_cert_chain_expiry_seconds",
         "meshid_ca_issuance_duration_seconds_count 2",
     ] {
         assert!(body.contains(needle), "{needle} missing from\n{body}");
@@ -943,6 +945,11 @@ async fn a_plugged_in_ca_rotates_without_restart() {
         chain[1],
         inter_a.cert_pem(),
         "a jump to an unrelated root is refused"
+    );
+    let logs = String::from_utf8_lossy(&support::captured_logs().lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("neither a superset nor a subset"),
+        "the refusal is logged"
     );
 
     // A superset (both roots) with B signing is taken without a restart.
