@@ -397,7 +397,7 @@ fn load_plugged(dir: &Path) -> Result<SigningState> {
 }
 
 fn is_self_signed(der: &CertificateDer<'_>) -> bool {
-    CertInfo::from_der(der).is_ok_and(|i| i.is_ca && i.subject == i.issuer)
+    meshid_common::cert::is_self_signed(der)
 }
 
 fn load_self_signed(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<SigningState> {

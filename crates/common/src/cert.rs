@@ -165,6 +165,13 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// Whether `der` is signed by its own key (a root). Names alone cannot tell:
+/// Istio intermediates often carry their root's subject (`O=cluster.local`).
+pub fn is_self_signed(der: &[u8]) -> bool {
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
+}
+
 /// PEM-encodes one DER certificate.
 pub fn cert_to_pem(der: &[u8]) -> String {
     pem_encode("CERTIFICATE", der)
@@ -334,10 +341,7 @@ impl CertificateAuthority {
                 info.serial, info.subject
             )));
         }
-        let self_signed = info.subject == info.issuer
-            && X509Certificate::from_der(&cert)
-                .map(|(_, c)| c.verify_signature(None).is_ok())
-                .unwrap_or(false);
+        let self_signed = is_self_signed(&cert);
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|e| Error::BadCertificate(e.to_string()))?;
         Ok(CertificateAuthority {
@@ -793,5 +797,17 @@ mod tests {
         );
         let name = rustls_pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
         ee.verify_is_valid_for_subject_name(&name).unwrap();
+    }
+
+    #[test]
+    fn self_signed_is_told_by_signature_not_by_name() {
+        let root = root();
+        // Same subject as the root (O=cluster.local, no CN), signed by it.
+        let inter = root
+            .issue_intermediate(&CaOptions::new("cluster.local", Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(inter.info().subject, root.info().subject);
+        assert!(is_self_signed(root.cert()));
+        assert!(!is_self_signed(inter.cert()));
     }
 }
