@@ -35,7 +35,7 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 
 use crate::Error;
-use crate::docker::image::{self, Built};
+use crate::docker::image::{self, Images};
 use crate::docker::{cli, error};
 use crate::http::{self, Response};
 use crate::otlp::{OtlpReceiver, SpanStore};
@@ -174,7 +174,7 @@ impl Component {
             .ok_or_else(|| Error::Setup(format!("{name} has been removed")))
     }
 
-    /// stdout and stderr so far, interleaved by stream.
+    /// stdout so far, then stderr.
     async fn logs(&self) -> String {
         let Some(c) = self.container.as_ref() else {
             return String::new();
@@ -206,18 +206,32 @@ struct Network {
 }
 
 impl Network {
-    fn remove(&mut self) {
+    /// Sweeps the run's containers that are left and removes the network.
+    fn remove_blocking(&mut self) {
         if !self.removed {
             cli::remove_labelled_containers_blocking(&self.label);
             cli::remove_network_blocking(&self.name);
             self.removed = true;
         }
     }
+
+    async fn remove(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        let (label, name) = (self.label.clone(), self.name.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            cli::remove_labelled_containers_blocking(&label);
+            cli::remove_network_blocking(&name);
+        })
+        .await;
+    }
 }
 
 impl Drop for Network {
     fn drop(&mut self) {
-        self.remove();
+        self.remove_blocking();
     }
 }
 
@@ -242,7 +256,7 @@ pub struct DockerMesh {
     pod_ips: BTreeMap<String, IpAddr>,
     ambient: Vec<Ambient>,
     otlp: OtlpReceiver,
-    images: Vec<Built>,
+    images: Images,
 }
 
 impl DockerMesh {
@@ -250,7 +264,7 @@ impl DockerMesh {
     /// and waits until every component is ready.
     pub async fn start(spec: MeshSpec) -> Result<Self, Error> {
         let images = image::ensure_all(&spec.bin_dir, false).await?;
-        for b in &images {
+        for b in [&images.mesh, &images.envoy] {
             eprintln!("e2e: image {b}");
         }
         let nonce = std::time::SystemTime::now()
@@ -398,7 +412,7 @@ impl DockerMesh {
 
     async fn start_ca(&mut self) -> Result<(), Error> {
         let request = self
-            .request(image::MESH_IMAGE, &self.ca_container.clone(), "meshid-ca")
+            .request(&self.images.mesh.reference, &self.ca_container, "meshid-ca")
             .with_cmd([
                 "/usr/local/bin/meshid-ca".to_string(),
                 "--trust-domain".into(),
@@ -502,7 +516,7 @@ impl DockerMesh {
         }
         let sandbox_name = format!("{}-{}", self.run, pod.name);
         let mut request = self
-            .request(image::MESH_IMAGE, &sandbox_name, "meshid-echo")
+            .request(&self.images.mesh.reference, &sandbox_name, "meshid-echo")
             .with_cmd(cmd)
             .with_network(&self.run)
             .with_mapped_port(inbound.port(), INBOUND.tcp());
@@ -525,7 +539,7 @@ impl DockerMesh {
         let agent = format!("{}/agent", pod.name);
         let request = self
             .pod_request(
-                image::MESH_IMAGE,
+                &self.images.mesh.reference,
                 &format!("{sandbox_name}-agent"),
                 "meshid-agent",
                 &pod_dir,
@@ -593,7 +607,7 @@ impl DockerMesh {
                     cmd.push(format!("127.0.0.1:{OUTBOUND}={dest},{peer}"));
                 }
                 self.pod_request(
-                    image::MESH_IMAGE,
+                    &self.images.mesh.reference,
                     &proxy_name,
                     "meshid-envoy-shim",
                     &pod_dir,
@@ -615,7 +629,7 @@ impl DockerMesh {
                 });
                 write(&pod_dir.join("envoy.yaml"), &bootstrap)?;
                 self.pod_request(
-                    image::ENVOY_IMAGE,
+                    &self.images.envoy.reference,
                     &proxy_name,
                     "envoy",
                     &pod_dir,
@@ -711,7 +725,7 @@ impl DockerMesh {
     }
 
     /// The images this run used.
-    pub fn images(&self) -> &[Built] {
+    pub fn images(&self) -> &Images {
         &self.images
     }
 
@@ -810,7 +824,21 @@ impl Topology for DockerMesh {
 
     async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
         // The directory is bind-mounted into the CA container at /ca/cacerts.
-        write_ca_files(&self.dir.join("ca/cacerts"), files)
+        write_ca_files(&self.dir.join("ca/cacerts"), files)?;
+        // The cluster publishes the root bundle to every pod (istiod's
+        // istio-ca-root-cert ConfigMap, mounted at CA_ROOT_CA): each pod's
+        // directory is its /pod.
+        if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
+            for pod in &self.pods {
+                let path = self
+                    .dir
+                    .join("pods")
+                    .join(&pod.name)
+                    .join("var/run/secrets/istio/root-cert.pem");
+                write(&path, roots)?;
+            }
+        }
+        Ok(())
     }
 
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
@@ -832,7 +860,7 @@ impl Topology for DockerMesh {
             self.network.gateway,
             self.otlp.endpoint()
         );
-        for b in &self.images {
+        for b in [&self.images.mesh, &self.images.envoy] {
             let _ = writeln!(out, "image          {b}");
         }
         let _ = writeln!(
@@ -907,6 +935,6 @@ impl Topology for DockerMesh {
                 let _ = c.rm().await;
             }
         }
-        self.network.remove();
+        self.network.remove().await;
     }
 }

@@ -34,8 +34,8 @@ fn main() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let built = rt.block_on(image::ensure_all(&bin_dir, args.force))?;
-    for b in &built {
-        println!("{b}");
+    for b in [&built.mesh, &built.envoy] {
+        println!("{b}  (also {}:{})", b.repository, image::DEV_TAG);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,5 @@
 //! The `docker` CLI for the few things testcontainers does not do: building
-//! images, creating the per-run network, reading image labels and sizes.
+//! images, creating the per-run network, listing and sizing images.
 //! Every call says what it was doing when it fails.
 
 use std::ffi::OsStr;
@@ -44,18 +44,29 @@ where
         .map_err(|e| error(action, format!("cannot run the docker CLI: {e}")))
 }
 
-/// The value of `label` on image `tag`; `None` when the image does not exist.
-pub async fn image_label(tag: &str, label: &str) -> Result<Option<String>, Error> {
-    let format = format!("{{{{index .Config.Labels \"{label}\"}}}}");
+/// Whether image `reference` exists locally.
+pub async fn image_exists(reference: &str) -> Result<bool, Error> {
     let out = run(
-        &format!("inspect image {tag}"),
-        ["image", "inspect", "--format", &format, tag],
+        &format!("inspect image {reference}"),
+        ["image", "inspect", "--format", "{{.Id}}", reference],
     )
     .await?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    Ok(out.status.success())
+}
+
+/// The tags of `repository` held locally.
+pub async fn image_tags(repository: &str) -> Result<Vec<String>, Error> {
+    let out = docker(
+        &format!("list images of {repository}"),
+        ["image", "ls", "--format", "{{.Tag}}", repository],
+    )
+    .await?;
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && *t != "<none>")
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Size of image `tag` in bytes.

