@@ -27,19 +27,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshid_ca::token::{TokenAlgorithm, TokenClaims, TokenIssuer};
+use meshid_common::SpiffeId;
 use meshid_common::registry::{Node, Registry, Workload};
-use meshid_common::{CaOptions, CertificateAuthority, SpiffeId};
 use testcontainers::bollard::models::HostConfig;
 use testcontainers::core::{AccessMode, IntoContainerPort, Mount};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 
 use crate::Error;
+use crate::cluster::{plugged_ca_files, write_ca_files};
 use crate::docker::image::{self, Images};
 use crate::docker::{cli, error};
 use crate::http::{self, Response};
 use crate::otlp::{OtlpReceiver, SpanStore};
-use crate::process_backend::{EnvoyPod, MeshSpec, PodSpec, envoy_bootstrap, write_ca_files};
+use crate::process_backend::{EnvoyPod, MeshSpec, PodSpec, envoy_bootstrap};
 use crate::topology::{Ambient, Mode, Pod, Proxy, Topology};
 
 const NODE: &str = "node-sidecar";
@@ -83,33 +84,6 @@ fn write(path: &Path, contents: &str) -> Result<(), Error> {
 
 fn mkdir(path: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
-}
-
-/// Plugged-in CA material as the process backend starts its CA with (root
-/// A, and intermediate A signing workloads), so the root-rotation case has a
-/// root A to rotate away from.
-fn plugged_ca_files(trust_domain: &str) -> Result<Vec<(&'static str, String)>, Error> {
-    let setup = |e: meshid_common::Error| Error::Setup(format!("plugged-in CA: {e}"));
-    let root = CertificateAuthority::self_signed_root(&CaOptions {
-        common_name: Some("meshid e2e root A".into()),
-        ..CaOptions::new(trust_domain, Duration::from_secs(86_400 * 30))
-    })
-    .map_err(setup)?;
-    let inter = root
-        .issue_intermediate(&CaOptions {
-            common_name: Some("meshid e2e intermediate A".into()),
-            ..CaOptions::new(trust_domain, Duration::from_secs(86_400 * 7))
-        })
-        .map_err(setup)?;
-    Ok(vec![
-        ("ca-cert.pem", inter.cert_pem()),
-        ("ca-key.pem", inter.key().to_pkcs8_pem().to_string()),
-        (
-            "cert-chain.pem",
-            format!("{}{}", inter.cert_pem(), root.cert_pem()),
-        ),
-        ("root-cert.pem", root.cert_pem()),
-    ])
 }
 
 fn image_of(reference: &str) -> GenericImage {

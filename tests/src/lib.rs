@@ -7,6 +7,7 @@
 //! `cargo xtask e2e` runs its `meshid-e2e` binary.
 
 pub mod client;
+pub mod cluster;
 pub mod docker;
 pub mod docker_backend;
 pub mod echo;

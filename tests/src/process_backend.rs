@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshid_ca::token::{TokenAlgorithm, TokenClaims, TokenIssuer};
+use meshid_common::SpiffeId;
 use meshid_common::registry::{Node, Registry, Workload};
-use meshid_common::{CaOptions, CertificateAuthority, SpiffeId};
+
+use crate::cluster::{plugged_ca_files, write_ca_files};
 
 use crate::Error;
 use crate::echo::Echo;
@@ -68,23 +70,6 @@ fn write(path: &Path, contents: &str) -> Result<(), Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::write(path, contents).map_err(|e| Error::io(path, e))
-}
-
-/// Writes CA files atomically (temp file + rename), keys with mode 0600.
-pub(crate) fn write_ca_files(dir: &Path, files: &[(&str, String)]) -> Result<(), Error> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    for (name, contents) in files {
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).map_err(|e| Error::io(&tmp, e))?;
-        if name.contains("key") {
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    }
-    Ok(())
 }
 
 /// A running process mesh.
@@ -200,39 +185,12 @@ impl ProcessMesh {
         self.spec.bin_dir.join(name)
     }
 
-    /// Plugged-in CA material as Istio recommends: an offline root and an
-    /// intermediate that signs workloads, in `cacerts/`.
-    fn write_plugged_ca(&self, dir: &Path) -> Result<(), Error> {
-        let td = &self.spec.trust_domain;
-        let setup = |e: meshid_common::Error| Error::Setup(format!("plugged-in CA: {e}"));
-        let root = CertificateAuthority::self_signed_root(&CaOptions {
-            common_name: Some("meshid e2e root A".into()),
-            ..CaOptions::new(td, Duration::from_secs(86_400 * 30))
-        })
-        .map_err(setup)?;
-        let inter = root
-            .issue_intermediate(&CaOptions {
-                common_name: Some("meshid e2e intermediate A".into()),
-                ..CaOptions::new(td, Duration::from_secs(86_400 * 7))
-            })
-            .map_err(setup)?;
-        write_ca_files(
-            dir,
-            &[
-                ("ca-cert.pem", inter.cert_pem()),
-                ("ca-key.pem", inter.key().to_pkcs8_pem().to_string()),
-                (
-                    "cert-chain.pem",
-                    format!("{}{}", inter.cert_pem(), root.cert_pem()),
-                ),
-                ("root-cert.pem", root.cert_pem()),
-            ],
-        )
-    }
-
     async fn start_ca(&mut self) -> Result<(), Error> {
         let cwd = self.dir.join("ca");
-        self.write_plugged_ca(&cwd.join("cacerts"))?;
+        write_ca_files(
+            &cwd.join("cacerts"),
+            &plugged_ca_files(&self.spec.trust_domain)?,
+        )?;
         let spec = Spec::new("ca", self.bin("meshid-ca"), &cwd).args([
             "--trust-domain".to_string(),
             self.spec.trust_domain.clone(),
@@ -604,9 +562,13 @@ impl Topology for ProcessMesh {
     }
 
     async fn teardown(&mut self) {
-        for (_, proc) in self.procs.iter_mut().rev() {
-            proc.stop(Duration::from_secs(5)).await;
-        }
+        // SIGTERM to every component at once, one shared grace period.
+        futures::future::join_all(
+            self.procs
+                .values_mut()
+                .map(|p| p.stop(Duration::from_secs(5))),
+        )
+        .await;
         self.apps.clear();
     }
 }

@@ -147,7 +147,7 @@ pub async fn run(args: Args) -> u8 {
                     return 2;
                 }
             },
-            _ = tokio::signal::ctrl_c() => {
+            _ = shutdown_signal() => {
                 eprintln!("meshid-e2e: interrupted while starting; removing what was started");
                 return 130;
             }
@@ -163,7 +163,7 @@ pub async fn run(args: Args) -> u8 {
                 return 2;
             }
         },
-        _ = tokio::signal::ctrl_c() => {
+        _ = shutdown_signal() => {
             eprintln!("meshid-e2e: interrupted while starting; stopping");
             return 130;
         }
@@ -187,7 +187,7 @@ async fn drive(
     };
     let interrupted = tokio::select! {
         _ = run_suites(&mut mesh, chosen, &mut report) => false,
-        _ = tokio::signal::ctrl_c() => true,
+        _ = shutdown_signal() => true,
     };
     report.wall_time = started.elapsed();
     if interrupted {
@@ -217,7 +217,7 @@ async fn drive(
     }
     if args.keep {
         println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = shutdown_signal().await;
     }
     mesh.teardown().await;
     u8::from(report.failed() > 0)
@@ -233,6 +233,23 @@ async fn run_suites(mesh: &mut impl Topology, chosen: &[&str], report: &mut Repo
             "tracing" => suites::tracing::run(mesh, report).await,
             "revocation-by-ttl" => suites::revocation::run(mesh, report).await,
             other => eprintln!("e2e: no suite {other}"),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, so `timeout`, CI cancellation
+/// and `kill` tear the mesh down as cleanly as Ctrl-C does.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
