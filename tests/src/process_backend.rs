@@ -29,6 +29,8 @@ pub struct MeshSpec {
     /// TTL the agents ask for.
     pub ttl: Duration,
     pub pods: Vec<PodSpec>,
+    /// Ambient nodes, each with a ztunnel and its workloads.
+    pub nodes: Vec<NodeSpec>,
     /// Where the component binaries are (target/debug).
     pub bin_dir: PathBuf,
     /// Also export spans to this collector (e.g. Jaeger) besides the harness's own.
@@ -56,7 +58,18 @@ impl PodSpec {
     }
 }
 
+/// An ambient node: a ztunnel and the workloads scheduled on it.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    /// (pod name, service account), namespace `default`.
+    pub workloads: Vec<(String, String)>,
+}
+
 const NODE: &str = "node-sidecar";
+/// The ztunnel's own service account, trusted to impersonate (CA_TRUSTED_NODE_ACCOUNTS).
+const ZTUNNEL_NS: &str = "istio-system";
+const ZTUNNEL_SA: &str = "ztunnel";
 
 /// A free loopback port (bound and released; the component binds it next).
 fn free_port() -> Result<SocketAddr, Error> {
@@ -129,11 +142,13 @@ impl ProcessMesh {
         for pod in mesh.spec.pods.clone() {
             mesh.register(&pod.namespace, &pod.service_account, &pod.name)?;
         }
+        let ambient_apps = mesh.register_ambient().await?;
         mesh.save_registry()?;
         mesh.start_ca().await?;
         for pod in mesh.spec.pods.clone() {
             mesh.start_pod(&pod).await?;
         }
+        mesh.start_nodes(ambient_apps).await?;
         mesh.wait_all_ready(Duration::from_secs(60)).await?;
         Ok(mesh)
     }
@@ -148,6 +163,131 @@ impl ProcessMesh {
             address: None,
             mode: Some("sidecar".into()),
         });
+        Ok(())
+    }
+
+    /// Registers the ambient nodes, their ztunnels and workloads, and starts
+    /// each workload's app on its own loopback address (its "pod IP"):
+    /// 127.10.<node>.<n>.
+    async fn register_ambient(&mut self) -> Result<Vec<Ambient>, Error> {
+        let mut out = Vec::new();
+        for (n, node) in self.spec.nodes.clone().iter().enumerate() {
+            self.registry.upsert_node(Node {
+                name: node.name.clone(),
+                uid: format!("uid-{}", node.name),
+            });
+            self.registry.upsert_workload(Workload {
+                name: format!("ztunnel-{}", node.name),
+                namespace: ZTUNNEL_NS.into(),
+                service_account: ZTUNNEL_SA.into(),
+                node: node.name.clone(),
+                uid: format!("uid-ztunnel-{}", node.name),
+                address: None,
+                mode: Some("node-proxy".into()),
+            });
+            for (k, (name, sa)) in node.workloads.iter().enumerate() {
+                let ip = format!("127.10.{}.{}", n + 1, k + 1);
+                let app = Echo::start(format!("{ip}:0").parse().expect("address"))
+                    .await
+                    .map_err(|e| Error::Setup(format!("ambient app {name} on {ip}: {e}")))?;
+                let id = SpiffeId::for_service_account(&self.spec.trust_domain, "default", sa)
+                    .map_err(|e| Error::Setup(e.to_string()))?;
+                self.registry.upsert_workload(Workload {
+                    name: name.clone(),
+                    namespace: "default".into(),
+                    service_account: sa.clone(),
+                    node: node.name.clone(),
+                    uid: format!("uid-default-{name}"),
+                    address: Some(app.addr.to_string()),
+                    mode: Some("ambient".into()),
+                });
+                out.push(Ambient {
+                    name: name.clone(),
+                    namespace: "default".into(),
+                    service_account: sa.clone(),
+                    node: node.name.clone(),
+                    id,
+                    app: app.addr,
+                    outbound: None,
+                    ztunnel: format!("{}/ztunnel", node.name),
+                });
+                self.apps.push(app);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One ztunnel per node. Each workload gets an outbound listener leading
+    /// to the first workload of the next node (HBONE across nodes).
+    async fn start_nodes(&mut self, mut ambient: Vec<Ambient>) -> Result<(), Error> {
+        let nodes = self.spec.nodes.clone();
+        let hbone: Vec<SocketAddr> = nodes
+            .iter()
+            .map(|_| free_port())
+            .collect::<Result<_, _>>()?;
+        let root =
+            std::fs::read_to_string(&self.root_out).map_err(|e| Error::io(&self.root_out, e))?;
+        for (n, node) in nodes.iter().enumerate() {
+            let cwd = self.dir.join("nodes").join(&node.name);
+            let pod = format!("ztunnel-{}", node.name);
+            let claims = TokenClaims::for_pod(
+                ZTUNNEL_NS,
+                ZTUNNEL_SA,
+                &pod,
+                &format!("uid-ztunnel-{}", node.name),
+                &node.name,
+                &format!("uid-{}", node.name),
+            )
+            .valid_for(Duration::from_secs(3600));
+            let token = self
+                .issuer
+                .mint(&claims)
+                .map_err(|e| Error::Setup(format!("ztunnel token: {e}")))?;
+            write(&cwd.join("var/run/secrets/tokens/istio-token"), &token)?;
+            write(&cwd.join("var/run/secrets/istio/root-cert.pem"), &root)?;
+            let admin = free_port()?;
+            let component = format!("{}/ztunnel", node.name);
+            let next = &nodes[(n + 1) % nodes.len()];
+            let target = ambient.iter().find(|a| a.node == next.name).cloned();
+            let mut spec = Spec::new(&component, self.bin("meshid-ztunnel"), &cwd).args([
+                "--ca-address".to_string(),
+                self.ca_address(),
+                "--trust-domain".into(),
+                self.spec.trust_domain.clone(),
+                "--node-name".into(),
+                node.name.clone(),
+                "--registry-file".into(),
+                self.registry_path.display().to_string(),
+                "--secret-ttl".into(),
+                format!("{}s", self.spec.ttl.as_secs()),
+                "--hbone-addr".into(),
+                hbone[n].to_string(),
+                "--inbound-plaintext-addr".into(),
+                free_port()?.to_string(),
+                "--admin-addr".into(),
+                admin.to_string(),
+            ]);
+            for (m, other) in nodes.iter().enumerate() {
+                if m != n {
+                    spec = spec
+                        .arg("--peer")
+                        .arg(format!("{}={}", other.name, hbone[m]));
+                }
+            }
+            if let Some(target) = target.filter(|t| t.node != node.name) {
+                for a in ambient.iter_mut().filter(|a| a.node == node.name) {
+                    let listen = free_port()?;
+                    spec = spec.arg("--outbound").arg(format!(
+                        "{}/{}@{listen}={}",
+                        a.namespace, a.name, target.app
+                    ));
+                    a.outbound = Some((listen, target.name.clone()));
+                }
+            }
+            let spec = self.telemetry_env(spec, "meshid-ztunnel");
+            self.launch(spec, admin)?;
+        }
+        self.ambient = ambient;
         Ok(())
     }
 
@@ -542,6 +682,31 @@ impl Topology for ProcessMesh {
         );
         let _ = writeln!(out, "root bundle    {}", self.root_out.display());
         let _ = writeln!(out, "registry       {}", self.registry_path.display());
+        for a in &self.ambient {
+            let _ = writeln!(
+                out,
+                "ambient {:<10} {}  on {}  app {}  outbound {}",
+                a.name,
+                a.id,
+                a.node,
+                a.app,
+                a.outbound
+                    .as_ref()
+                    .map(|(l, to)| format!("{l} -> {to}"))
+                    .unwrap_or_default()
+            );
+        }
+        for n in &self.spec.nodes {
+            let c = format!("{}/ztunnel", n.name);
+            let _ = writeln!(
+                out,
+                "ztunnel {:<10} admin http://{}",
+                n.name,
+                self.admin_addr(&c)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            );
+        }
         for p in &self.pods {
             let _ = writeln!(
                 out,

@@ -58,6 +58,21 @@ pub fn default_pods() -> Vec<PodSpec> {
     ]
 }
 
+/// Two ambient nodes with two workloads each (issue 7).
+pub fn default_nodes() -> Vec<crate::process_backend::NodeSpec> {
+    let node = |name: &str, w: [(&str, &str); 2]| crate::process_backend::NodeSpec {
+        name: name.into(),
+        workloads: w
+            .iter()
+            .map(|(n, sa)| (n.to_string(), sa.to_string()))
+            .collect(),
+    };
+    vec![
+        node("node-a", [("frontend-0", "frontend"), ("cart-0", "cart")]),
+        node("node-b", [("backend-0", "backend"), ("db-0", "db")]),
+    ]
+}
+
 /// Validates suite names.
 pub fn selected_suites(args: &Args) -> Result<Vec<&'static str>, String> {
     if args.suites.is_empty() {
@@ -130,6 +145,7 @@ pub async fn run(args: Args) -> u8 {
         trust_domain: "cluster.local".into(),
         ttl: Duration::from_secs(args.ttl),
         pods: default_pods(),
+        nodes: default_nodes(),
         bin_dir,
         extra_otlp: args.otlp_endpoint.clone(),
     };

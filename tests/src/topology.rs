@@ -67,8 +67,13 @@ pub struct Ambient {
     pub service_account: String,
     pub node: String,
     pub id: SpiffeId,
-    /// Where the workload's app listens.
+    /// Where the workload's app listens (its pod address).
     pub app: SocketAddr,
+    /// The workload's outbound listener on its ztunnel (process mode has no
+    /// traffic capture) and the workload it leads to.
+    pub outbound: Option<(SocketAddr, String)>,
+    /// The node's ztunnel component, e.g. `node-a/ztunnel`.
+    pub ztunnel: String,
 }
 
 /// A running mesh, as suites see it.

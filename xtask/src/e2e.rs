@@ -13,6 +13,7 @@ const PACKAGES: &[&str] = &[
     "meshid-ca",
     "meshid-agent",
     "meshid-envoy-shim",
+    "meshid-ztunnel",
     "meshid-tests",
 ];
 

@@ -267,6 +267,40 @@ fn run_all(
     }
 }
 
+/// Field-wise median of several runs; RSS is the maximum.
+fn median(rows: &[Row]) -> Row {
+    fn med(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+    let f = |get: &dyn Fn(&Row) -> f64| med(rows.iter().map(get).collect());
+    let rss_kib = rows[0]
+        .rss_kib
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| {
+            let rss = rows.iter().map(|r| r.rss_kib[i].1).max().unwrap_or(0);
+            let anon = rows.iter().map(|r| r.rss_kib[i].2).max().unwrap_or(0);
+            (name.clone(), rss, anon)
+        })
+        .collect();
+    Row {
+        small: ReqResp {
+            rate: f(&|r| r.small.rate),
+            p50_us: f(&|r| r.small.p50_us),
+            p99_us: f(&|r| r.small.p99_us),
+        },
+        large: ReqResp {
+            rate: f(&|r| r.large.rate),
+            p50_us: f(&|r| r.large.p50_us),
+            p99_us: f(&|r| r.large.p99_us),
+        },
+        bulk_mib_s: f(&|r| r.bulk_mib_s),
+        conns_per_s: f(&|r| r.conns_per_s),
+        rss_kib,
+    }
+}
+
 async fn wait_ready(admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -297,16 +331,22 @@ fn spawn_shim(name: &'static str, args: &[String], dir: &Path) -> Proc {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let d = if quick {
-        Durations {
-            measure: Duration::from_secs(2),
-            warmup: Duration::from_millis(300),
-        }
+    let (d, rounds) = if quick {
+        (
+            Durations {
+                measure: Duration::from_secs(2),
+                warmup: Duration::from_millis(300),
+            },
+            1,
+        )
     } else {
-        Durations {
-            measure: Duration::from_secs(5),
-            warmup: Duration::from_secs(1),
-        }
+        (
+            Durations {
+                measure: Duration::from_secs(3),
+                warmup: Duration::from_millis(500),
+            },
+            3,
+        )
     };
     meshid_common::tls::install_crypto_provider();
     let envoy_bin = meshid_envoy_shim::testing::envoy_binary()
@@ -454,12 +494,18 @@ fn main() {
         .collect();
 
     eprintln!("envoy: {}", envoy_bin.display());
-    eprintln!("running: direct TCP");
-    let direct = run_all(&load, echo, &[], &d);
-    eprintln!("running: shim -> shim mTLS");
-    let shim = run_all(&load, c_out, &shim_pids, &d);
-    eprintln!("running: Envoy -> Envoy mTLS");
-    let envoy = run_all(&load, envoy_out, &envoy_pids, &d);
+    // Rounds alternate the paths so background load hits them alike; the
+    // table shows the median of the rounds.
+    let (mut direct, mut shim, mut envoy) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: direct TCP");
+        direct.push(run_all(&load, echo, &[], &d));
+        eprintln!("round {round}/{rounds}: shim -> shim mTLS");
+        shim.push(run_all(&load, c_out, &shim_pids, &d));
+        eprintln!("round {round}/{rounds}: Envoy -> Envoy mTLS");
+        envoy.push(run_all(&load, envoy_out, &envoy_pids, &d));
+    }
+    let (direct, shim, envoy) = (median(&direct), median(&shim), median(&envoy));
     let peak: Vec<(String, u64)> = shim_pids
         .iter()
         .chain(&envoy_pids)
@@ -468,7 +514,7 @@ fn main() {
 
     println!();
     println!(
-        "meshid-envoy-shim proxy benchmark ({} s per measurement after {} ms warm-up; {CONNS} connections for request/response, 1 for bulk, {CONN_WORKERS} workers for new connections; each proxy 1 worker thread; Envoy {})",
+        "meshid-envoy-shim proxy benchmark (median of {rounds} round(s) alternating the paths; {} s per measurement after {} ms warm-up; {CONNS} connections for request/response, 1 for bulk, {CONN_WORKERS} workers for new connections; each proxy 1 worker thread; Envoy {})",
         d.measure.as_secs_f64(),
         d.warmup.as_millis(),
         meshid_envoy_shim::testing::ENVOY_VERSION

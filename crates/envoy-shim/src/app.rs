@@ -79,7 +79,7 @@ impl App {
             addr: config.admin_addr,
             source,
         })?;
-        let outbound_addrs = outbound_l
+        let outbound_addrs: Vec<SocketAddr> = outbound_l
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
@@ -158,7 +158,16 @@ impl App {
         tracing::info!(
             inbound = %inbound_addr,
             app = %config.app_addr,
-            outbound = ?config.outbound.iter().map(|r| format!("{}->{} ({})", r.listen, r.dest, r.peer.as_ref().map(|p| p.as_str()).unwrap_or("plaintext"))).collect::<Vec<_>>(),
+            outbound = ?config
+                .outbound
+                .iter()
+                .zip(&outbound_addrs)
+                .map(|(r, bound)| format!(
+                    "{bound}->{} ({})",
+                    r.dest,
+                    r.peer.as_ref().map(|p| p.as_str()).unwrap_or("plaintext")
+                ))
+                .collect::<Vec<_>>(),
             admin = %admin_addr,
             sds = %config.sds_socket.display(),
             mode = %policy.current().mode,

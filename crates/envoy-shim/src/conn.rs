@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// Per-direction copy buffer. TLS records carry at most 16 KiB of plaintext.
-pub(crate) const COPY_BUFFER: usize = 32 * 1024;
+pub(crate) const COPY_BUFFER: usize = 64 * 1024;
 
 /// Read buffer under each TLS session. rustls pulls ciphertext 4 KiB at a
 /// time; this turns those pulls into memory copies, so the socket is read

@@ -1,5 +1,5 @@
 //! The inbound listener (Istio's :15006): peers connect here and are
-//! forwarded to the local app according to the current [`Policy`].
+//! forwarded to the local app according to the current [`Policy`](crate::policy::Policy).
 //!
 //! STRICT terminates mTLS (client SVID chained to the bundle, trust domain
 //! checked in the handshake); PERMISSIVE peeks at the first bytes and takes
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conn::{
-    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice,
+    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice, tls_io,
 };
 use crate::error::Result;
 use crate::policy::{Mode, PolicyRx};

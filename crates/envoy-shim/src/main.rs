@@ -12,10 +12,16 @@ fn main() -> anyhow::Result<()> {
     let config = cli
         .into_config(|k| std::env::var(k).ok())
         .context("configuration")?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        rt.worker_threads(n.max(1));
-    }
+    // One thread: a current-thread runtime (no work stealing, no handoffs).
+    let mut rt = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = rt.enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         let _telemetry =

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::OutboundRoute;
 use crate::conn::{
-    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice,
+    AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice, tls_io,
 };
 use crate::error::Result;
 

@@ -32,6 +32,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         "proxy_presents_the_pod_svid",
         proxy_presents_the_pod_svid(mesh)
     );
+    case!(
+        report,
+        SUITE,
+        "ambient_workloads_get_svids_through_ztunnel",
+        ambient_workloads_get_svids(mesh)
+    );
 }
 
 /// Each agent's `/debug/certs` names its pod's SPIFFE ID.
@@ -103,6 +109,74 @@ async fn proxy_presents_the_pod_svid(mesh: &mut impl Topology) -> Result<(), Str
         ensure(life.abs_diff(want) <= Duration::from_secs(2), || {
             format!("{}: lifetime {life:?}, expected {want:?}", pod.name)
         })?;
+    }
+    Ok(())
+}
+
+/// (identity, state, serial) of every certificate a ztunnel holds.
+pub(crate) async fn ztunnel_certs(
+    mesh: &impl Topology,
+    ztunnel: &str,
+) -> Result<Vec<(String, String, String)>, String> {
+    let r = mesh
+        .admin_get(ztunnel, "/debug/certs")
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body).map_err(|e| format!("{ztunnel} /debug/certs: {e}"))?;
+    Ok(v["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (s("identity"), s("state"), s("serial"))
+        })
+        .collect())
+}
+
+/// Each ztunnel holds an available certificate for every workload of its
+/// node, obtained by impersonation (the workloads have no agent).
+async fn ambient_workloads_get_svids(mesh: &mut impl Topology) -> Result<(), String> {
+    let ambient = mesh.ambient().to_vec();
+    ensure(!ambient.is_empty(), || {
+        format!(
+            "the {} backend started no ambient workloads",
+            mesh.backend()
+        )
+    })?;
+    for a in &ambient {
+        let certs = crate::client::eventually(
+            Duration::from_secs(10),
+            &format!("{} holds a cert for {}", a.ztunnel, a.id),
+            || async {
+                let certs = ztunnel_certs(mesh, &a.ztunnel).await?;
+                if certs
+                    .iter()
+                    .any(|(id, state, _)| id == a.id.as_str() && state == "available")
+                {
+                    Ok(certs)
+                } else {
+                    Err(format!("{certs:?}"))
+                }
+            },
+        )
+        .await?;
+        // A ztunnel holds only identities of its own node.
+        for (id, _, _) in &certs {
+            ensure(
+                ambient
+                    .iter()
+                    .any(|w| w.node == a.node && w.id.as_str() == id),
+                || {
+                    format!(
+                        "{} holds a certificate for {id}, which does not run on {}",
+                        a.ztunnel, a.node
+                    )
+                },
+            )?;
+        }
     }
     Ok(())
 }

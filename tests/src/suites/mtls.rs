@@ -52,6 +52,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         "pod_to_pod_with_secure_naming",
         pod_to_pod(mesh)
     );
+    case!(
+        report,
+        SUITE,
+        "ambient_traffic_is_hbone_with_the_source_identity",
+        ambient_hbone(mesh)
+    );
 }
 
 fn pod_in(mesh: &impl Topology, mode: Mode) -> Result<Pod, String> {
@@ -168,4 +174,69 @@ async fn pod_to_pod(mesh: &mut impl Topology) -> Result<(), String> {
     plain_echo(listen, b"pod to pod\n")
         .await
         .map_err(|e| format!("{} -> {to} through the outbound listener: {e}", from.name))
+}
+
+/// A workload on node-a dials a workload on node-b through its ztunnel: the
+/// bytes arrive, and node-b's ztunnel saw the SOURCE workload's identity
+/// (not its fellow ztunnel's) on an inbound HBONE connection.
+async fn ambient_hbone(mesh: &mut impl Topology) -> Result<(), String> {
+    let ambient = mesh.ambient().to_vec();
+    let src = ambient
+        .iter()
+        .find(|a| a.outbound.is_some())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "the {} backend started no ambient workloads",
+                mesh.backend()
+            )
+        })?;
+    let (listen, to) = src.outbound.clone().expect("checked");
+    let dst = ambient
+        .iter()
+        .find(|a| a.name == to)
+        .cloned()
+        .ok_or("unknown destination")?;
+    ensure(dst.node != src.node, || {
+        "the route does not cross nodes".into()
+    })?;
+    plain_echo(listen, b"ambient hello\n")
+        .await
+        .map_err(|e| format!("{} -> {}: {e}", src.name, dst.name))?;
+    // The destination ztunnel records a connection when it closes.
+    let inbound = eventually(
+        Duration::from_secs(5),
+        &format!("{} records the connection", dst.ztunnel),
+        || async {
+            let r = mesh
+                .admin_get(&dst.ztunnel, "/debug/connections")
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| e.to_string())?;
+            v.as_array()
+                .and_then(|seen| {
+                    seen.iter()
+                        .rev()
+                        .find(|c| {
+                            c["direction"] == "inbound" && c["dst_identity"] == dst.id.as_str()
+                        })
+                        .cloned()
+                })
+                .ok_or_else(|| format!("no inbound connection to {} yet: {}", dst.id, r.body))
+        },
+    )
+    .await?;
+    ensure(inbound["src_identity"] == src.id.as_str(), || {
+        format!(
+            "{} saw source {} instead of {}",
+            dst.ztunnel, inbound["src_identity"], src.id
+        )
+    })?;
+    // The CONNECT carried the source address (DESIGN §2.5 `forwarded: for=...`).
+    ensure(
+        inbound["forwarded"]
+            .as_str()
+            .is_some_and(|f| f.contains("for=")),
+        || format!("the CONNECT had no forwarded header: {inbound}"),
+    )
 }

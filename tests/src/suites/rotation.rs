@@ -35,6 +35,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
     case!(
         report,
         SUITE,
+        "ztunnels_rotate_every_workload_cert",
+        ztunnels_rotate(mesh)
+    );
+    case!(
+        report,
+        SUITE,
         "root_rotation_without_failed_requests",
         root_rotation(mesh)
     );
@@ -362,4 +368,48 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
     ensure(ok > 20, || {
         format!("only {ok} requests went through during the rotation")
     })
+}
+
+/// Every ambient workload's certificate on its ztunnel gets a new serial
+/// within a TTL, and cross-node traffic keeps working after it.
+async fn ztunnels_rotate(mesh: &mut impl Topology) -> Result<(), String> {
+    use crate::suites::issuance::ztunnel_certs;
+    let ambient = mesh.ambient().to_vec();
+    ensure(!ambient.is_empty(), || {
+        format!(
+            "the {} backend started no ambient workloads",
+            mesh.backend()
+        )
+    })?;
+    let mut before = std::collections::HashMap::new();
+    for a in &ambient {
+        let certs = ztunnel_certs(mesh, &a.ztunnel).await?;
+        let serial = certs
+            .iter()
+            .find(|(id, _, _)| id == a.id.as_str())
+            .map(|c| c.2.clone())
+            .ok_or_else(|| format!("{} has no cert for {}", a.ztunnel, a.id))?;
+        before.insert(a.id.to_string(), serial);
+    }
+    for a in &ambient {
+        let old = before[a.id.as_str()].clone();
+        crate::client::eventually(
+            mesh.ttl() + Duration::from_secs(5),
+            &format!("{} rotates {}", a.ztunnel, a.id),
+            || async {
+                let certs = ztunnel_certs(mesh, &a.ztunnel).await?;
+                match certs.iter().find(|(id, _, _)| id == a.id.as_str()) {
+                    Some((_, state, serial)) if *serial != old && state == "available" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await?;
+    }
+    if let Some((listen, to)) = ambient.iter().find_map(|a| a.outbound.clone()) {
+        crate::client::plain_echo(listen, b"after ztunnel rotation\n")
+            .await
+            .map_err(|e| format!("-> {to}: {e}"))?;
+    }
+    Ok(())
 }

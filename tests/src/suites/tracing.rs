@@ -21,6 +21,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         "sidecar_issuance_is_one_nested_trace",
         sidecar_issuance_is_one_trace(mesh)
     );
+    case!(
+        report,
+        SUITE,
+        "ambient_issuance_is_one_nested_trace",
+        ambient_issuance_is_one_trace(mesh)
+    );
 }
 
 /// The trace of the first sidecar issuance, for the waterfall.
@@ -130,4 +136,47 @@ async fn sidecar_issuance_is_one_trace(mesh: &mut impl Topology) -> Result<(), S
         "ca.sign is not under the proxy's span".into()
     })?;
     Ok(())
+}
+
+/// A ztunnel's impersonated issuance is one trace: the ztunnel's fetch span
+/// with the CA's `ca.sign` under it.
+async fn ambient_issuance_is_one_trace(mesh: &mut impl Topology) -> Result<(), String> {
+    ensure(!mesh.ambient().is_empty(), || {
+        format!(
+            "the {} backend started no ambient workloads",
+            mesh.backend()
+        )
+    })?;
+    let store = mesh.spans();
+    eventually(
+        Duration::from_secs(15),
+        "a ca.sign span under a ztunnel span",
+        || {
+            let spans = store.all();
+            async move {
+                let found = spans
+                    .iter()
+                    .filter(|s| s.service == "meshid-ca" && s.name == "ca.sign")
+                    .any(|sign| {
+                        let trace: Vec<Span> = spans
+                            .iter()
+                            .filter(|s| s.trace_id == sign.trace_id)
+                            .cloned()
+                            .collect();
+                        descends_from(&trace, sign, "meshid-ztunnel")
+                    });
+                if found {
+                    Ok(())
+                } else {
+                    let z: Vec<&str> = spans
+                        .iter()
+                        .filter(|s| s.service == "meshid-ztunnel")
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    Err(format!("ztunnel spans seen: {z:?}"))
+                }
+            }
+        },
+    )
+    .await
 }
