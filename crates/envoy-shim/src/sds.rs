@@ -175,11 +175,13 @@ impl SecretStream {
         let mut backoff = self.config.backoff_min;
         let mut version = String::new();
         loop {
+            // One span per fetch: from opening the stream to the first secret.
+            // The rest of the stream (pushes, ACKs) is not part of that trace.
             let span = tracing::info_span!("sds.fetch", secret = self.name, sds.socket = %self.config.socket.display());
             let mut received = false;
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.stream_once(&mut version, &mut received).instrument(span) => r,
+                r = self.stream_once(&mut version, &mut received, span) => r,
             };
             self.set_connected(false);
             match outcome {
@@ -218,7 +220,14 @@ impl SecretStream {
     }
 
     /// One stream: first request, then ACK/NACK each response until it ends.
-    async fn stream_once(&self, version: &mut String, received: &mut bool) -> Result<()> {
+    async fn stream_once(
+        &self,
+        version: &mut String,
+        received: &mut bool,
+        fetch: tracing::Span,
+    ) -> Result<()> {
+        // Closed (exported) once the first response has been handled.
+        let mut fetch = Some(fetch);
         let sds_err = |reason: String| Error::Sds {
             path: self.config.socket.clone(),
             reason,
@@ -236,18 +245,23 @@ impl SecretStream {
             .await
             .map_err(|_| sds_err("request channel closed".into()))?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
-        telemetry::inject_grpc(request.metadata_mut());
+        let span = fetch.clone().unwrap_or_else(tracing::Span::none);
+        span.in_scope(|| telemetry::inject_grpc(request.metadata_mut()));
         let mut client = SecretDiscoveryServiceClient::new(self.channel.clone());
         let mut responses = client
             .stream_secrets(request)
+            .instrument(span.clone())
             .await
             .map_err(|s| sds_err(format!("StreamSecrets: {} {}", s.code(), s.message())))?
             .into_inner();
         self.set_connected(true);
         tracing::debug!(secret = self.name, "SDS stream open");
+        drop(span);
         loop {
+            let waiting = fetch.clone().unwrap_or_else(tracing::Span::none);
             let response = responses
                 .message()
+                .instrument(waiting)
                 .await
                 .map_err(|s| sds_err(format!("stream: {} {}", s.code(), s.message())))?;
             let Some(response) = response else {
@@ -276,6 +290,8 @@ impl SecretStream {
                     self.request(version, &nonce, Some(reason))
                 }
             };
+            // The fetch is done once its first answer is handled.
+            fetch = None;
             req_tx
                 .send(reply)
                 .await
