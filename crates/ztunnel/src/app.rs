@@ -40,6 +40,7 @@ pub struct App {
     hbone_addr: SocketAddr,
     plaintext_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
+    capture_addr: Option<SocketAddr>,
     outbound_addrs: Vec<SocketAddr>,
     certs: CertManager,
     directory: watch::Receiver<Arc<Directory>>,
@@ -132,6 +133,15 @@ impl App {
             });
         }
 
+        let (policies_tx, policies_rx) =
+            watch::channel(Arc::new(Policies::new(config.policies.clone())));
+        if let Some(path) = &config.policy_file {
+            tokio::spawn(crate::policy::watch_policy_file(
+                path.clone(),
+                config.registry_poll,
+                policies_tx,
+            ));
+        }
         let hbone = bind("HBONE", config.hbone_addr).await?;
         let hbone_addr = hbone.local_addr().map_err(|source| Error::Listen {
             what: "HBONE",
@@ -142,7 +152,7 @@ impl App {
             trust_domain: config.trust_domain.clone(),
             directory: directory.clone(),
             certs: certs.clone(),
-            policies: Policies::new(config.policies.clone()),
+            policies: policies_rx,
             metrics: metrics.clone(),
             connlog: connlog.clone(),
             connect_timeout: config.connect_timeout,
@@ -219,11 +229,25 @@ impl App {
                 }
             });
         }
+        let capture_addr = match config.outbound_capture_addr {
+            Some(addr) => {
+                let l = bind("outbound capture", addr).await?;
+                let bound = l.local_addr().ok();
+                tracker.spawn(
+                    outbound
+                        .clone()
+                        .serve_captured(l, cancel.clone(), tracker.clone()),
+                );
+                bound
+            }
+            None => None,
+        };
         let mut app = App {
             config: config.clone(),
             hbone_addr,
             plaintext_addr,
             admin_addr,
+            capture_addr,
             outbound_addrs: Vec::new(),
             certs,
             directory,
@@ -241,6 +265,7 @@ impl App {
             hbone = %hbone_addr,
             plaintext = ?plaintext_addr,
             admin = %admin_addr,
+            capture = ?capture_addr,
             outbound = ?app.outbound_addrs,
             "ztunnel listening"
         );
@@ -298,6 +323,11 @@ impl App {
 
     pub fn plaintext_addr(&self) -> Option<SocketAddr> {
         self.plaintext_addr
+    }
+
+    /// The transparent-capture listener, when `--capture` is on.
+    pub fn capture_addr(&self) -> Option<SocketAddr> {
+        self.capture_addr
     }
 
     pub fn admin_addr(&self) -> SocketAddr {

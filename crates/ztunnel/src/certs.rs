@@ -190,9 +190,14 @@ impl FetchLimiter {
         Err(rx)
     }
 
-    /// Waits for a permit. `urgent` is re-read whenever `upgrade` fires: a
-    /// waiter that becomes urgent moves to the urgent queue.
-    pub async fn acquire(self: &Arc<Self>, mut urgent: bool, upgrade: Option<&Notify>) -> Permit {
+    /// Waits for a permit. When `upgrade`'s notify fires and its predicate
+    /// holds (a stale notification is ignored), a waiter that was not urgent
+    /// moves to the urgent queue.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        mut urgent: bool,
+        upgrade: Option<(&Notify, &(dyn Fn() -> bool + Sync))>,
+    ) -> Permit {
         let mut rx = match self.enqueue(urgent) {
             Ok(p) => return p,
             Err(rx) => rx,
@@ -200,7 +205,12 @@ impl FetchLimiter {
         loop {
             let upgraded = async {
                 match upgrade {
-                    Some(n) if !urgent => n.notified().await,
+                    Some((n, still_urgent)) if !urgent => loop {
+                        n.notified().await;
+                        if still_urgent() {
+                            break;
+                        }
+                    },
                     _ => std::future::pending().await,
                 }
             };
@@ -256,6 +266,9 @@ impl FetchLimiter {
 
 #[derive(Debug, Default)]
 struct Status {
+    /// Set when the identity leaves the node; the worker may still be
+    /// finishing a step and must not touch the metrics after that.
+    removed: bool,
     last_error: Option<String>,
     fetches: u64,
     failures: u64,
@@ -393,7 +406,10 @@ impl CertManager {
             if let Some(m) = entries.remove(&id) {
                 m.task.abort();
                 by_sni.remove(&m.entry.sni);
+                let mut st = m.entry.status.lock().expect("status lock");
+                st.removed = true;
                 set_state_metric(&self.inner.metrics, Some(m.entry.state()), None);
+                drop(st);
                 tracing::info!(spiffe.id = %id, "identity left the node; certificate dropped");
             }
         }
@@ -584,6 +600,10 @@ struct Worker {
 
 impl Worker {
     fn set_state(&self, to: CertState) {
+        let st = self.entry.status.lock().expect("status lock");
+        if st.removed {
+            return;
+        }
         let from = self.entry.state();
         if from != to {
             set_state_metric(&self.metrics, Some(from), Some(to));
@@ -596,7 +616,11 @@ impl Worker {
         let mut attempt: u32 = 0;
         loop {
             let urgent = self.entry.waiters.load(Ordering::SeqCst) > 0;
-            let permit = self.limiter.acquire(urgent, Some(&self.entry.urgent)).await;
+            let has_waiters = || self.entry.waiters.load(Ordering::SeqCst) > 0;
+            let permit = self
+                .limiter
+                .acquire(urgent, Some((&self.entry.urgent, &has_waiters)))
+                .await;
             let span = tracing::info_span!(
                 "ztunnel.cert_fetch",
                 spiffe.id = %id,

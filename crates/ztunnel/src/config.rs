@@ -35,6 +35,8 @@ pub const DEFAULT_KEY_TYPE: KeyType = KeyType::EcdsaP256;
 pub const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
 pub const DEFAULT_INBOUND_PLAINTEXT_ADDR: &str = "0.0.0.0:15006";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Where iptables redirects captured outbound connections (`--capture`).
+pub const DEFAULT_OUTBOUND_CAPTURE_ADDR: &str = "0.0.0.0:15001";
 /// Port of a peer ztunnel's HBONE server when no `--peer` names its address.
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// First retry delay after a failed fetch; doubles up to [`DEFAULT_MAX_BACKOFF`].
@@ -134,6 +136,13 @@ pub struct Cli {
     /// Admin listener (/ready, /debug/certs, /metrics) [default: 127.0.0.1:15000]
     #[arg(long)]
     pub admin_addr: Option<SocketAddr>,
+    /// Transparent capture: accept iptables-redirected outbound connections,
+    /// destination from SO_ORIGINAL_DST, source workload by its IP [env: ZTUNNEL_CAPTURE]
+    #[arg(long)]
+    pub capture: bool,
+    /// Listener of captured outbound connections [default: 0.0.0.0:15001]
+    #[arg(long)]
+    pub outbound_capture_addr: Option<SocketAddr>,
     /// A peer node's HBONE address, `NODE=IP:PORT`; repeatable [env: ZTUNNEL_PEERS, comma separated].
     /// Nodes not listed are reached at the destination workload's IP on port 15008.
     #[arg(long = "peer")]
@@ -217,6 +226,8 @@ pub struct Config {
     pub hbone_addr: SocketAddr,
     pub inbound_plaintext_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Set with `--capture`: the listener of redirected outbound connections.
+    pub outbound_capture_addr: Option<SocketAddr>,
     pub peers: Vec<(String, SocketAddr)>,
     pub outbound: Vec<OutboundRoute>,
     pub policy_file: Option<PathBuf>,
@@ -384,6 +395,9 @@ impl Config {
             inbound_plaintext_addr: (!cli.no_inbound_plaintext)
                 .then(|| addr(cli.inbound_plaintext_addr, DEFAULT_INBOUND_PLAINTEXT_ADDR)),
             admin_addr: addr(cli.admin_addr, DEFAULT_ADMIN_ADDR),
+            outbound_capture_addr: (cli.capture
+                || env_nonempty("ZTUNNEL_CAPTURE").is_some_and(|v| v == "true" || v == "1"))
+            .then(|| addr(cli.outbound_capture_addr, DEFAULT_OUTBOUND_CAPTURE_ADDR)),
             peers,
             outbound,
             policy_file,
@@ -463,6 +477,7 @@ impl Config {
         }
         let mut listens: Vec<SocketAddr> = vec![self.hbone_addr, self.admin_addr];
         listens.extend(self.inbound_plaintext_addr);
+        listens.extend(self.outbound_capture_addr);
         listens.extend(self.outbound.iter().map(|r| r.listen));
         for (i, a) in listens.iter().enumerate() {
             if a.port() != 0 && listens[..i].contains(a) {
@@ -540,6 +555,9 @@ mod tests {
         assert_eq!(c.inbound_plaintext_addr.unwrap().port(), 15006);
         assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.max_concurrent_fetches, 8);
+        assert_eq!(c.outbound_capture_addr, None, "capture is opt-in");
+        let c = Config::from_args(["meshid-ztunnel", "--capture"], &env(&[])).unwrap();
+        assert_eq!(c.outbound_capture_addr.unwrap().port(), 15001);
         assert_eq!(c.grace_period_ratio, 0.5);
         assert_eq!(c.secret_ttl, Duration::from_secs(86_400));
         assert!(c.to_pretty_json().contains("\"node_name\": \"node-a\""));

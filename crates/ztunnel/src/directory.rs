@@ -37,6 +37,8 @@ pub struct Directory {
     by_addr: HashMap<SocketAddr, Arc<WorkloadInfo>>,
     by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
     by_name: HashMap<(String, String), Arc<WorkloadInfo>>,
+    /// Served local workloads by IP: the source of a captured connection.
+    local_by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
     local_identities: HashSet<SpiffeId>,
 }
 
@@ -48,6 +50,7 @@ impl Directory {
             node: node.to_owned(),
             ..Default::default()
         };
+        let mut shared_ips = HashSet::new();
         for w in &registry.workloads {
             let identity = match w.identity(trust_domain) {
                 Ok(id) => id,
@@ -67,6 +70,13 @@ impl Directory {
             });
             if w.node == node && ambient {
                 d.local_identities.insert(info.identity.clone());
+                // Two local workloads on one IP (process mode) cannot be
+                // told apart by a captured connection's source: neither is.
+                if let Some(ip) = w.ip()
+                    && d.local_by_ip.insert(ip, info.clone()).is_some()
+                {
+                    shared_ips.insert(ip);
+                }
             }
             if let Some(sa) = w.socket_addr() {
                 d.by_addr.insert(sa, info.clone());
@@ -75,6 +85,9 @@ impl Directory {
             }
             d.by_name
                 .insert((w.namespace.clone(), w.name.clone()), info);
+        }
+        for ip in shared_ips {
+            d.local_by_ip.remove(&ip);
         }
         d
     }
@@ -106,6 +119,13 @@ impl Directory {
     /// Pod `namespace/name`, wherever it runs.
     pub fn by_name(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadInfo>> {
         self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The served local workload with IP `ip` (the source of a captured
+    /// connection; in a cluster each pod has its own IP). `None` when no
+    /// served workload, or more than one, has that IP.
+    pub fn local_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.local_by_ip.get(&ip)
     }
 
     /// Identities of the workloads running on this node.
@@ -170,6 +190,21 @@ mod tests {
         assert!(d.local_at("127.0.0.1:9003".parse().unwrap()).is_none());
         assert!(d.local_by_name("default", "legacy-0").is_none());
         assert!(d.local_by_name("default", "web-0").is_some());
+        assert_eq!(
+            d.local_by_ip("127.0.0.1".parse().unwrap())
+                .unwrap()
+                .workload
+                .name,
+            "web-0"
+        );
+        let mut shared = r.clone();
+        shared.upsert_workload(pod("web-1", "web", "node-a", "127.0.0.1:9004"));
+        let d2 = Directory::build(&shared, "node-a", "cluster.local");
+        assert!(
+            d2.local_by_ip("127.0.0.1".parse().unwrap()).is_none(),
+            "ambiguous"
+        );
+        assert!(d.local_by_ip("127.0.0.2".parse().unwrap()).is_none());
         assert_eq!(
             d.by_name("default", "db-0").unwrap().workload.node,
             "node-b"

@@ -63,6 +63,12 @@ pub enum Error {
     #[error("workload {workload} has no usable identity: {reason}")]
     BadWorkload { workload: String, reason: String },
 
+    #[error("workload {0} is STRICT: plaintext refused")]
+    PlaintextRefused(String),
+
+    #[error("plaintext from {0}: expected a PROXY v1 header naming the destination")]
+    BadProxyHeader(SocketAddr),
+
     #[error("no local workload {0} on this node")]
     UnknownSource(String),
 

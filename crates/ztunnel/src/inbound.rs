@@ -19,21 +19,21 @@
 //! at all, or a client certificate that does not verify is closed during the
 //! handshake.
 //!
-//! Plaintext (process mode): the client sends a PROXY protocol v1 line naming
-//! the destination (`PROXY TCP4 <src> <dst> <sport> <dport>\r\n`, what a
-//! transparent redirect would have told us with `SO_ORIGINAL_DST`); the
-//! destination must be a local workload in PERMISSIVE mode.
+//! Plaintext: the destination is the connection's `SO_ORIGINAL_DST` when
+//! iptables redirected it here; otherwise (process mode) the client sends a
+//! PROXY protocol v1 line naming it (`PROXY TCP4 <src> <dst> <sport>
+//! <dport>\r\n`). The destination must be a local workload in PERMISSIVE mode.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Bytes;
 use meshid_common::SpiffeId;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -44,12 +44,14 @@ use crate::certs::CertManager;
 use crate::connlog::{ConnLog, ConnRecord};
 use crate::directory::{Directory, WorkloadInfo};
 use crate::error::{Error, Result};
+use crate::h2io::H2Stream;
 use crate::metrics::{CodeLabels, Direction, Metrics};
 use crate::policy::{Mode, Policies};
 
-/// Buffer size of each direction of a proxied connection: an HTTP/2 write
-/// costs a hop to hyper's stream task, so fewer, larger writes go faster.
-pub const COPY_BUFFER: usize = 64 * 1024;
+/// Buffer size of each direction of a proxied connection: each write becomes
+/// an HTTP/2 DATA frame, so larger writes go faster; 32 KiB keeps 1,000
+/// open connections under 64 MiB of buffers per node.
+pub const COPY_BUFFER: usize = 32 * 1024;
 
 /// HTTP/2 streams one HBONE connection may carry at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
@@ -60,10 +62,20 @@ pub struct Inbound {
     pub trust_domain: String,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub certs: CertManager,
-    pub policies: Policies,
+    /// The policy in force; replaced when the policy file changes.
+    pub policies: watch::Receiver<Arc<Policies>>,
     pub metrics: Arc<Metrics>,
     pub connlog: Arc<ConnLog>,
     pub connect_timeout: Duration,
+}
+
+/// An accepted CONNECT: the workload's connection and what the log needs.
+struct Accepted {
+    upstream: TcpStream,
+    dst: Arc<WorkloadInfo>,
+    target: SocketAddr,
+    forwarded: Option<String>,
+    traceparent: Option<String>,
 }
 
 /// The two ends of one HBONE connection.
@@ -76,12 +88,6 @@ struct ConnInfo {
     peer_id: SpiffeId,
     /// When the client's certificate expires: no new stream after that.
     peer_not_after: std::time::SystemTime,
-}
-
-fn empty(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = status;
-    r
 }
 
 impl Inbound {
@@ -127,28 +133,45 @@ impl Inbound {
             }
         };
         let (tls, info) = conn;
-        let this = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let this = this.clone();
-            let info = info.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle_request(req, &info).await) }
-        });
-        let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let built = h2::server::Builder::new()
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .max_frame_size(256 * 1024)
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(serving);
-        tokio::select! {
-            r = &mut serving => {
-                if let Err(e) = r {
-                    tracing::debug!(peer.addr = %peer, error = %e, "HBONE connection ended");
-                }
+            .initial_window_size(crate::pool::STREAM_WINDOW)
+            .initial_connection_window_size(crate::pool::CONNECTION_WINDOW)
+            .max_frame_size(crate::pool::MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(tls)
+            .await;
+        let mut h2 = match built {
+            Ok(h2) => h2,
+            Err(e) => {
+                tracing::warn!(peer.addr = %peer, error = %e, "HTTP/2 handshake failed");
+                return;
             }
-            _ = cancel.cancelled() => {
-                serving.as_mut().graceful_shutdown();
-                let _ = serving.await;
+        };
+        let info = Arc::new(info);
+        loop {
+            tokio::select! {
+                next = h2.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        let this = self.clone();
+                        let info = info.clone();
+                        tokio::spawn(async move { this.handle_stream(req, respond, &info).await });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer.addr = %peer, error = %e, "HBONE connection ended");
+                        return;
+                    }
+                    None => return,
+                },
+                _ = cancel.cancelled() => {
+                    // GOAWAY, then drive the connection until its streams end.
+                    h2.graceful_shutdown();
+                    // A connection error ends the drain (accept keeps
+                    // returning it).
+                    while let Some(Ok((_, mut respond))) = h2.accept().await {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -220,11 +243,12 @@ impl Inbound {
         ))
     }
 
-    async fn handle_request(
+    async fn handle_stream(
         &self,
-        req: Request<Incoming>,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
         conn: &ConnInfo,
-    ) -> Response<Empty<Bytes>> {
+    ) {
         let span = tracing::info_span!(
             "hbone.inbound",
             src.identity = %conn.peer_id,
@@ -236,18 +260,55 @@ impl Inbound {
             &span,
             meshid_common::telemetry::extract_http(req.headers()),
         );
-        let status = self.route(req, conn).instrument(span.clone()).await;
+        let outcome = self.route(&req, conn).instrument(span.clone()).await;
+        let status = match &outcome {
+            Ok(_) => StatusCode::OK,
+            Err(status) => *status,
+        };
         self.metrics
             .hbone_responses
             .get_or_create(&CodeLabels {
                 code: status.as_u16().to_string(),
             })
             .inc();
-        empty(status)
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        let Ok(accepted) = outcome else {
+            let _ = respond.send_response(response, true);
+            return;
+        };
+        let send = match respond.send_response(response, false) {
+            Ok(send) => send,
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "CONNECT answer not sent"));
+                return;
+            }
+        };
+        let mut client = H2Stream::new(send, req.into_body());
+        forward(
+            &self.metrics,
+            &self.connlog,
+            &mut client,
+            accepted.upstream,
+            AccessLog {
+                src: Some(&conn.peer_id),
+                dst: &accepted.dst,
+                peer_addr: conn.peer_addr,
+                forwarded: accepted.forwarded.as_deref(),
+                traceparent: accepted.traceparent.as_deref(),
+                target: accepted.target,
+            },
+        )
+        .instrument(span)
+        .await;
     }
 
-    /// Decides the answer; on 200 the forwarding task is already spawned.
-    async fn route(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> StatusCode {
+    /// Decides the answer: the workload's connection, or the status to refuse with.
+    async fn route(
+        &self,
+        req: &Request<RecvStream>,
+        conn: &ConnInfo,
+    ) -> std::result::Result<Accepted, StatusCode> {
         let refuse = |status: StatusCode, reason: &str| {
             tracing::warn!(
                 direction = "inbound",
@@ -257,7 +318,7 @@ impl Inbound {
                 reason,
                 "HBONE request refused"
             );
-            status
+            Err(status)
         };
         if req.method() != Method::CONNECT {
             return refuse(StatusCode::BAD_REQUEST, "not a CONNECT request");
@@ -290,6 +351,7 @@ impl Inbound {
         }
         let policy = self
             .policies
+            .borrow()
             .for_workload(&dst.workload, &self.trust_domain);
         if let Err(e) = policy.peers.check(&conn.peer_id) {
             return refuse(StatusCode::UNAUTHORIZED, &e.to_string());
@@ -304,39 +366,13 @@ impl Inbound {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let (forwarded, traceparent) = (header("forwarded"), header("traceparent"));
-        let upgrade = hyper::upgrade::on(&mut req);
-        let metrics = self.metrics.clone();
-        let connlog = self.connlog.clone();
-        let conn = conn.clone();
-        let span = tracing::Span::current();
-        tokio::spawn(
-            async move {
-                match upgrade.await {
-                    Ok(upgraded) => {
-                        let mut client = TokioIo::new(upgraded);
-                        forward(
-                            &metrics,
-                            &connlog,
-                            &mut client,
-                            upstream,
-                            AccessLog {
-                                src: Some(&conn.peer_id),
-                                dst: &dst,
-                                peer_addr: conn.peer_addr,
-                                forwarded: forwarded.as_deref(),
-                                traceparent: traceparent.as_deref(),
-                                target,
-                            },
-                        )
-                        .await
-                    }
-                    Err(e) => tracing::warn!(error = %e, "CONNECT upgrade failed"),
-                }
-            }
-            .instrument(span),
-        );
-        StatusCode::OK
+        Ok(Accepted {
+            upstream,
+            dst,
+            target,
+            forwarded: header("forwarded"),
+            traceparent: header("traceparent"),
+        })
     }
 
     /// Accepts plaintext connections until `cancel`.
@@ -370,10 +406,24 @@ impl Inbound {
 
     async fn handle_plaintext(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         let _ = stream.set_nodelay(true);
+        let redirected = crate::capture::original_dst(&stream).ok().flatten();
         let mut reader = BufReader::new(stream);
+        let target = match redirected {
+            Some(t) => t,
+            None => self.read_proxy_header(&mut reader, peer).await?,
+        };
+        self.forward_plaintext(reader, peer, target).await
+    }
+
+    /// Process mode: the first line names the destination.
+    async fn read_proxy_header(
+        &self,
+        reader: &mut BufReader<TcpStream>,
+        peer: SocketAddr,
+    ) -> Result<SocketAddr> {
         let mut line = Vec::with_capacity(108);
         let read = async {
-            let mut limited = (&mut reader).take(108);
+            let mut limited = (&mut *reader).take(108);
             limited.read_until(b'\n', &mut line).await
         };
         tokio::time::timeout(self.connect_timeout, read)
@@ -387,11 +437,15 @@ impl Inbound {
                 path: peer.to_string().into(),
                 source,
             })?;
-        let target = parse_proxy_v1(&line).ok_or_else(|| {
-            Error::Config(format!(
-                "plaintext from {peer}: expected a PROXY v1 header naming the destination"
-            ))
-        })?;
+        parse_proxy_v1(&line).ok_or(Error::BadProxyHeader(peer))
+    }
+
+    async fn forward_plaintext(
+        &self,
+        mut reader: BufReader<TcpStream>,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<()> {
         let dst = self
             .directory
             .borrow()
@@ -400,12 +454,10 @@ impl Inbound {
             .ok_or(Error::UnknownDestination(target))?;
         let policy = self
             .policies
+            .borrow()
             .for_workload(&dst.workload, &self.trust_domain);
         if policy.mode != Mode::Permissive {
-            return Err(Error::Config(format!(
-                "workload {} is STRICT: plaintext refused",
-                dst.name()
-            )));
+            return Err(Error::PlaintextRefused(dst.name()));
         }
         let upstream = connect(target, self.connect_timeout).await?;
         forward(
@@ -426,8 +478,6 @@ impl Inbound {
         Ok(())
     }
 }
-
-use tokio::io::AsyncReadExt as _;
 
 /// `PROXY TCP4 src dst sport dport\r\n` → `dst:dport`.
 pub fn parse_proxy_v1(line: &[u8]) -> Option<SocketAddr> {

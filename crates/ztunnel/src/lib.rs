@@ -6,19 +6,22 @@
 //! ([`source`]), keeps those certificates fresh ([`certs`]), and carries the
 //! workloads' TCP connections between nodes as HBONE: HTTP/2 `CONNECT`
 //! streams inside mTLS where each side presents the *workload's* certificate
-//! ([`outbound`], [`pool`], [`inbound`], [`tls`]). Inbound traffic is checked
-//! against the workload's policy ([`policy`]); an admin listener serves
-//! readiness, `/debug/certs` and `/metrics` ([`admin`], [`metrics`]).
-//! [`App`] runs the whole thing in-process; `main.rs` only parses the config
-//! and waits for a signal.
+//! ([`outbound`], [`pool`], [`inbound`], [`tls`]). Connections reach it
+//! through per-workload listeners (process mode) or iptables redirection
+//! ([`capture`]). Inbound traffic is checked against the workload's policy
+//! ([`policy`]); an admin listener serves readiness, `/debug/certs` and
+//! `/metrics` ([`admin`], [`metrics`], [`connlog`]). [`App`] runs the whole
+//! thing in-process; `main.rs` only parses the config and waits for a signal.
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod certs;
 pub mod config;
 pub mod connlog;
 pub mod directory;
 pub mod error;
+pub mod h2io;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

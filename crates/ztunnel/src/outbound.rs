@@ -2,17 +2,22 @@
 //!
 //! In process mode each route is a listener owned by one source workload and
 //! bound to one destination address (`--outbound NS/POD@LISTEN=DEST`): what
-//! arrives on it comes from that workload and goes to that destination. The
+//! arrives on it comes from that workload and goes to that destination. With
+//! transparent capture (`--capture`), iptables redirects workloads'
+//! connections to one listener (:15001); the destination is the
+//! connection's `SO_ORIGINAL_DST` and the source the workload with the
+//! client's IP. The
 //! registry names the destination's node and identity; the connection is
 //! tunnelled as an HTTP/2 CONNECT stream over mTLS presenting the **source
 //! workload's** certificate to the destination node's ztunnel, which must
-//! present the destination workload's identity.
+//! present the destination workload's identity. A destination that is not
+//! in the registry is refused (no passthrough), as is a source that is not a
+//! workload this ztunnel serves.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +98,67 @@ impl Outbound {
         }
     }
 
+    /// Accepts redirected connections (transparent capture) until `cancel`:
+    /// the destination is the connection's `SO_ORIGINAL_DST`, the source the
+    /// served local workload with the client's IP.
+    pub async fn serve_captured(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "capture accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            tracker.spawn(async move {
+                let route = match this.captured_route(&stream, peer) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        this.metrics.outbound_failures.inc();
+                        tracing::warn!(peer.addr = %peer, error = %e, "captured connection refused");
+                        return;
+                    }
+                };
+                this.handle(stream, peer, &route).await
+            });
+        }
+    }
+
+    fn captured_route(&self, stream: &TcpStream, peer: SocketAddr) -> Result<Route> {
+        let destination = crate::capture::original_dst(stream)
+            .map_err(|source| Error::Io {
+                what: "SO_ORIGINAL_DST of a connection from",
+                path: peer.to_string().into(),
+                source,
+            })?
+            .ok_or_else(|| {
+                Error::UnknownSource(format!("{peer} (connection was not redirected)"))
+            })?;
+        let dir = self.directory.borrow();
+        let src = dir.local_by_ip(peer.ip()).ok_or_else(|| {
+            Error::UnknownSource(format!(
+                "{} (no single served workload has that IP)",
+                peer.ip()
+            ))
+        })?;
+        Ok(Route {
+            namespace: src.workload.namespace.clone(),
+            pod: src.workload.name.clone(),
+            destination,
+        })
+    }
+
     async fn handle(&self, mut stream: TcpStream, peer: SocketAddr, route: &Route) {
         let _ = stream.set_nodelay(true);
         let started = Instant::now();
@@ -120,7 +186,7 @@ impl Outbound {
         };
         let labels = Metrics::dir(Direction::Outbound);
         self.metrics.connections_opened.get_or_create(&labels).inc();
-        let mut tunnel = TokioIo::new(tunnel);
+        let mut tunnel = tunnel;
         let result = tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut tunnel,
@@ -170,7 +236,7 @@ impl Outbound {
         peer: SocketAddr,
         route: &Route,
     ) -> Result<(
-        hyper::upgrade::Upgraded,
+        crate::h2io::H2Stream,
         meshid_common::SpiffeId,
         meshid_common::SpiffeId,
     )> {

@@ -55,6 +55,44 @@ pub struct PolicyRule {
     pub allow: Option<Allow>,
 }
 
+/// Follows the policy file: every `interval`, a changed file (length or
+/// modification time) is re-read; a file that does not parse is logged and
+/// the last good policy stays. Ends when every receiver is gone.
+pub async fn watch_policy_file(
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+    tx: tokio::sync::watch::Sender<std::sync::Arc<Policies>>,
+) {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    // The first look always reloads: the file may have changed since the
+    // config read it.
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tx.closed() => return,
+        }
+        let now = stamp(&path);
+        if now == last || now.is_none() {
+            continue;
+        }
+        last = now;
+        match load_policy_file(&path) {
+            Ok(rules) => {
+                tracing::info!(path = %path.display(), rules = rules.len(), "policy file reloaded");
+                tx.send_replace(std::sync::Arc::new(Policies::new(rules)));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy file rejected; keeping the last good policy")
+            }
+        }
+    }
+}
+
 /// Reads and parses a policy file.
 pub fn load_policy_file(path: &Path) -> Result<Vec<PolicyRule>> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
@@ -162,5 +200,28 @@ mod tests {
         std::fs::write(&path, "[{\"mode\": \"LOOSE\"}]").unwrap();
         let err = load_policy_file(&path).unwrap_err().to_string();
         assert!(err.contains("p.json"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_reloaded_and_a_bad_one_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(&path, "[]").unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(std::sync::Arc::new(Policies::default()));
+        tokio::spawn(watch_policy_file(
+            path.clone(),
+            std::time::Duration::from_millis(20),
+            tx,
+        ));
+        std::fs::write(&path, r#"[{"namespace": "default", "mode": "PERMISSIVE"}]"#).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let web = pod("default", "web-0");
+        assert_eq!(rx.borrow().for_workload(&web, "td").mode, Mode::Permissive);
+        std::fs::write(&path, "not json at all").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(rx.borrow().for_workload(&web, "td").mode, Mode::Permissive);
     }
 }

@@ -14,18 +14,23 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
 use hyper::body::Bytes;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_common::{CredentialsRx, SpiffeId};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::h2io::H2Stream;
 use crate::metrics::Metrics;
+
+/// HTTP/2 settings of both ends of an HBONE connection: windows large
+/// enough that one stream can fill a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
 /// A pooled connection takes no new stream this close to the expiry of one
 /// of its certificates, so the peer never sees a stream arrive on an
@@ -60,8 +65,16 @@ pub struct ConnectRequest {
 /// expiry of the two certificates of its handshake, so no stream is opened
 /// on the authority of an expired certificate (revocation by TTL).
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Cancelled when the connection task ends.
+    closed: CancellationToken,
     usable_until: SystemTime,
+}
+
+impl Pooled {
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.closed.is_cancelled() && now < self.usable_until
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
@@ -104,7 +117,7 @@ impl Pool {
             .iter()
             .filter(|s| {
                 s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(|c| !c.sender.is_closed()))
+                    .map(|g| g.as_ref().is_some_and(|c| !c.closed.is_cancelled()))
                     .unwrap_or(true)
             })
             .count()
@@ -120,9 +133,7 @@ impl Pool {
         slots.retain(|_, slot| match slot.try_lock() {
             // In use right now (a dial in progress): keep.
             Err(_) => true,
-            Ok(guard) => guard
-                .as_ref()
-                .is_some_and(|p| !p.sender.is_closed() && now < p.usable_until),
+            Ok(guard) => guard.as_ref().is_some_and(|p| p.usable(now)),
         });
         before - slots.len()
     }
@@ -134,7 +145,7 @@ impl Pool {
         key: &PoolKey,
         source_creds: &CredentialsRx,
         req: &ConnectRequest,
-    ) -> Result<Upgraded> {
+    ) -> Result<H2Stream> {
         let slot = self
             .slots
             .lock()
@@ -142,40 +153,44 @@ impl Pool {
             .entry(key.clone())
             .or_default()
             .clone();
+        let http_err = |reason: String| Error::Http {
+            addr: key.node_addr,
+            reason,
+        };
         // One retry: a pooled connection may have been closed by the peer
         // (GOAWAY, idle close) between our check and the request.
         for attempt in 0..2 {
-            let mut sender = self.sender(key, &slot, source_creds, req).await?;
+            let sender = self.sender(key, &slot, source_creds, req).await?;
             let request = build_request(req)?;
-            match sender.send_request(request).await {
-                Ok(response) => {
-                    if response.status() != StatusCode::OK {
-                        return Err(Error::ConnectRefused {
-                            addr: key.node_addr,
-                            authority: req.authority.to_string(),
-                            status: response.status(),
-                        });
-                    }
-                    return hyper::upgrade::on(response).await.map_err(|e| Error::Http {
-                        addr: key.node_addr,
-                        reason: format!("CONNECT stream: {e}"),
-                    });
-                }
-                Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
-                    tracing::debug!(error = %e, "pooled HBONE connection closed; reconnecting");
-                }
-                Err(e) => {
-                    return Err(Error::Http {
-                        addr: key.node_addr,
-                        reason: e.to_string(),
-                    });
-                }
+            let sent = async {
+                let mut sender = sender.ready().await?;
+                sender.send_request(request, false)
             }
+            .await;
+            let (response, send) = match sent {
+                Ok(r) => r,
+                Err(e) if attempt == 0 && (e.is_go_away() || e.is_io() || e.is_reset()) => {
+                    tracing::debug!(error = %e, "pooled HBONE connection unusable; reconnecting");
+                    if let Some(p) = slot.lock().await.as_ref() {
+                        p.closed.cancel();
+                    }
+                    continue;
+                }
+                Err(e) => return Err(http_err(e.to_string())),
+            };
+            let response = response
+                .await
+                .map_err(|e| http_err(format!("CONNECT: {e}")))?;
+            if response.status() != StatusCode::OK {
+                return Err(Error::ConnectRefused {
+                    addr: key.node_addr,
+                    authority: req.authority.to_string(),
+                    status: response.status(),
+                });
+            }
+            return Ok(H2Stream::new(send, response.into_body()));
         }
-        Err(Error::Http {
-            addr: key.node_addr,
-            reason: "the connection closed twice".into(),
-        })
+        Err(http_err("the connection closed twice".into()))
     }
 
     async fn sender(
@@ -184,11 +199,10 @@ impl Pool {
         slot: &Slot,
         source_creds: &CredentialsRx,
         req: &ConnectRequest,
-    ) -> Result<SendRequest<Empty<Bytes>>> {
+    ) -> Result<SendRequest<Bytes>> {
         let mut guard = slot.lock().await;
         if let Some(p) = guard.as_ref()
-            && !p.sender.is_closed()
-            && SystemTime::now() < p.usable_until
+            && p.usable(SystemTime::now())
         {
             return Ok(p.sender.clone());
         }
@@ -255,14 +269,11 @@ impl Pool {
             .min()
             .and_then(|t| t.checked_sub(EXPIRY_MARGIN))
             .unwrap_or_else(SystemTime::now);
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .max_frame_size(256 * 1024)
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| Error::Http {
                 addr,
@@ -275,11 +286,20 @@ impl Pool {
             dst.identity = %key.destination,
             peer.addr = %addr,
         );
+        let closed = CancellationToken::new();
+        let ping_pong = conn.ping_pong();
+        let done = closed.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "HBONE connection ended");
+                tokio::select! {
+                    r = &mut conn => if let Err(e) = r {
+                        tracing::debug!(error = %e, "HBONE connection ended");
+                    },
+                    _ = keepalive(ping_pong) => {
+                        tracing::debug!("HBONE peer stopped answering PINGs; closing");
+                    }
                 }
+                done.cancel();
             }
             .instrument(span),
         );
@@ -291,12 +311,31 @@ impl Pool {
         );
         Ok(Pooled {
             sender,
+            closed,
             usable_until,
         })
     }
 }
 
-fn build_request(req: &ConnectRequest) -> Result<Request<Empty<Bytes>>> {
+/// Pings every [`KEEPALIVE_INTERVAL`]; returns when a PING goes unanswered
+/// for [`KEEPALIVE_TIMEOUT`] (never when the connection cannot ping).
+async fn keepalive(ping_pong: Option<h2::PingPong>) {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // A PING error means the connection is gone; the connection
+            // future reports it.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
+fn build_request(req: &ConnectRequest) -> Result<Request<()>> {
     let forwarded = match req.source_ip {
         std::net::IpAddr::V4(ip) => format!("for=\"{ip}\""),
         std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
@@ -305,7 +344,7 @@ fn build_request(req: &ConnectRequest) -> Result<Request<Empty<Bytes>>> {
         .method(Method::CONNECT)
         .uri(req.authority.to_string())
         .header("forwarded", forwarded)
-        .body(Empty::new())
+        .body(())
         .map_err(|e| Error::Http {
             addr: req.authority,
             reason: format!("building CONNECT: {e}"),

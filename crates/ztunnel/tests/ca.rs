@@ -171,7 +171,7 @@ async fn two_ztunnels_with_certs_from_the_ca_carry_a_connection() {
         echo_through(route, b"through the CA").await.unwrap(),
         b"through the CA"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("an inbound record", || !b.recent_connections().is_empty()).await;
     let seen = b.recent_connections();
     assert_eq!(
         seen[0].src_identity.as_deref(),
@@ -179,5 +179,113 @@ async fn two_ztunnels_with_certs_from_the_ca_carry_a_connection() {
     );
     a.shutdown().await;
     b.shutdown().await;
+    c.ca.shutdown().await;
+}
+
+/// Kills the child process when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn free_port(ip: &str) -> u16 {
+    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn the_binary_serves_a_node_from_flags_and_environment() {
+    let c = cluster().await;
+    let (hbone, admin) = (free_port("127.0.0.2").await, free_port("127.0.0.1").await);
+    let hbone_addr: std::net::SocketAddr = format!("127.0.0.2:{hbone}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let _b = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshid-ztunnel"))
+            .args(["--hbone-addr", &hbone_addr.to_string()])
+            .args(["--admin-addr", &admin_addr.to_string()])
+            .arg("--no-inbound-plaintext")
+            .args(["--registry-poll", "50ms"])
+            .env("CA_ADDRESS", &c.b.ca_address)
+            .env("CA_ROOT_CA", &c.b.ca_root_ca)
+            .env("AUTH_TOKEN", &c.b.token_path)
+            .env("WORKLOAD_REGISTRY", &c.b.registry_file)
+            .env("NODE_NAME", "node-b")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(admin_addr),
+        )
+        .await
+        {
+            drop(s);
+            if admin_get(admin_addr, "/ready").await.0 == 200 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the binary never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, certs) = admin_get(admin_addr, "/debug/certs").await;
+    assert!(
+        certs.contains("sa/db") && certs.contains("available"),
+        "{certs}"
+    );
+
+    let a = App::build(Config {
+        peers: vec![("node-b".into(), hbone_addr)],
+        ..c.a.clone()
+    })
+    .await
+    .unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let db = c
+        .registry
+        .pod("default", "db-0")
+        .unwrap()
+        .socket_addr()
+        .unwrap();
+    let route = a
+        .add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/web-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: db,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_through(route, b"to a process").await.unwrap(),
+        b"to a process"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, conns) = admin_get(admin_addr, "/debug/connections").await;
+        if conns.contains("spiffe://cluster.local/ns/default/sa/web") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{conns}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("ztunnel_hbone_responses_total{code=\"200\"} 1"),
+        "{metrics}"
+    );
+    a.shutdown().await;
     c.ca.shutdown().await;
 }

@@ -92,7 +92,10 @@ async fn a_node_a_workload_reaches_a_node_b_workload_as_itself() {
     assert_eq!(opened, 1, "10 streams over one HBONE connection");
 
     // node-b saw web's identity, not a ztunnel's.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("10 inbound records", || {
+        m.b.recent_connections().len() == 10
+    })
+    .await;
     let seen = m.b.recent_connections();
     assert_eq!(seen.len(), 10);
     for c in &seen {
@@ -273,11 +276,12 @@ async fn plaintext_inbound_only_reaches_permissive_workloads() {
         "PERMISSIVE accepts plaintext"
     );
     assert!(send(t.db).await.is_empty(), "STRICT refuses plaintext");
-    let seen = m.b.recent_connections();
-    assert!(
-        seen.iter()
+    wait_until("a plaintext record", || {
+        m.b.recent_connections()
+            .iter()
             .any(|c| c.src_identity.is_none() && c.dst_addr == t.legacy)
-    );
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -375,4 +379,51 @@ async fn a_neighbour_on_the_same_node_is_reached_through_hbone_too() {
     // Nothing expired or closed: the sweep keeps the pooled connection.
     assert_eq!(m.a.pool().sweep(), 0);
     assert_eq!(m.a.pool().open_connections(), 1);
+}
+
+#[tokio::test]
+async fn no_new_stream_rides_on_an_expired_client_certificate() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let short = m
+        .pki
+        .svid_at(&m.id("web"), Duration::from_secs(2), SystemTime::now())
+        .unwrap();
+    let mut h = raw_hbone(&m.pki, short, &m.id("db"), m.b.hbone_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.db.to_string()).await,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The TLS session is still up, but its client certificate has expired.
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &t.db.to_string()).await,
+        401
+    );
+}
+
+#[tokio::test]
+async fn megabytes_flow_both_ways_under_http2_flow_control() {
+    let t = topology().await;
+    let route = t.mesh.route_a("web-0", t.db).await;
+    let s = TcpStream::connect(route).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    const SIZE: usize = 24 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let chunk: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..SIZE / chunk.len() {
+            w.write_all(&chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(SIZE);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .expect("no flow-control stall")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), SIZE);
+    assert!(back.chunks(65_536).all(|c| c[250] == 250 && c[251] == 0));
 }

@@ -26,7 +26,10 @@ async fn the_connect_carries_the_source_spans_traceparent() {
     let mesh = Mesh::start(registry, Vec::new(), Duration::from_secs(3600)).await;
     let route = mesh.route_a("web-0", db).await;
     assert_eq!(echo_through(route, b"traced").await.unwrap(), b"traced");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("an inbound record", || {
+        !mesh.b.recent_connections().is_empty()
+    })
+    .await;
     let seen = mesh.b.recent_connections();
     let tp = seen[0]
         .traceparent
