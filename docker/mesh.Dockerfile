@@ -3,8 +3,8 @@
 #
 # Nothing can be pulled on the machines this project runs on, so the image
 # starts from scratch: the harness stages rootfs/ with target/debug's
-# meshid-ca, meshid-agent, meshid-envoy-shim, meshid-echo (and
-# meshid-ztunnel when built) in /usr/local/bin, plus the shared libraries
+# meshid-ca, meshid-agent, meshid-envoy-shim, meshid-echo and
+# meshid-ztunnel in /usr/local/bin, plus the shared libraries
 # `ldd` lists for them at their host paths (libgcc_s, libm, libc, the
 # loader), /tmp, and an nsswitch.conf. Each container names its binary as
 # its command.

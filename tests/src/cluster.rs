@@ -1,13 +1,82 @@
 //! What the harness does as "the cluster" on every backend: the CA's
 //! plugged-in certificate files (the `cacerts` secret) and how they are
-//! written.
+//! written; the ambient nodes' registry entries, ztunnel tokens and routes.
 
 use std::path::Path;
 use std::time::Duration;
 
+use meshid_ca::token::{TokenClaims, TokenIssuer};
+use meshid_common::registry::{Node, Registry, Workload};
 use meshid_common::{CaOptions, CertificateAuthority};
 
 use crate::Error;
+use crate::process_backend::NodeSpec;
+
+/// The ztunnel's own service account, trusted to impersonate (the CA's
+/// `CA_TRUSTED_NODE_ACCOUNTS` default).
+pub const ZTUNNEL_NAMESPACE: &str = "istio-system";
+pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "ztunnel";
+
+/// Registers ambient node `node` and its ztunnel's pod (`ztunnel-<node>`).
+pub fn register_node(registry: &mut Registry, node: &str) {
+    registry.upsert_node(Node {
+        name: node.into(),
+        uid: format!("uid-{node}"),
+    });
+    registry.upsert_workload(Workload {
+        name: format!("ztunnel-{node}"),
+        namespace: ZTUNNEL_NAMESPACE.into(),
+        service_account: ZTUNNEL_SERVICE_ACCOUNT.into(),
+        node: node.into(),
+        uid: format!("uid-ztunnel-{node}"),
+        address: None,
+        mode: Some("node-proxy".into()),
+    });
+}
+
+/// Registers ambient workload `default/<name>` on `node` at `address` (its pod address).
+pub fn register_ambient_workload(
+    registry: &mut Registry,
+    name: &str,
+    service_account: &str,
+    node: &str,
+    address: String,
+) {
+    registry.upsert_workload(Workload {
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: service_account.into(),
+        node: node.into(),
+        uid: format!("uid-default-{name}"),
+        address: Some(address),
+        mode: Some("ambient".into()),
+    });
+}
+
+/// The token of `node`'s ztunnel: its own service account, bound to its pod and node.
+pub fn ztunnel_token(issuer: &TokenIssuer, node: &str) -> Result<String, Error> {
+    let claims = TokenClaims::for_pod(
+        ZTUNNEL_NAMESPACE,
+        ZTUNNEL_SERVICE_ACCOUNT,
+        &format!("ztunnel-{node}"),
+        &format!("uid-ztunnel-{node}"),
+        node,
+        &format!("uid-{node}"),
+    )
+    .valid_for(Duration::from_secs(3600));
+    issuer
+        .mint(&claims)
+        .map_err(|e| Error::Setup(format!("ztunnel token for {node}: {e}")))
+}
+
+/// Where the outbound routes of node `n`'s workloads lead: the first
+/// workload of the next node (HBONE across nodes); none with a single node.
+pub fn outbound_target(nodes: &[NodeSpec], n: usize) -> Option<&str> {
+    let next = &nodes[(n + 1) % nodes.len()];
+    (next.name != nodes[n].name)
+        .then(|| next.workloads.first().map(|(name, _)| name.as_str()))
+        .flatten()
+}
 
 /// Plugged-in CA material as Istio recommends (an offline root A and an
 /// intermediate A that signs workloads), so the root-rotation case has a

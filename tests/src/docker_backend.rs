@@ -10,6 +10,13 @@
 //!   runs the echo app and relays loopback-only ports, see
 //!   [`crate::docker::forward`]), plus agent and proxy containers joining
 //!   that namespace, as a pod's containers share one in Kubernetes.
+//! - An ambient node is a sandbox owning the node's network namespace plus
+//!   the ztunnel in it (its own token, `/cluster` for the registry, HBONE on
+//!   the node's address, the other nodes as `--peer`s); each ambient
+//!   workload is one echo container whose address on the run's network is
+//!   its pod address in the registry. The ztunnel's per-workload outbound
+//!   listeners (process mode: no traffic capture) and admin are on the
+//!   node's loopback, relayed by the sandbox.
 //! - Agents reach the CA by its container name on the run's network and
 //!   check its DNS SAN `istiod.istio-system.svc`; pods reach each other by
 //!   container IP. The harness reaches everything through ports published on
@@ -35,7 +42,10 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 
 use crate::Error;
-use crate::cluster::{plugged_ca_files, write_ca_files};
+use crate::cluster::{
+    outbound_target, plugged_ca_files, register_ambient_workload, register_node, write_ca_files,
+    ztunnel_token,
+};
 use crate::docker::image::{self, Images};
 use crate::docker::{cli, error};
 use crate::http::{self, Response};
@@ -58,6 +68,12 @@ const PROXY_ADMIN: u16 = 15000;
 const AGENT_ADMIN: u16 = 15020;
 /// The sandbox relays `FORWARD_BASE + port` on the pod's address to `port` on its loopback.
 const FORWARD_BASE: u16 = 10000;
+/// A node's ztunnel (in its node's network namespace): HBONE on the node's
+/// address, admin on loopback, and the k-th workload's outbound listener on
+/// loopback at `ZTUNNEL_OUTBOUND_BASE + k`.
+const HBONE: u16 = 15008;
+const ZTUNNEL_ADMIN: u16 = 15000;
+const ZTUNNEL_OUTBOUND_BASE: u16 = 15101;
 
 /// Where the run directory appears inside containers.
 const POD_DIR: &str = "/pod";
@@ -128,6 +144,28 @@ impl Probe {
             },
             Probe::Echo(addr) => crate::client::plain_echo(addr, b"ready?\n").await,
         }
+    }
+}
+
+/// A started sandbox (see [`DockerMesh::start_sandbox`]).
+#[derive(Debug)]
+struct Sandbox {
+    /// Its container id, whose network namespace others join.
+    id: String,
+    /// Its address on the run's network.
+    ip: IpAddr,
+    /// (port inside, where it is published on the host)
+    published: Vec<(u16, SocketAddr)>,
+}
+
+impl Sandbox {
+    /// Where `port` inside the sandbox is published on the host.
+    fn host(&self, port: u16) -> SocketAddr {
+        self.published
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, h)| *h)
+            .expect("every forwarded port is published")
     }
 }
 
@@ -226,8 +264,10 @@ pub struct DockerMesh {
     ca_grpc: SocketAddr,
     ca_monitoring: SocketAddr,
     pods: Vec<Pod>,
-    /// Each pod's address on the run's network.
+    /// Each pod's address on the run's network (ambient workloads' too).
     pod_ips: BTreeMap<String, IpAddr>,
+    /// Each ambient node's address on the run's network (its ztunnel's).
+    node_ips: BTreeMap<String, IpAddr>,
     ambient: Vec<Ambient>,
     otlp: OtlpReceiver,
     images: Images,
@@ -284,6 +324,7 @@ impl DockerMesh {
             issuer,
             pods: Vec::new(),
             pod_ips: BTreeMap::new(),
+            node_ips: BTreeMap::new(),
             ambient: Vec::new(),
             otlp,
             images,
@@ -299,6 +340,7 @@ impl DockerMesh {
         for pod in mesh.spec.pods.clone() {
             mesh.start_pod(&pod).await?;
         }
+        mesh.start_nodes().await?;
         let names: Vec<String> = mesh.components.keys().cloned().collect();
         for name in names {
             mesh.wait_ready(&name, Duration::from_secs(60)).await?;
@@ -445,6 +487,63 @@ impl DockerMesh {
             })
     }
 
+    /// Starts a sandbox: the container owning a network namespace on the
+    /// run's network (a pod's or a node's; an ambient workload's is its app
+    /// alone). It runs the echo app on `app_ip:APP` and relays
+    /// `FORWARD_BASE + port` to each of the `forwarded` ports on its
+    /// loopback; those relays and the `direct` ports are published on
+    /// 127.0.0.1. `APP` must be among them: it is the readiness probe.
+    async fn start_sandbox(
+        &mut self,
+        component: &str,
+        docker_name: &str,
+        app_ip: Ipv4Addr,
+        forwarded: &[u16],
+        direct: &[u16],
+    ) -> Result<Sandbox, Error> {
+        let published: Vec<(u16, SocketAddr)> = forwarded
+            .iter()
+            .chain(direct)
+            .map(|&p| free_port().map(|host| (p, loopback(host))))
+            .collect::<Result<_, _>>()?;
+        let mut cmd = vec![
+            "/usr/local/bin/meshid-echo".to_string(),
+            "--listen".into(),
+            format!("{app_ip}:{APP}"),
+        ];
+        for port in forwarded {
+            cmd.push("--forward".into());
+            cmd.push(format!("0.0.0.0:{}=127.0.0.1:{port}", FORWARD_BASE + port));
+        }
+        let mut request = self
+            .request(&self.images.mesh.reference, docker_name, "meshid-echo")
+            .with_cmd(cmd)
+            .with_network(&self.run);
+        for (port, host) in &published {
+            let inside = if forwarded.contains(port) {
+                FORWARD_BASE + port
+            } else {
+                *port
+            };
+            request = request.with_mapped_port(host.port(), inside.tcp());
+        }
+        let request = request.with_host_config_modifier(publish_on_loopback);
+        let mut sandbox = Sandbox {
+            id: String::new(),
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            published,
+        };
+        let container = self
+            .launch(component, request, Probe::Echo(sandbox.host(APP)))
+            .await?;
+        sandbox.id = container.id().to_owned();
+        sandbox.ip = container
+            .get_bridge_ip_address()
+            .await
+            .map_err(|e| error(format!("address of {docker_name}"), e))?;
+        Ok(sandbox)
+    }
+
     async fn start_pod(&mut self, pod: &PodSpec) -> Result<(), Error> {
         let pod_dir = self.dir.join("pods").join(&pod.name);
         let id = SpiffeId::for_service_account(
@@ -467,46 +566,20 @@ impl DockerMesh {
         )?;
 
         // The sandbox: echo app, relays, and the published ports of the whole pod.
-        let inbound = loopback(free_port()?);
-        let published: Vec<(u16, u16)> = [AGENT_ADMIN, PROXY_ADMIN, OUTBOUND, APP]
-            .into_iter()
-            .map(|p| free_port().map(|host| (p, host)))
-            .collect::<Result<_, _>>()?;
-        let host_port = |p: u16| {
-            published
-                .iter()
-                .find(|(c, _)| *c == p)
-                .map(|(_, h)| loopback(*h))
-                .expect("every forwarded port is published")
-        };
-        let mut cmd = vec![
-            "/usr/local/bin/meshid-echo".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{APP}"),
-        ];
-        for (port, _) in &published {
-            cmd.push("--forward".into());
-            cmd.push(format!("0.0.0.0:{}=127.0.0.1:{port}", FORWARD_BASE + port));
-        }
         let sandbox_name = format!("{}-{}", self.run, pod.name);
-        let mut request = self
-            .request(&self.images.mesh.reference, &sandbox_name, "meshid-echo")
-            .with_cmd(cmd)
-            .with_network(&self.run)
-            .with_mapped_port(inbound.port(), INBOUND.tcp());
-        for (port, host) in &published {
-            request = request.with_mapped_port(*host, (FORWARD_BASE + port).tcp());
-        }
-        let request = request.with_host_config_modifier(publish_on_loopback);
-        let app_component = format!("{}/app", pod.name);
         let sandbox = self
-            .launch(&app_component, request, Probe::Echo(host_port(APP)))
+            .start_sandbox(
+                &format!("{}/app", pod.name),
+                &sandbox_name,
+                Ipv4Addr::LOCALHOST,
+                &[AGENT_ADMIN, PROXY_ADMIN, OUTBOUND, APP],
+                &[INBOUND],
+            )
             .await?;
-        let sandbox_id = sandbox.id().to_owned();
-        let ip = sandbox
-            .get_bridge_ip_address()
-            .await
-            .map_err(|e| error(format!("address of {sandbox_name}"), e))?;
+        let host_port = |p: u16| sandbox.host(p);
+        let inbound = host_port(INBOUND);
+        let sandbox_id = sandbox.id.clone();
+        let ip = sandbox.ip;
         self.pod_ips.insert(pod.name.clone(), ip);
 
         // The agent.
@@ -640,6 +713,143 @@ impl DockerMesh {
             agent,
             proxy_component,
         });
+        Ok(())
+    }
+
+    /// The ambient nodes, as the process backend has them: each workload a
+    /// container whose address on the run's network is its pod address in
+    /// the registry; each node a sandbox owning the node's network namespace
+    /// (relaying the ztunnel's loopback admin and outbound listeners) and
+    /// the ztunnel in it, with its own token, HBONE on the node's address
+    /// and the other nodes as `--peer`s. Each workload's outbound listener
+    /// leads to the first workload of the next node.
+    async fn start_nodes(&mut self) -> Result<(), Error> {
+        let nodes = self.spec.nodes.clone();
+        // The workloads first: their addresses go into the registry.
+        let mut ambient = Vec::new();
+        for node in &nodes {
+            register_node(&mut self.registry, &node.name);
+            for (name, sa) in &node.workloads {
+                let sandbox = self
+                    .start_sandbox(
+                        &format!("{name}/app"),
+                        &format!("{}-{name}", self.run),
+                        Ipv4Addr::UNSPECIFIED,
+                        &[],
+                        &[APP],
+                    )
+                    .await?;
+                register_ambient_workload(
+                    &mut self.registry,
+                    name,
+                    sa,
+                    &node.name,
+                    sandbox.ip.to_string(),
+                );
+                self.pod_ips.insert(name.clone(), sandbox.ip);
+                ambient.push(Ambient {
+                    name: name.clone(),
+                    namespace: "default".into(),
+                    service_account: sa.clone(),
+                    node: node.name.clone(),
+                    id: SpiffeId::for_service_account(&self.spec.trust_domain, "default", sa)
+                        .map_err(|e| Error::Setup(e.to_string()))?,
+                    app: sandbox.host(APP),
+                    outbound: None,
+                    ztunnel: format!("{}/ztunnel", node.name),
+                });
+            }
+        }
+        self.save_registry()?;
+        let root =
+            std::fs::read_to_string(&self.root_out).map_err(|e| Error::io(&self.root_out, e))?;
+        // The nodes' sandboxes next: every ztunnel names the others' addresses.
+        let mut sandboxes = Vec::new();
+        for node in &nodes {
+            let node_dir = self.dir.join("nodes").join(&node.name);
+            write(
+                &node_dir.join("var/run/secrets/tokens/istio-token"),
+                &ztunnel_token(&self.issuer, &node.name)?,
+            )?;
+            write(&node_dir.join("var/run/secrets/istio/root-cert.pem"), &root)?;
+            let mut forwarded = vec![ZTUNNEL_ADMIN, APP];
+            forwarded.extend((0..node.workloads.len()).map(|k| ZTUNNEL_OUTBOUND_BASE + k as u16));
+            let sandbox = self
+                .start_sandbox(
+                    &format!("{}/sandbox", node.name),
+                    &format!("{}-{}", self.run, node.name),
+                    Ipv4Addr::LOCALHOST,
+                    &forwarded,
+                    &[],
+                )
+                .await?;
+            self.node_ips.insert(node.name.clone(), sandbox.ip);
+            sandboxes.push((node_dir, sandbox));
+        }
+        for (n, (node, (node_dir, sandbox))) in nodes.iter().zip(&sandboxes).enumerate() {
+            let mut cmd = vec![
+                "/usr/local/bin/meshid-ztunnel".to_string(),
+                "--ca-address".into(),
+                format!("https://{}:{CA_GRPC}", self.ca_container),
+                "--trust-domain".into(),
+                self.spec.trust_domain.clone(),
+                "--node-name".into(),
+                node.name.clone(),
+                "--registry-file".into(),
+                "/cluster/registry.json".into(),
+                "--secret-ttl".into(),
+                format!("{}s", self.spec.ttl.as_secs()),
+                "--hbone-addr".into(),
+                format!("0.0.0.0:{HBONE}"),
+                "--admin-addr".into(),
+                format!("127.0.0.1:{ZTUNNEL_ADMIN}"),
+            ];
+            for (other, (_, s)) in nodes.iter().zip(&sandboxes) {
+                if other.name != node.name {
+                    cmd.push("--peer".into());
+                    cmd.push(format!("{}={}:{HBONE}", other.name, s.ip));
+                }
+            }
+            let target = outbound_target(&nodes, n)
+                .and_then(|t| ambient.iter().find(|a| a.name == t))
+                .map(|t| (t.name.clone(), self.pod_ips[&t.name]));
+            if let Some((target, ip)) = target {
+                for (k, a) in ambient
+                    .iter_mut()
+                    .filter(|a| a.node == node.name)
+                    .enumerate()
+                {
+                    let listen = ZTUNNEL_OUTBOUND_BASE + k as u16;
+                    cmd.push("--outbound".into());
+                    cmd.push(format!(
+                        "{}/{}@127.0.0.1:{listen}={ip}:{APP}",
+                        a.namespace, a.name
+                    ));
+                    a.outbound = Some((sandbox.host(listen), target.clone()));
+                }
+            }
+            let component = format!("{}/ztunnel", node.name);
+            let request = self
+                .pod_request(
+                    &self.images.mesh.reference,
+                    &format!("{}-{}-ztunnel", self.run, node.name),
+                    "meshid-ztunnel",
+                    node_dir,
+                    &sandbox.id,
+                )
+                .with_mount(
+                    Mount::bind_mount(self.dir.join("cluster").display().to_string(), "/cluster")
+                        .with_access_mode(AccessMode::ReadOnly),
+                )
+                .with_cmd(cmd);
+            self.launch(
+                &component,
+                request,
+                Probe::Ready(sandbox.host(ZTUNNEL_ADMIN)),
+            )
+            .await?;
+        }
+        self.ambient = ambient;
         Ok(())
     }
 
@@ -874,6 +1084,43 @@ impl Topology for DockerMesh {
                 p.name,
             );
         }
+        for a in &self.ambient {
+            let _ = writeln!(
+                out,
+                "ambient {:<10} {}  on {}  ip {}  app {}{}  container {}-{}",
+                a.name,
+                a.id,
+                a.node,
+                self.pod_ips
+                    .get(&a.name)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                a.app,
+                a.outbound
+                    .as_ref()
+                    .map(|(l, to)| format!("  outbound {l} (to {to})"))
+                    .unwrap_or_default(),
+                self.run,
+                a.name,
+            );
+        }
+        for n in &self.spec.nodes {
+            let _ = writeln!(
+                out,
+                "ztunnel {:<10} ip {}  hbone :{HBONE}  admin http://{}  containers {}-{}{{,-ztunnel}}",
+                n.name,
+                self.node_ips
+                    .get(&n.name)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                self.components
+                    .get(&format!("{}/ztunnel", n.name))
+                    .map(|c| c.probe.addr().to_string())
+                    .unwrap_or_default(),
+                self.run,
+                n.name,
+            );
+        }
         let _ = writeln!(
             out,
             "logs           docker logs <container>; saved to {} at teardown",
@@ -889,12 +1136,13 @@ impl Topology for DockerMesh {
 
     async fn teardown(&mut self) {
         self.save_logs().await;
-        // Proxies and agents before the sandboxes whose namespaces they share; the CA last.
+        // Proxies, agents and ztunnels before the sandboxes whose namespaces
+        // they share; the CA last.
         let mut order: Vec<String> = self.components.keys().cloned().collect();
         order.sort_by_key(|name| {
             if name == "ca" {
                 2
-            } else if name.ends_with("/app") {
+            } else if name.ends_with("/app") || name.ends_with("/sandbox") {
                 1
             } else {
                 0

@@ -252,4 +252,39 @@ mod tests {
         assert_eq!(receiver.store.trace(&csr.trace_id).len(), 2);
         let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
+
+    /// `--otlp-endpoint`: what the harness's receiver gets also reaches a
+    /// second collector (Jaeger in real use), spans and service intact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exports_are_forwarded_to_the_given_endpoint() {
+        let jaeger = OtlpReceiver::start().await.unwrap();
+        let receiver = OtlpReceiver::start_forwarding(Some(jaeger.endpoint()))
+            .await
+            .unwrap();
+        let provider =
+            meshid_common::telemetry::otlp_provider("meshid-test", &receiver.endpoint()).unwrap();
+        let tracer = provider.tracer("t");
+        let parent = tracer.start("ztunnel.fetch");
+        let cx = opentelemetry::Context::current_with_span(parent);
+        tracer.start_with_context("ca.sign", &cx).end();
+        cx.span().end();
+        let p = provider.clone();
+        tokio::task::spawn_blocking(move || p.force_flush())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(receiver.store.all().len(), 2);
+        // Forwarding is asynchronous: wait for the second collector.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while jaeger.store.all().len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut forwarded = jaeger.store.all();
+        let mut received = receiver.store.all();
+        forwarded.sort_by(|a, b| a.span_id.cmp(&b.span_id));
+        received.sort_by(|a, b| a.span_id.cmp(&b.span_id));
+        assert_eq!(forwarded, received);
+        assert!(forwarded.iter().all(|s| s.service == "meshid-test"));
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
 }

@@ -13,7 +13,10 @@ use meshid_ca::token::{TokenAlgorithm, TokenClaims, TokenIssuer};
 use meshid_common::SpiffeId;
 use meshid_common::registry::{Node, Registry, Workload};
 
-use crate::cluster::{plugged_ca_files, write_ca_files};
+use crate::cluster::{
+    outbound_target, plugged_ca_files, register_ambient_workload, register_node, write_ca_files,
+    ztunnel_token,
+};
 
 use crate::Error;
 use crate::echo::Echo;
@@ -67,9 +70,6 @@ pub struct NodeSpec {
 }
 
 const NODE: &str = "node-sidecar";
-/// The ztunnel's own service account, trusted to impersonate (CA_TRUSTED_NODE_ACCOUNTS).
-const ZTUNNEL_NS: &str = "istio-system";
-const ZTUNNEL_SA: &str = "ztunnel";
 
 /// A free loopback port (bound and released; the component binds it next).
 fn free_port() -> Result<SocketAddr, Error> {
@@ -172,19 +172,7 @@ impl ProcessMesh {
     async fn register_ambient(&mut self) -> Result<Vec<Ambient>, Error> {
         let mut out = Vec::new();
         for (n, node) in self.spec.nodes.clone().iter().enumerate() {
-            self.registry.upsert_node(Node {
-                name: node.name.clone(),
-                uid: format!("uid-{}", node.name),
-            });
-            self.registry.upsert_workload(Workload {
-                name: format!("ztunnel-{}", node.name),
-                namespace: ZTUNNEL_NS.into(),
-                service_account: ZTUNNEL_SA.into(),
-                node: node.name.clone(),
-                uid: format!("uid-ztunnel-{}", node.name),
-                address: None,
-                mode: Some("node-proxy".into()),
-            });
+            register_node(&mut self.registry, &node.name);
             for (k, (name, sa)) in node.workloads.iter().enumerate() {
                 let ip = format!("127.10.{}.{}", n + 1, k + 1);
                 let app = Echo::start(format!("{ip}:0").parse().expect("address"))
@@ -192,15 +180,13 @@ impl ProcessMesh {
                     .map_err(|e| Error::Setup(format!("ambient app {name} on {ip}: {e}")))?;
                 let id = SpiffeId::for_service_account(&self.spec.trust_domain, "default", sa)
                     .map_err(|e| Error::Setup(e.to_string()))?;
-                self.registry.upsert_workload(Workload {
-                    name: name.clone(),
-                    namespace: "default".into(),
-                    service_account: sa.clone(),
-                    node: node.name.clone(),
-                    uid: format!("uid-default-{name}"),
-                    address: Some(app.addr.to_string()),
-                    mode: Some("ambient".into()),
-                });
+                register_ambient_workload(
+                    &mut self.registry,
+                    name,
+                    sa,
+                    &node.name,
+                    app.addr.to_string(),
+                );
                 out.push(Ambient {
                     name: name.clone(),
                     namespace: "default".into(),
@@ -229,26 +215,16 @@ impl ProcessMesh {
             std::fs::read_to_string(&self.root_out).map_err(|e| Error::io(&self.root_out, e))?;
         for (n, node) in nodes.iter().enumerate() {
             let cwd = self.dir.join("nodes").join(&node.name);
-            let pod = format!("ztunnel-{}", node.name);
-            let claims = TokenClaims::for_pod(
-                ZTUNNEL_NS,
-                ZTUNNEL_SA,
-                &pod,
-                &format!("uid-ztunnel-{}", node.name),
-                &node.name,
-                &format!("uid-{}", node.name),
-            )
-            .valid_for(Duration::from_secs(3600));
-            let token = self
-                .issuer
-                .mint(&claims)
-                .map_err(|e| Error::Setup(format!("ztunnel token: {e}")))?;
-            write(&cwd.join("var/run/secrets/tokens/istio-token"), &token)?;
+            write(
+                &cwd.join("var/run/secrets/tokens/istio-token"),
+                &ztunnel_token(&self.issuer, &node.name)?,
+            )?;
             write(&cwd.join("var/run/secrets/istio/root-cert.pem"), &root)?;
             let admin = free_port()?;
             let component = format!("{}/ztunnel", node.name);
-            let next = &nodes[(n + 1) % nodes.len()];
-            let target = ambient.iter().find(|a| a.node == next.name).cloned();
+            let target = outbound_target(&nodes, n)
+                .and_then(|t| ambient.iter().find(|a| a.name == t))
+                .cloned();
             let mut spec = Spec::new(&component, self.bin("meshid-ztunnel"), &cwd).args([
                 "--ca-address".to_string(),
                 self.ca_address(),
@@ -274,7 +250,7 @@ impl ProcessMesh {
                         .arg(format!("{}={}", other.name, hbone[m]));
                 }
             }
-            if let Some(target) = target.filter(|t| t.node != node.name) {
+            if let Some(target) = target {
                 for a in ambient.iter_mut().filter(|a| a.node == node.name) {
                     let listen = free_port()?;
                     spec = spec.arg("--outbound").arg(format!(

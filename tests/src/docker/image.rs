@@ -29,9 +29,8 @@ pub const MESH_BINARIES: &[&str] = &[
     "meshid-agent",
     "meshid-envoy-shim",
     "meshid-echo",
+    "meshid-ztunnel",
 ];
-/// Binaries the mesh image takes when they are built.
-pub const OPTIONAL_BINARIES: &[&str] = &["meshid-ztunnel"];
 /// Where binaries go inside an image.
 pub const BIN_DIR: &str = "usr/local/bin";
 /// Bumped when the layout below changes, so old images are rebuilt.
@@ -165,13 +164,7 @@ fn spec_for(
 
 /// The mesh image from the binaries in `bin_dir` (target/debug).
 pub fn mesh_spec(bin_dir: &Path) -> Result<ImageSpec, Error> {
-    let mut bins: Vec<PathBuf> = MESH_BINARIES.iter().map(|b| bin_dir.join(b)).collect();
-    bins.extend(
-        OPTIONAL_BINARIES
-            .iter()
-            .map(|b| bin_dir.join(b))
-            .filter(|p| p.is_file()),
-    );
+    let bins: Vec<PathBuf> = MESH_BINARIES.iter().map(|b| bin_dir.join(b)).collect();
     spec_for(MESH_REPOSITORY, "mesh.Dockerfile", bins)
 }
 
