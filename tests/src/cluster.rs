@@ -121,3 +121,23 @@ pub fn write_ca_files(dir: &Path, files: &[(&str, String)]) -> Result<(), Error>
     }
     Ok(())
 }
+
+/// Publishes the CA's root bundle to every pod and node of a run directory,
+/// as istiod does with its `istio-ca-root-cert` ConfigMap (mounted where
+/// `CA_ROOT_CA` points): `<dir>/{pods,nodes}/<name>/var/run/secrets/istio/root-cert.pem`.
+pub fn publish_roots<'a>(
+    dir: &Path,
+    pods: impl IntoIterator<Item = &'a str>,
+    nodes: impl IntoIterator<Item = &'a str>,
+    roots: &str,
+) -> Result<(), Error> {
+    let targets = pods
+        .into_iter()
+        .map(|p| dir.join("pods").join(p))
+        .chain(nodes.into_iter().map(|n| dir.join("nodes").join(n)));
+    for base in targets {
+        let path = base.join("var/run/secrets/istio/root-cert.pem");
+        std::fs::write(&path, roots).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}

@@ -626,14 +626,9 @@ impl Topology for ProcessMesh {
         // istio-ca-root-cert ConfigMap, mounted at CA_ROOT_CA); so does the
         // cluster the harness plays.
         if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
-            for pod in &self.pods {
-                let path = self
-                    .dir
-                    .join("pods")
-                    .join(&pod.name)
-                    .join("var/run/secrets/istio/root-cert.pem");
-                write(&path, roots)?;
-            }
+            let pods = self.pods.iter().map(|p| p.name.as_str());
+            let nodes = self.spec.nodes.iter().map(|n| n.name.as_str());
+            crate::cluster::publish_roots(&self.dir, pods, nodes, roots)?;
         }
         Ok(())
     }
