@@ -12,6 +12,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use meshid_common::cert::unix_secs;
 use meshid_common::telemetry::set_remote_parent;
 use meshid_common::{Credentials, CredentialsRx, KeyType, PrivateKey, SpiffeId};
@@ -179,6 +181,14 @@ impl SecretManager {
 
     /// Renews until `cancel` fires.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        // The first use of the random generator seeds it, which takes tens
+        // of milliseconds with aws-lc's CPU-jitter entropy: make the first
+        // key now, before any client asks, so that the first answer does
+        // not wait for it. An ECDSA key is made right here (the seeding
+        // would block whoever comes first anyway, and no extra thread
+        // stays around); an RSA key takes long enough to go to the
+        // blocking pool.
+        let mut first_key = Some(prepare_key(self.cfg.key_type));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = self.demand.notified() => {}
@@ -186,7 +196,11 @@ impl SecretManager {
         }
         let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
         loop {
-            match self.renew().await {
+            let key = match first_key.take() {
+                Some(prepared) => prepared.await,
+                None => None,
+            };
+            match self.renew(key).await {
                 Ok(creds) => {
                     backoff.reset();
                     let at = self.accept(creds);
@@ -213,7 +227,7 @@ impl SecretManager {
 
     /// One CSR (span `agent.csr`), inside `agent.rotate` when a certificate
     /// is held; the first one continues the first client's trace instead.
-    async fn renew(&self) -> Result<Credentials> {
+    async fn renew(&self, key: Option<PrivateKey>) -> Result<Credentials> {
         match self.current() {
             Some(current) => {
                 let span = info_span!(
@@ -221,16 +235,21 @@ impl SecretManager {
                     spiffe.id = self.cfg.id.as_str(),
                     cert.serial = %current.svid.leaf().serial,
                 );
-                self.csr(None).instrument(span).await
+                self.csr(None, key).instrument(span).await
             }
             None => {
                 let parent = self.parent.lock().ok().and_then(|mut p| p.take());
-                self.csr(parent).await
+                self.csr(parent, key).await
             }
         }
     }
 
-    async fn csr(&self, parent: Option<opentelemetry::Context>) -> Result<Credentials> {
+    /// One CSR with `key`, or a fresh key when none is given.
+    async fn csr(
+        &self,
+        parent: Option<opentelemetry::Context>,
+        key: Option<PrivateKey>,
+    ) -> Result<Credentials> {
         let id = &self.cfg.id;
         let span = info_span!(
             "agent.csr",
@@ -243,7 +262,10 @@ impl SecretManager {
         }
         async {
             let token = self.token.read().await?;
-            let key = generate_key(self.cfg.key_type).await?;
+            let key = match key {
+                Some(key) => key,
+                None => generate_key(self.cfg.key_type).await?,
+            };
             let csr_pem = key.csr_for(id)?;
             let req = SignRequest {
                 id: id.clone(),
@@ -398,6 +420,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The first key, made now (ECDSA) or on the blocking pool (RSA).
+fn prepare_key(key_type: KeyType) -> BoxFuture<'static, Option<PrivateKey>> {
+    if key_type == KeyType::Rsa2048 {
+        let task = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type));
+        async move { task.await.ok()?.ok() }.boxed()
+    } else {
+        futures::future::ready(PrivateKey::generate(key_type).ok()).boxed()
     }
 }
 

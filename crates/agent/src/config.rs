@@ -162,6 +162,8 @@ pub struct Config {
     pub ca_root_ca: PathBuf,
     pub ca_server_name: String,
     pub token_path: PathBuf,
+    /// The audiences the projected token is minted for (by the kubelet, not
+    /// by the agent): printed at start so a mismatch with the CA shows.
     pub token_audiences: Vec<String>,
     #[serde(serialize_with = "ser_duration")]
     pub secret_ttl: Duration,

@@ -45,13 +45,14 @@ impl TokenFile {
     }
 
     /// Reads the file now. Errors name the path (and never the content).
+    /// A token is a small file on a local (projected) volume: it is read
+    /// inline rather than through the blocking pool, which would keep a
+    /// thread and its allocator arena around for one read a day.
     pub async fn read(&self) -> Result<Token> {
-        let raw = tokio::fs::read(&self.path)
-            .await
-            .map_err(|source| Error::TokenUnreadable {
-                path: self.path.clone(),
-                source,
-            })?;
+        let raw = std::fs::read(&self.path).map_err(|source| Error::TokenUnreadable {
+            path: self.path.clone(),
+            source,
+        })?;
         let raw = Zeroizing::new(raw);
         let text = std::str::from_utf8(&raw).map_err(|_| Error::TokenUnreadable {
             path: self.path.clone(),

@@ -166,6 +166,14 @@ mod tests {
         let accepted = incoming.next().await.unwrap();
         assert!(accepted.is_ok(), "our own process is allowed");
 
+        // With a group: 0660 and owned by that group.
+        let grouped = dir.path().join("grouped.sock");
+        let l = UdsListener::bind(&grouped, Some(65534)).unwrap();
+        let meta = std::fs::metadata(&grouped).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 65534);
+        assert_eq!(l.policy().group, Some(65534));
+
         let file = dir.path().join("plain");
         std::fs::write(&file, "x").unwrap();
         let err = UdsListener::bind(&file, None).unwrap_err().to_string();

@@ -18,7 +18,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{AgentBuilder, TestAgent};
+use crate::support::{AgentBuilder, RealCa, TestAgent};
 
 const ENVOY_VERSION: &str = "1.40.0";
 
@@ -207,16 +207,16 @@ struct Envoy {
 
 impl Envoy {
     async fn start(agent: &TestAgent) -> Envoy {
+        Self::start_on(agent.app.sds_socket(), agent.dir.path()).await
+    }
+
+    /// An Envoy taking its secrets from `sds_socket`, files in `dir`.
+    async fn start_on(sds_socket: &Path, dir: &Path) -> Envoy {
         let bin = envoy_binary();
         let backend = backend().await;
         let (listen, admin) = (free_port(), free_port());
-        let dir = agent.dir.path();
         let config = dir.join("envoy.yaml");
-        std::fs::write(
-            &config,
-            bootstrap(agent.app.sds_socket(), listen, admin, backend),
-        )
-        .unwrap();
+        std::fs::write(&config, bootstrap(sds_socket, listen, admin, backend)).unwrap();
         let log = dir.join("envoy.log");
         let child = tokio::process::Command::new(bin)
             .arg("-c")
@@ -487,4 +487,58 @@ impl Envoy {
         }
         false
     }
+}
+
+/// The whole chain with the real CA: the agent's certificate and the
+/// client's both come from meshid-ca (JWT-authenticated CSRs); Envoy serves
+/// the agent's over SDS and lets the client through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_with_certificates_from_the_real_ca() {
+    use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions};
+    use meshid_common::{KeyType, PrivateKey};
+
+    let ca = RealCa::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = ca.agent(dir.path(), &[]).await;
+    let mut rx = app.credentials();
+    tokio::time::timeout(Duration::from_secs(15), rx.wait_for(Option::is_some))
+        .await
+        .expect("the agent gets its certificate from meshid-ca")
+        .unwrap();
+    let envoy = Envoy::start_on(app.sds_socket(), dir.path()).await;
+    assert!(
+        envoy.wait_serving_any(Duration::from_secs(15)).await,
+        "Envoy never loaded a certificate over SDS:\n{}",
+        envoy.log_tail()
+    );
+
+    // The client workload default/client asks the same CA for its own SVID.
+    let roots = std::fs::read_to_string(ca.root_cert()).unwrap();
+    let client_ca = CaClient::new(CaClientConfig::new(ca.address(), roots)).unwrap();
+    let client_id = SpiffeId::for_service_account("cluster.local", "default", "client").unwrap();
+    let token = ca.token("client-0");
+    let (svid, bundle) = client_ca
+        .sign(
+            PrivateKey::generate(KeyType::EcdsaP256).unwrap(),
+            &client_id,
+            Duration::from_secs(600),
+            CallOptions {
+                token: Some(&token),
+                impersonate: None,
+            },
+        )
+        .await
+        .expect("the CA issues the client's SVID");
+    let server_id = SpiffeId::for_service_account("cluster.local", "default", "web").unwrap();
+    let (tx, creds) = tokio::sync::watch::channel(Some(Credentials {
+        svid: Arc::new(svid),
+        bundle: Arc::new(bundle),
+    }));
+    let config = client_config(creds, PeerMatcher::Exact(server_id.clone())).unwrap();
+    let body = get(envoy.listen, &config, &server_id)
+        .await
+        .unwrap_or_else(|e| panic!("refused: {e}\n{}", envoy.log_tail()));
+    assert_eq!(body, "hello from backend");
+    drop(tx);
+    app.shutdown().await;
 }

@@ -1,10 +1,12 @@
 //! meshid-agent integration tests: one binary, a module per concern.
 
 mod admin;
+mod binary;
 mod ca_wire;
 mod cache;
 mod envoy;
 mod hygiene;
+mod real_ca;
 mod sds;
 mod support;
 mod trace;

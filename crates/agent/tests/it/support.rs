@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use meshid_agent::rotation::Clock;
 use meshid_agent::source::{CertificateSource, SignRequest};
 use meshid_agent::{App, Config, Error, Parts};
+use meshid_ca::{TokenAlgorithm, TokenClaims, TokenIssuer};
 use meshid_common::cert::cert_to_pem;
 use meshid_common::keys::parse_csr_pem;
 use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
@@ -23,6 +24,7 @@ use meshid_common::proto::istio_ca::istio_certificate_service_server::{
 use meshid_common::proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 use meshid_common::proto::sds::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use meshid_common::proto::tls::{Secret, secret::Type as SecretType};
+use meshid_common::registry::{Node as RegistryNode, Registry, Workload};
 use meshid_common::testing::TestPki;
 use meshid_common::{KeyType, PrivateKey, SpiffeId, TrustBundle};
 use prost::Message;
@@ -274,6 +276,124 @@ impl FakeCaServer {
             root_pem: serving.bundle().to_pem(),
             stop,
         }
+    }
+}
+
+/// A real meshid-ca running in-process with a token issuer (JWKS file) and
+/// a workload registry holding `default/web-0`, `default/client-0` and
+/// `default/bench-0` on `node-a`.
+pub struct RealCa {
+    pub tmp: tempfile::TempDir,
+    pub app: meshid_ca::App,
+    pub issuer: TokenIssuer,
+    pub registry: Registry,
+}
+
+fn pod(name: &str, ns: &str, sa: &str, node: &str) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        node: node.into(),
+        uid: format!("uid-{ns}-{name}"),
+        address: None,
+        mode: None,
+    }
+}
+
+impl RealCa {
+    pub async fn start() -> RealCa {
+        init();
+        let tmp = tempfile::tempdir().unwrap();
+        let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+        let mut registry = Registry::default();
+        registry.upsert_workload(pod("web-0", "default", "web", "node-a"));
+        registry.upsert_workload(pod("client-0", "default", "client", "node-a"));
+        registry.upsert_workload(pod("bench-0", "default", "bench", "node-a"));
+        registry.upsert_node(RegistryNode {
+            name: "node-a".into(),
+            uid: "uid-node-a".into(),
+        });
+        let p = |n: &str| tmp.path().join(n);
+        TokenIssuer::write_jwks(&p("jwks.json"), &[&issuer]).unwrap();
+        registry.write_atomic(&p("registry.json")).unwrap();
+        let args: Vec<String> = [
+            "meshid-ca",
+            "--trust-domain",
+            "cluster.local",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+            "--file-poll-interval",
+            "50ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--root-ca-dir".into(),
+            p("cacerts").display().to_string(),
+            "--root-cert-out".into(),
+            p("root-cert.pem").display().to_string(),
+            "--registry-file".into(),
+            p("registry.json").display().to_string(),
+            "--jwks-file".into(),
+            p("jwks.json").display().to_string(),
+        ])
+        .collect();
+        let config = meshid_ca::Config::from_args(args).unwrap();
+        let app = meshid_ca::App::build(config).await.expect("the CA starts");
+        RealCa {
+            tmp,
+            app,
+            issuer,
+            registry,
+        }
+    }
+
+    pub fn root_cert(&self) -> PathBuf {
+        self.tmp.path().join("root-cert.pem")
+    }
+
+    pub fn address(&self) -> String {
+        format!("https://127.0.0.1:{}", self.app.grpc_addr().port())
+    }
+
+    /// A projected-token-like JWT for pod `name` of `default`.
+    pub fn token(&self, name: &str) -> String {
+        let w = self.registry.pod("default", name).unwrap();
+        self.issuer
+            .mint(&TokenClaims::for_pod(
+                &w.namespace,
+                &w.service_account,
+                &w.name,
+                &w.uid,
+                &w.node,
+                &format!("uid-{}", w.node),
+            ))
+            .unwrap()
+    }
+
+    pub fn delete_pod(&mut self, name: &str) {
+        self.registry.remove_workload("default", name);
+        self.registry
+            .write_atomic(&self.tmp.path().join("registry.json"))
+            .unwrap();
+    }
+
+    /// An agent for pod `web-0` (default/web) using this CA.
+    pub async fn agent(&self, dir: &Path, extra: &[&str]) -> App {
+        std::fs::write(dir.join("token"), self.token("web-0")).unwrap();
+        std::fs::copy(self.root_cert(), dir.join("ca-root.pem")).unwrap();
+        let builder = AgentBuilder {
+            extra_args: ["--ca-address", &self.address()]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect(),
+            ..AgentBuilder::default()
+        };
+        App::build(builder.config(dir)).await.unwrap()
     }
 }
 
