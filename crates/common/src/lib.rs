@@ -17,6 +17,7 @@ pub mod cert;
 pub mod error;
 pub mod keys;
 pub mod proto;
+pub mod refresh;
 pub mod registry;
 pub mod spiffe;
 pub mod telemetry;

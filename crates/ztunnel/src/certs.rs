@@ -34,40 +34,7 @@ use crate::source::CertificateSource;
 /// lifetime cannot make a worker spin.
 pub const MIN_REFRESH_DELAY: Duration = Duration::from_millis(100);
 
-/// When to renew a certificate valid from `not_before` to `not_after`:
-/// after `ratio + jitter` of its life (`jitter` is the sampled offset, e.g.
-/// uniform in ±0.01), clamped to the validity window.
-///
-/// Pass as `not_before` the later of the leaf's NotBefore and the time it
-/// was received: CAs backdate NotBefore for clock skew (2 min here), which
-/// would otherwise put the renewal of a short-lived cert after its expiry.
-pub fn refresh_at(
-    not_before: SystemTime,
-    not_after: SystemTime,
-    ratio: f64,
-    jitter: f64,
-) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or_default();
-    let fraction = (ratio + jitter).clamp(0.0, 1.0);
-    not_before + life.mul_f64(fraction)
-}
-
-/// The delay before retry `attempt` (0 for the first retry): `initial`
-/// doubled per attempt, capped at `max`, then scaled by `spread` in
-/// [0.5, 1.0] so many failing identities do not retry in lockstep.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration, spread: f64) -> Duration {
-    let doubled = initial.saturating_mul(2u32.saturating_pow(attempt.min(30)));
-    doubled.min(max).mul_f64(spread.clamp(0.5, 1.0))
-}
-
-/// A uniform sample in [0, 1) from the system RNG.
-pub fn random_unit() -> f64 {
-    let mut b = [0u8; 8];
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
-        return 0.5;
-    }
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
+use meshid_common::refresh::{backoff_delay, draw_jitter, random_unit, refresh_at};
 
 /// Where one identity's certificate stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -644,8 +611,7 @@ impl Worker {
                     attempt = 0;
                     let leaf = svid.leaf().clone();
                     let start = leaf.not_before.max(received);
-                    let jitter =
-                        self.settings.grace_period_ratio_jitter * (2.0 * random_unit() - 1.0);
+                    let jitter = draw_jitter(self.settings.grace_period_ratio_jitter);
                     let at = refresh_at(
                         start,
                         leaf.not_after,
@@ -680,11 +646,11 @@ impl Worker {
                         .failed_outgoing_requests
                         .get_or_create(&self.metrics.csr())
                         .inc();
-                    let wait = backoff(
+                    let wait = backoff_delay(
                         attempt,
                         self.settings.initial_backoff,
                         self.settings.max_backoff,
-                        0.5 + random_unit() / 2.0,
+                        random_unit(),
                     );
                     attempt = attempt.saturating_add(1);
                     let valid = self.entry.valid_creds(received);
@@ -758,40 +724,6 @@ mod tests {
     use super::*;
     use crate::source::{PkiBehaviour, PkiSource};
     use meshid_common::testing::TestPki;
-
-    #[test]
-    fn refresh_is_at_half_life_with_jitter_and_clamped() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let t1 = t0 + Duration::from_secs(100);
-        assert_eq!(refresh_at(t0, t1, 0.5, 0.0), t0 + Duration::from_secs(50));
-        assert_eq!(refresh_at(t0, t1, 0.5, 0.01), t0 + Duration::from_secs(51));
-        assert_eq!(refresh_at(t0, t1, 0.5, -0.01), t0 + Duration::from_secs(49));
-        assert_eq!(refresh_at(t0, t1, 0.9, 0.5), t1, "never after expiry");
-        assert_eq!(refresh_at(t0, t1, 0.1, -0.5), t0, "never before the start");
-        assert_eq!(
-            refresh_at(t1, t0, 0.5, 0.0),
-            t1,
-            "an inverted window renews now"
-        );
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let (i, m) = (Duration::from_millis(500), Duration::from_secs(30));
-        assert_eq!(backoff(0, i, m, 1.0), Duration::from_millis(500));
-        assert_eq!(backoff(1, i, m, 1.0), Duration::from_secs(1));
-        assert_eq!(backoff(3, i, m, 1.0), Duration::from_secs(4));
-        assert_eq!(backoff(10, i, m, 1.0), Duration::from_secs(30));
-        assert_eq!(backoff(u32::MAX, i, m, 1.0), Duration::from_secs(30));
-        assert_eq!(backoff(1, i, m, 0.5), Duration::from_millis(500));
-        assert_eq!(
-            backoff(1, i, m, 0.0),
-            Duration::from_millis(500),
-            "spread floor"
-        );
-        let u = random_unit();
-        assert!((0.0..1.0).contains(&u));
-    }
 
     fn setup(ttl: Duration, settings: CertSettings) -> (Arc<PkiSource>, CertManager) {
         meshid_common::tls::install_crypto_provider();
