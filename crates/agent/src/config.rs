@@ -50,32 +50,7 @@ pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 /// it continues that client's trace), or after this delay, whichever is first.
 pub const DEFAULT_FIRST_FETCH_DELAY: Duration = Duration::from_secs(1);
 
-/// Where environment variables come from: the process, or a map in tests.
-pub trait EnvSource {
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProcessEnv;
-
-impl EnvSource for ProcessEnv {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl EnvSource for HashMap<String, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-impl EnvSource for HashMap<&str, &str> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).map(|v| (*v).to_owned())
-    }
-}
+pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 
 /// meshid-agent: the per-pod identity agent (Istio's pilot-agent SDS role).
 ///
@@ -219,8 +194,7 @@ impl Config {
             |flag: Option<String>, key: Option<&str>, default: Duration, name: &str| match flag
                 .or_else(|| key.and_then(env_nonempty))
             {
-                Some(s) => parse_duration(&s)
-                    .ok_or_else(|| Error::Config(format!("{name}: {s:?} is not a duration"))),
+                Some(s) => parse_duration(&s).map_err(|e| Error::Config(format!("{name}: {e}"))),
                 None => Ok(default),
             };
         let float = |flag: Option<f64>, key: &str, default: f64| match flag {
@@ -448,46 +422,6 @@ fn parse_socket_address(s: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// Parses Go-style durations (`24h`, `1h30m`, `90s`, `500ms`, `1.5h`) and bare
-/// seconds (`90`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += value * scale;
-    }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
-}
-
 /// `1h30m0s`, `90s`, `250ms`: short and readable, parseable by [`parse_duration`].
 pub fn format_duration(d: Duration) -> String {
     let total_ms = d.as_millis();
@@ -615,21 +549,21 @@ mod tests {
 
     #[test]
     fn durations_parse_like_go() {
-        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5x"), None);
-        assert_eq!(parse_duration("h"), None);
-        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
         for d in [
             Duration::from_secs(86_400),
             Duration::from_millis(250),
             Duration::from_millis(90_500),
             Duration::from_secs(61),
         ] {
-            assert_eq!(parse_duration(&format_duration(d)), Some(d), "{d:?}");
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{d:?}");
         }
     }
 

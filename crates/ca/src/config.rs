@@ -143,42 +143,7 @@ pub struct Config {
     pub token_review: bool,
 }
 
-/// Parses `90d`, `24h`, `1h30m`, `5s`, `250ms` or plain seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("{s:?}: a number needs a unit (ms, s, m, h, d)"))?;
-        if digits == 0 {
-            return Err(format!("{s:?}: expected a number at {rest:?}"));
-        }
-        let n: u64 = rest[..digits].parse().map_err(|e| format!("{s:?}: {e}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h, d)")),
-        };
-        total += unit * u32::try_from(n).map_err(|_| format!("{s:?}: {n} is too large"))?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
+pub use meshid_common::config::parse_duration;
 
 /// A trusted node account, `namespace/service_account`.
 #[derive(Clone, Debug, PartialEq, Eq)]

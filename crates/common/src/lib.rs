@@ -14,6 +14,7 @@
 pub mod bundle;
 pub mod ca_client;
 pub mod cert;
+pub mod config;
 pub mod error;
 pub mod keys;
 pub mod proto;
