@@ -67,6 +67,24 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "warnings",
         ])
     };
+    // The `kube` features are off in the workspace build: lint them on their own.
+    let clippy_kube = if args.skip_clippy {
+        Action::Skip("--skip-clippy")
+    } else {
+        Action::Cargo(vec![
+            "clippy",
+            "-p",
+            "meshid-ca",
+            "-p",
+            "meshid-ztunnel",
+            "--features",
+            "kube",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    };
     let test = if nextest {
         Action::Cargo(vec!["nextest", "run", "--workspace", "--no-fail-fast"])
     } else {
@@ -89,6 +107,7 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
     [
         ("fmt", fmt),
         ("clippy", clippy),
+        ("clippy-kube", clippy_kube),
         ("test", test),
         ("doctest", doctest),
         ("e2e", e2e),
@@ -296,8 +315,11 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
     fn plan_keeps_every_step_and_marks_skips() {
         let names = |steps: &[Step]| steps.iter().map(|s| s.name).collect::<Vec<_>>();
         let all = plan(&CiArgs::default(), true);
-        assert_eq!(names(&all), ["fmt", "clippy", "test", "doctest", "e2e"]);
-        assert_eq!(all[4].action, Action::E2e);
+        assert_eq!(
+            names(&all),
+            ["fmt", "clippy", "clippy-kube", "test", "doctest", "e2e"]
+        );
+        assert_eq!(all[5].action, Action::E2e);
 
         let skipping = plan(
             &CiArgs {
@@ -310,7 +332,8 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
         assert_eq!(names(&skipping), names(&all));
         assert_eq!(skipping[0].action, Action::Skip("--skip-fmt"));
         assert_eq!(skipping[1].action, Action::Skip("--skip-clippy"));
-        assert_eq!(skipping[4].action, Action::Skip("--no-e2e"));
+        assert_eq!(skipping[2].action, Action::Skip("--skip-clippy"));
+        assert_eq!(skipping[5].action, Action::Skip("--no-e2e"));
     }
 
     #[test]

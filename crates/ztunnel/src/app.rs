@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshid_common::registry::RegistryWatcher;
+use meshid_common::registry::{Registry, RegistryWatcher};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::certs::{CertManager, CertSettings};
-use crate::config::{Config, DEFAULT_HBONE_PORT, OutboundRoute};
+use crate::config::{Config, DEFAULT_HBONE_PORT, OutboundRoute, RegistrySource};
 use crate::connlog::{ConnLog, ConnRecord};
 use crate::directory::Directory;
 use crate::error::{Error, Result};
@@ -59,7 +59,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
 
 impl App {
     /// A ztunnel asking the CA of `config` for its workloads' certificates,
-    /// following the registry file of `config`.
+    /// following the registry of `config` (the file, or the Kubernetes API).
     pub async fn build(config: Config) -> Result<App> {
         let source = Arc::new(CaSource::new(&config)?);
         Self::build_with_source(config, source).await
@@ -70,8 +70,23 @@ impl App {
         config: Config,
         source: Arc<dyn CertificateSource>,
     ) -> Result<App> {
-        let registry = RegistryWatcher::spawn(&config.registry_file, config.registry_poll)?;
-        Self::build_with(config, source, registry).await
+        let registry = match config.registry_source {
+            RegistrySource::File => {
+                RegistryWatcher::spawn(&config.registry_file, config.registry_poll)?.subscribe()
+            }
+            #[cfg(feature = "kube")]
+            RegistrySource::Kube => crate::kube_registry::KubeRegistry::connect(&config.node_name)
+                .await?
+                .subscribe(),
+            #[cfg(not(feature = "kube"))]
+            RegistrySource::Kube => {
+                return Err(Error::Config(
+                    "the Kubernetes registry needs a meshid-ztunnel built with feature `kube`"
+                        .into(),
+                ));
+            }
+        };
+        Self::build_with_registry(config, source, registry).await
     }
 
     /// As [`App::build`], with a certificate source and a registry of the caller's.
@@ -79,6 +94,16 @@ impl App {
         config: Config,
         source: Arc<dyn CertificateSource>,
         registry: RegistryWatcher,
+    ) -> Result<App> {
+        Self::build_with_registry(config, source, registry.subscribe()).await
+    }
+
+    /// As [`App::build_with`], following any publisher of registries (the
+    /// file watcher, the Kubernetes API, a test's own channel).
+    pub async fn build_with_registry(
+        config: Config,
+        source: Arc<dyn CertificateSource>,
+        mut registry_rx: watch::Receiver<Arc<Registry>>,
     ) -> Result<App> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
@@ -99,7 +124,6 @@ impl App {
         let connlog = Arc::new(ConnLog::default());
 
         // The registry, indexed for this node; certificates follow it.
-        let mut registry_rx = registry.subscribe();
         let first = Directory::build(
             &registry_rx.borrow_and_update(),
             &config.node_name,
@@ -116,9 +140,7 @@ impl App {
             let certs = certs.clone();
             let cancel = cancel.clone();
             let (node, td) = (config.node_name.clone(), config.trust_domain.clone());
-            let _keep_watcher = registry;
             tokio::spawn(async move {
-                let _keep_watcher = _keep_watcher;
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,

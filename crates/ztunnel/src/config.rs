@@ -105,6 +105,11 @@ pub struct Cli {
     /// The node this ztunnel serves [env: NODE_NAME] [default: node-a]
     #[arg(long)]
     pub node_name: Option<String>,
+    /// Where workloads come from: `file` (the registry file) or `kube` (pods
+    /// of this node in the Kubernetes API; needs feature `kube`)
+    /// [env: REGISTRY_SOURCE] [default: file]
+    #[arg(long = "registry")]
+    pub registry_source: Option<String>,
     /// Workload registry file kept by the harness [env: WORKLOAD_REGISTRY]
     #[arg(long)]
     pub registry_file: Option<PathBuf>,
@@ -205,6 +210,37 @@ impl std::str::FromStr for OutboundRoute {
     }
 }
 
+/// Where the ztunnel learns its node's workloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrySource {
+    /// The registry file, polled for changes.
+    #[default]
+    File,
+    /// The pods of this node, listed and watched in the Kubernetes API
+    /// (only in a build with feature `kube`).
+    Kube,
+}
+
+impl std::str::FromStr for RegistrySource {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "file" => Ok(RegistrySource::File),
+            "kube" | "kubernetes" if cfg!(feature = "kube") => Ok(RegistrySource::Kube),
+            "kube" | "kubernetes" => Err(Error::Config(
+                "REGISTRY_SOURCE kube: this meshid-ztunnel was built without the `kube` \
+                 feature; rebuild with `--features kube` or use the registry file"
+                    .into(),
+            )),
+            _ => Err(Error::Config(format!(
+                "REGISTRY_SOURCE {s:?}: expected `file` or `kube`"
+            ))),
+        }
+    }
+}
+
 /// The validated settings of one ztunnel.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
@@ -215,6 +251,7 @@ pub struct Config {
     pub cluster_id: Option<String>,
     pub trust_domain: String,
     pub node_name: String,
+    pub registry_source: RegistrySource,
     pub registry_file: PathBuf,
     #[serde(serialize_with = "ser_duration")]
     pub registry_poll: Duration,
@@ -331,6 +368,13 @@ impl Config {
             .iter()
             .map(|s| s.parse())
             .collect::<Result<Vec<OutboundRoute>>>()?;
+        let registry_source = match cli
+            .registry_source
+            .or_else(|| env_nonempty("REGISTRY_SOURCE"))
+        {
+            Some(s) => s.parse()?,
+            None => RegistrySource::File,
+        };
         let policy_file = cli
             .policy_file
             .or_else(|| env_nonempty("ZTUNNEL_POLICY_FILE").map(PathBuf::from));
@@ -364,6 +408,7 @@ impl Config {
                 .node_name
                 .or_else(|| env_nonempty("NODE_NAME"))
                 .unwrap_or_else(|| DEFAULT_NODE_NAME.to_owned()),
+            registry_source,
             registry_file: cli
                 .registry_file
                 .or_else(|| env_nonempty("WORKLOAD_REGISTRY").map(PathBuf::from))
@@ -624,6 +669,28 @@ mod tests {
             argv.extend_from_slice(args);
             let err = Config::from_args(argv, &env(&[])).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_registry_source_is_the_file_unless_kube_is_asked_for() {
+        let c = Config::from_args(["meshid-ztunnel"], &env(&[])).unwrap();
+        assert_eq!(c.registry_source, RegistrySource::File);
+        let c = Config::from_args(["meshid-ztunnel", "--registry", "file"], &env(&[])).unwrap();
+        assert_eq!(c.registry_source, RegistrySource::File);
+        let err = Config::from_args(["meshid-ztunnel", "--registry", "etcd"], &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected `file` or `kube`"), "{err}");
+        let by_flag = Config::from_args(["meshid-ztunnel", "--registry", "kube"], &env(&[]));
+        let by_env = Config::from_args(["meshid-ztunnel"], &env(&[("REGISTRY_SOURCE", "kube")]));
+        for got in [by_flag, by_env] {
+            if cfg!(feature = "kube") {
+                assert_eq!(got.unwrap().registry_source, RegistrySource::Kube);
+            } else {
+                let err = got.unwrap_err().to_string();
+                assert!(err.contains("without the `kube` feature"), "{err}");
+            }
         }
     }
 

@@ -102,6 +102,10 @@ pub enum Error {
         after: std::time::Duration,
     },
 
+    /// The Kubernetes API (feature `kube`) could not be used.
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
+
     #[error(transparent)]
     Common(#[from] meshid_common::Error),
 }

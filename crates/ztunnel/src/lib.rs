@@ -1,6 +1,7 @@
 //! meshid-ztunnel is ambient mode's node proxy: one process per node that
 //! gives every workload on its node a mesh identity without a sidecar. It
-//! follows the workload registry to learn which workloads run on its node
+//! follows the workload registry (a file, or with feature `kube` the pods of
+//! its node in the Kubernetes API) to learn which workloads run on its node
 //! ([`directory`]), asks the CA for each of their certificates on their
 //! behalf with its own node-bound token and `ImpersonatedIdentity`
 //! ([`source`]), keeps those certificates fresh ([`certs`]), and carries the
@@ -23,6 +24,8 @@ pub mod directory;
 pub mod error;
 pub mod h2io;
 pub mod inbound;
+#[cfg(feature = "kube")]
+pub mod kube_registry;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
