@@ -50,32 +50,7 @@ pub const DEFAULT_CERT_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where environment variables come from: the process, or a map in tests.
-pub trait EnvSource {
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProcessEnv;
-
-impl EnvSource for ProcessEnv {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl EnvSource for HashMap<String, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-impl EnvSource for HashMap<&str, &str> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).map(|v| (*v).to_owned())
-    }
-}
+pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 
 /// meshid-ztunnel: ambient mode's node proxy.
 ///
@@ -312,8 +287,7 @@ impl Config {
             |flag: Option<String>, key: Option<&str>, default: Duration, name: &str| match flag
                 .or_else(|| key.and_then(env_nonempty))
             {
-                Some(s) => parse_duration(&s)
-                    .ok_or_else(|| Error::Config(format!("{name}: {s:?} is not a duration"))),
+                Some(s) => parse_duration(&s).map_err(|e| Error::Config(format!("{name}: {e}"))),
                 None => Ok(default),
             };
         let float = |flag: Option<f64>, key: &str, default: f64| match flag {
@@ -543,43 +517,6 @@ impl Config {
     }
 }
 
-/// Parses Go-style durations (`24h`, `1h30m`, `90s`, `500ms`) and bare seconds (`90`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += value * scale;
-    }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,9 +633,9 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
-        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
+        assert!(parse_duration("x").is_err());
     }
 }
