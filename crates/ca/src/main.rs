@@ -13,18 +13,10 @@ async fn main() -> anyhow::Result<()> {
     config.validate().context("invalid configuration")?;
     tracing::info!("meshid-ca configuration:\n{}", config.describe());
     let app = App::build(config).await.context("meshid-ca start-up")?;
-    shutdown_signal().await?;
+    meshid_common::signal::shutdown()
+        .await
+        .context("cannot watch for SIGTERM or Ctrl-C")?;
     tracing::info!("shutting down");
     app.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("ctrl-c handler")?,
-        _ = term.recv() => {}
-    }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod proto;
 pub mod refresh;
 pub mod registry;
+pub mod signal;
 pub mod spiffe;
 pub mod telemetry;
 pub mod testing;

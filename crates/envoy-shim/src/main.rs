@@ -33,19 +33,11 @@ fn main() -> anyhow::Result<()> {
             "meshid-envoy-shim configuration"
         );
         let app = App::build(config).await.context("starting the proxy")?;
-        shutdown_signal().await?;
+        meshid_common::signal::shutdown()
+            .await
+            .context("cannot watch for SIGTERM or Ctrl-C")?;
+        tracing::info!("shutting down");
         app.shutdown().await;
         Ok(())
     })
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown signal received");
-    Ok(())
 }

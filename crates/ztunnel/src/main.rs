@@ -15,18 +15,10 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::resolve(cli, &ProcessEnv)?;
     tracing::info!("configuration:\n{}", config.to_pretty_json());
     let app = App::build(config).await?;
-    shutdown_signal().await?;
+    meshid_common::signal::shutdown()
+        .await
+        .context("cannot watch for SIGTERM or Ctrl-C")?;
     tracing::info!("shutting down");
     app.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
-    }
     Ok(())
 }
