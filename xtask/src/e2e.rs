@@ -122,7 +122,7 @@ pub enum Outcome {
 }
 
 /// `target/` of this workspace (or `$CARGO_TARGET_DIR`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::workspace_root().join("target"))

