@@ -1,12 +1,13 @@
 //! Workloads from the Kubernetes API (feature `kube`): in a cluster the
-//! ztunnel lists and watches the pods of its node (field selector
-//! `spec.nodeName=<NODE_NAME>`) and the namespaces labelled for ambient mode,
+//! ztunnel lists and watches the ambient pods of every node (it serves its
+//! own node's, and needs the others' identity and node to dial them) and the
+//! namespaces labelled for ambient mode,
 //! instead of following the registry file, and publishes the same
 //! [`Registry`] on the same kind of [`watch`] channel as
 //! [`meshid_common::registry::RegistryWatcher`], so the rest of the ztunnel
 //! does not know where its workloads come from.
 //!
-//! A pod becomes a [`Workload`] when it is on this node, `Running`, has a
+//! A pod becomes a [`Workload`] (on the node it is scheduled to) when it is `Running`, has a
 //! pod IP, and is in ambient mode: its own `istio.io/dataplane-mode` label
 //! says `ambient`, or it has no such label and its namespace's says
 //! `ambient` (a pod labelled anything else, e.g. `none`, opts out). Its
@@ -56,7 +57,7 @@ fn dataplane_mode(meta: &kube::api::ObjectMeta) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// A pod of this node that runs with an IP, before its mode is known.
+/// A scheduled pod that runs with an IP, before its mode is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Candidate {
     workload: Workload,
@@ -65,11 +66,12 @@ struct Candidate {
 }
 
 impl Candidate {
-    fn of(pod: &Pod, node: &str) -> Option<Self> {
+    fn of(pod: &Pod) -> Option<Self> {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref()?;
         let status = pod.status.as_ref()?;
-        if spec.node_name.as_deref() != Some(node) || status.phase.as_deref() != Some("Running") {
+        let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
+        if status.phase.as_deref() != Some("Running") {
             return None;
         }
         let ip = status
@@ -100,10 +102,10 @@ impl Candidate {
     }
 }
 
-/// The workload `pod` is for the ztunnel of `node`, if it serves it;
-/// `namespace_ambient` says whether the pod's namespace is labelled ambient.
-pub fn workload_of(pod: &Pod, node: &str, namespace_ambient: bool) -> Option<Workload> {
-    Candidate::of(pod, node)
+/// The ambient workload `pod` is, if it is one; `namespace_ambient` says
+/// whether the pod's namespace is labelled ambient.
+pub fn workload_of(pod: &Pod, namespace_ambient: bool) -> Option<Workload> {
+    Candidate::of(pod)
         .filter(|c| c.ambient(namespace_ambient))
         .map(|c| c.workload)
 }
@@ -111,8 +113,7 @@ pub fn workload_of(pod: &Pod, node: &str, namespace_ambient: bool) -> Option<Wor
 /// What the registry is made of.
 #[derive(Debug, Default)]
 struct State {
-    node: String,
-    /// This node's running pods with an IP, by `(namespace, name)`.
+    /// Running pods with an IP, of every node, by `(namespace, name)`.
     pods: BTreeMap<(String, String), Candidate>,
     /// Namespaces labelled `istio.io/dataplane-mode=ambient`.
     ambient_namespaces: BTreeSet<String>,
@@ -137,16 +138,15 @@ fn pod_key(pod: &Pod) -> Option<(String, String)> {
 }
 
 fn replace_pods(state: &mut State, pods: &[Pod]) {
-    let node = state.node.clone();
     state.pods = pods
         .iter()
-        .filter_map(|p| Some((pod_key(p)?, Candidate::of(p, &node)?)))
+        .filter_map(|p| Some((pod_key(p)?, Candidate::of(p)?)))
         .collect();
 }
 
 fn apply_pod(state: &mut State, pod: &Pod, deleted: bool) {
     let Some(key) = pod_key(pod) else { return };
-    match Candidate::of(pod, &state.node).filter(|_| !deleted) {
+    match Candidate::of(pod).filter(|_| !deleted) {
         Some(c) => {
             state.pods.insert(key, c);
         }
@@ -201,15 +201,12 @@ impl KubeRegistry {
     /// fails: the ztunnel does not start blind) and starts watching them.
     /// Must be called inside a Tokio runtime.
     pub async fn spawn(client: kube::Client, node: &str) -> Result<Self> {
-        let state = Arc::new(Mutex::new(State {
-            node: node.to_owned(),
-            ..State::default()
-        }));
+        let state = Arc::new(Mutex::new(State::default()));
         let pods = Follower {
             api: Api::<Pod>::all(client.clone()),
             what: "pods",
             node: node.to_owned(),
-            fields: Some(format!("spec.nodeName={node}")),
+            fields: None,
             labels: None,
             state: state.clone(),
             replace: replace_pods,
@@ -602,7 +599,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn follows_the_ambient_running_pods_of_its_node() {
+    async fn follows_the_ambient_running_pods_of_every_node() {
         let fake = Arc::new(Fake::default());
         let mut default_sa = pod("db-0", "node-a", "10.0.0.6");
         default_sa["spec"]
@@ -625,7 +622,17 @@ mod tests {
 
         let kube = KubeRegistry::spawn(client(&fake), "node-a").await.unwrap();
         let first = kube.current();
-        assert_eq!(names(&first), ["db-0", "web-0"], "initial list");
+        assert_eq!(names(&first), ["db-0", "far-0", "web-0"], "initial list");
+        // Another node's pod is known with its node, so this ztunnel can dial
+        // it, and is not among the workloads this node serves.
+        assert_eq!(first.pod("default", "far-0").unwrap().node, "node-b");
+        assert_eq!(
+            first
+                .on_node("node-a")
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>(),
+            ["db-0", "web-0"]
+        );
         let web = first.pod("default", "web-0").unwrap();
         assert_eq!(
             *web,
@@ -644,10 +651,7 @@ mod tests {
             "default"
         );
         let list_query = request(&fake, |r| r.starts_with("/api/v1/pods?"));
-        assert!(
-            list_query.contains("fieldSelector=spec.nodeName=node-a"),
-            "{list_query}"
-        );
+        assert!(!list_query.contains("fieldSelector"), "{list_query}");
 
         let mut rx = kube.subscribe();
         events
@@ -658,8 +662,8 @@ mod tests {
         })
         .await;
 
-        // Another node's pod and a non-ambient pod go by unseen; the pending
-        // pod shows up once it runs with an IP.
+        // Another node's pod is added under its node, a non-ambient pod goes
+        // by unseen, and the pending pod shows up once it runs with an IP.
         let mut sidecar = pod("plain-1", "node-a", "10.0.0.10");
         sidecar["metadata"]["labels"] = json!({DATAPLANE_MODE_LABEL: "none"});
         events
@@ -668,11 +672,18 @@ mod tests {
         events.send(event("ADDED", sidecar)).unwrap();
         pending["status"] = json!({"phase": "Running", "podIP": "10.0.0.9"});
         events.send(event("MODIFIED", pending)).unwrap();
-        let r = until(&mut rx, "pending-0 to run", |r| {
+        until(&mut rx, "pending-0 to run", |r| {
             r.pod("default", "pending-0").is_some()
         })
         .await;
-        assert_eq!(names(&r), ["api-0", "db-0", "pending-0", "web-0"]);
+        let r = until(&mut rx, "far-1 to be known", |r| {
+            r.pod("default", "far-1").is_some()
+        })
+        .await;
+        assert_eq!(
+            names(&r),
+            ["api-0", "db-0", "far-0", "far-1", "pending-0", "web-0"]
+        );
 
         events
             .send(event("DELETED", pod("web-0", "node-a", "10.0.0.5")))
@@ -681,16 +692,13 @@ mod tests {
             r.pod("default", "web-0").is_none()
         })
         .await;
-        assert_eq!(names(&r), ["api-0", "db-0", "pending-0"]);
+        assert_eq!(names(&r), ["api-0", "db-0", "far-0", "far-1", "pending-0"]);
 
         let watch_query = request(&fake, |r| {
             r.starts_with("/api/v1/pods?") && r.contains("watch")
         });
-        for want in [
-            "watch=true",
-            "fieldSelector=spec.nodeName=node-a",
-            "resourceVersion=100",
-        ] {
+        assert!(!watch_query.contains("fieldSelector"), "{watch_query}");
+        for want in ["watch=true", "resourceVersion=100"] {
             assert!(watch_query.contains(want), "{want} in {watch_query}");
         }
         assert_eq!(
@@ -713,7 +721,7 @@ mod tests {
         let (ns_events, rx) = mpsc::unbounded_channel();
         fake.namespace_watches.lock().unwrap().push_back(rx);
         let kube = KubeRegistry::spawn(client(&fake), "node-a").await.unwrap();
-        assert_eq!(names(&kube.current()), ["a-0"]);
+        assert_eq!(names(&kube.current()), ["a-0", "far-0"]);
         let ns_query = request(&fake, |r| r.starts_with("/api/v1/namespaces?"));
         assert!(
             ns_query.contains("labelSelector=istio.io/dataplane-mode=ambient")
@@ -729,7 +737,11 @@ mod tests {
             r.pod("default", "b-0").is_some()
         })
         .await;
-        assert_eq!(names(&r), ["b-0", "a-0"], "sorted by namespace, then name");
+        assert_eq!(
+            names(&r),
+            ["b-0", "a-0", "far-0"],
+            "sorted by namespace, then name"
+        );
         // The label removed: a label-selected watch reports it as deleted.
         ns_events
             .send(event("DELETED", namespace("mesh", false)))
