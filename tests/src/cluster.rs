@@ -11,6 +11,7 @@ use meshid_common::{CaOptions, CertificateAuthority};
 
 use crate::Error;
 use crate::process_backend::NodeSpec;
+use crate::topology::Mode;
 
 /// The ztunnel's own service account, trusted to impersonate (the CA's
 /// `CA_TRUSTED_NODE_ACCOUNTS` default).
@@ -140,4 +141,48 @@ pub fn publish_roots<'a>(
         std::fs::write(&path, roots).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
+}
+
+/// Removes pod `pod` from the registry and saves it (atomically): deleting a
+/// pod, as far as the CA and the ztunnels can tell.
+pub fn delete_workload(registry: &mut Registry, path: &Path, pod: &str) -> Result<(), Error> {
+    let ns = registry
+        .workloads
+        .iter()
+        .find(|w| w.name == pod)
+        .map(|w| w.namespace.clone())
+        .ok_or_else(|| Error::Setup(format!("no workload named {pod:?}")))?;
+    registry.remove_workload(&ns, pod);
+    save_registry(registry, path)
+}
+
+/// Writes the registry file atomically.
+pub fn save_registry(registry: &Registry, path: &Path) -> Result<(), Error> {
+    registry
+        .write_atomic(path)
+        .map_err(|e| Error::Setup(format!("registry: {e}")))
+}
+
+/// Updates the CA's `cacerts` under `<dir>/ca/cacerts` (mounted into the CA
+/// on every backend) and, when the root bundle changes, publishes it to every
+/// pod and node.
+pub fn update_ca_files<'a>(
+    dir: &Path,
+    pods: impl IntoIterator<Item = &'a str>,
+    nodes: impl IntoIterator<Item = &'a str>,
+    files: &[(&str, String)],
+) -> Result<(), Error> {
+    write_ca_files(&dir.join("ca/cacerts"), files)?;
+    if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
+        publish_roots(dir, pods, nodes, roots)?;
+    }
+    Ok(())
+}
+
+/// Writes pod `pod`'s PeerAuthentication-shaped policy file
+/// (`<dir>/pods/<pod>/policy.yaml`), which its proxy reloads on change.
+pub fn write_policy(dir: &Path, pod: &str, mode: Mode) -> Result<(), Error> {
+    let path = dir.join("pods").join(pod).join("policy.yaml");
+    std::fs::write(&path, format!("mtls:\n  mode: {}\n", mode.as_str()))
+        .map_err(|e| Error::io(&path, e))
 }

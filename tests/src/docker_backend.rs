@@ -361,9 +361,7 @@ impl DockerMesh {
     }
 
     fn save_registry(&self) -> Result<(), Error> {
-        self.registry
-            .write_atomic(&self.registry_path)
-            .map_err(|e| Error::Setup(format!("registry: {e}")))
+        crate::cluster::save_registry(&self.registry, &self.registry_path)
     }
 
     fn mint(&self, namespace: &str, sa: &str, pod: &str) -> Result<String, Error> {
@@ -560,10 +558,7 @@ impl DockerMesh {
             std::fs::read_to_string(&self.root_out).map_err(|e| Error::io(&self.root_out, e))?;
         write(&pod_dir.join("var/run/secrets/istio/root-cert.pem"), &root)?;
         mkdir(&pod_dir.join("var/run/secrets/workload-spiffe-uds"))?;
-        write(
-            &pod_dir.join("policy.yaml"),
-            &format!("mtls:\n  mode: {}\n", pod.mode.as_str()),
-        )?;
+        crate::cluster::write_policy(&self.dir, &pod.name, pod.mode)?;
 
         // The sandbox: echo app, relays, and the published ports of the whole pod.
         let sandbox_name = format!("{}-{}", self.run, pod.name);
@@ -995,34 +990,17 @@ impl Topology for DockerMesh {
     }
 
     async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {
-        let ns = self
-            .registry
-            .workloads
-            .iter()
-            .find(|w| w.name == pod)
-            .map(|w| w.namespace.clone())
-            .ok_or_else(|| Error::Setup(format!("no workload named {pod:?}")))?;
-        self.registry.remove_workload(&ns, pod);
-        self.save_registry()
+        crate::cluster::delete_workload(&mut self.registry, &self.registry_path, pod)
     }
 
     async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
-        // The directory is bind-mounted into the CA container at /ca/cacerts.
-        write_ca_files(&self.dir.join("ca/cacerts"), files)?;
-        // The cluster publishes the root bundle to every pod (istiod's
-        // istio-ca-root-cert ConfigMap, mounted at CA_ROOT_CA): each pod's
-        // directory is its /pod.
-        if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
-            let pods = self.pods.iter().map(|p| p.name.as_str());
-            let nodes = self.spec.nodes.iter().map(|n| n.name.as_str());
-            crate::cluster::publish_roots(&self.dir, pods, nodes, roots)?;
-        }
-        Ok(())
+        let pods = self.pods.iter().map(|p| p.name.as_str());
+        let nodes = self.spec.nodes.iter().map(|n| n.name.as_str());
+        crate::cluster::update_ca_files(&self.dir, pods, nodes, files)
     }
 
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
-        let path = self.dir.join("pods").join(pod).join("policy.yaml");
-        write(&path, &format!("mtls:\n  mode: {}\n", mode.as_str()))
+        crate::cluster::write_policy(&self.dir, pod, mode)
     }
 
     fn spans(&self) -> SpanStore {

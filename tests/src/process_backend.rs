@@ -268,9 +268,7 @@ impl ProcessMesh {
     }
 
     fn save_registry(&self) -> Result<(), Error> {
-        self.registry
-            .write_atomic(&self.registry_path)
-            .map_err(|e| Error::Setup(format!("registry: {e}")))
+        crate::cluster::save_registry(&self.registry, &self.registry_path)
     }
 
     fn mint(&self, namespace: &str, sa: &str, pod: &str) -> Result<String, Error> {
@@ -392,10 +390,7 @@ impl ProcessMesh {
             )),
             None => None,
         };
-        write(
-            &cwd.join("policy.yaml"),
-            &format!("mtls:\n  mode: {}\n", pod.mode.as_str()),
-        )?;
+        crate::cluster::write_policy(&self.dir, &pod.name, pod.mode)?;
         match pod.proxy {
             Proxy::Shim => {
                 let mut spec = Spec::new(&proxy_component, self.bin("meshid-envoy-shim"), &cwd)
@@ -609,33 +604,17 @@ impl Topology for ProcessMesh {
     }
 
     async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {
-        let ns = self
-            .registry
-            .workloads
-            .iter()
-            .find(|w| w.name == pod)
-            .map(|w| w.namespace.clone())
-            .ok_or_else(|| Error::Setup(format!("no workload named {pod:?}")))?;
-        self.registry.remove_workload(&ns, pod);
-        self.save_registry()
+        crate::cluster::delete_workload(&mut self.registry, &self.registry_path, pod)
     }
 
     async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
-        write_ca_files(&self.dir.join("ca/cacerts"), files)?;
-        // istiod publishes its root bundle to every namespace (the
-        // istio-ca-root-cert ConfigMap, mounted at CA_ROOT_CA); so does the
-        // cluster the harness plays.
-        if let Some((_, roots)) = files.iter().find(|(n, _)| *n == "root-cert.pem") {
-            let pods = self.pods.iter().map(|p| p.name.as_str());
-            let nodes = self.spec.nodes.iter().map(|n| n.name.as_str());
-            crate::cluster::publish_roots(&self.dir, pods, nodes, roots)?;
-        }
-        Ok(())
+        let pods = self.pods.iter().map(|p| p.name.as_str());
+        let nodes = self.spec.nodes.iter().map(|n| n.name.as_str());
+        crate::cluster::update_ca_files(&self.dir, pods, nodes, files)
     }
 
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
-        let path = self.dir.join("pods").join(pod).join("policy.yaml");
-        write(&path, &format!("mtls:\n  mode: {}\n", mode.as_str()))
+        crate::cluster::write_policy(&self.dir, pod, mode)
     }
 
     fn spans(&self) -> SpanStore {
