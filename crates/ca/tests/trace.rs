@@ -38,7 +38,11 @@ async fn ca_spans_continue_the_callers_trace() {
         .build();
     tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-        .with(tracing_subscriber::EnvFilter::new("info"))
+        .with(
+            "info"
+                .parse::<tracing_subscriber::filter::Targets>()
+                .expect("filter"),
+        )
         .init();
 
     let fx = Fixture::start().await;

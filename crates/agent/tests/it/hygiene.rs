@@ -99,7 +99,7 @@ async fn logs_carry_neither_keys_nor_tokens() {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let writer = Capture(buf.clone());
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("debug")
+        .with_max_level(tracing::Level::DEBUG)
         .with_writer(move || writer.clone())
         .finish();
     // A current-thread test: every task of the agent logs through this.

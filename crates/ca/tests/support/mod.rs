@@ -20,9 +20,16 @@ pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let writer = buf.clone();
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = meshid_common::telemetry::log_filter(
+            "debug,h2=info,hyper=info,tower=info,rustls=info,tonic=info",
+        )
+        .expect("filter");
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,h2=info,hyper=info,tower=info,rustls=info,tonic=info")
             .with_writer(move || LogWriter(writer.clone()))
+            .finish()
+            .with(filter)
             .try_init();
         buf
     })
