@@ -167,10 +167,67 @@ impl CaService {
         CaService { core }
     }
 
-    /// The tonic service, with the request size limit.
-    pub fn into_server(self, max_request_bytes: usize) -> IstioCertificateServiceServer<CaService> {
-        IstioCertificateServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    /// The tonic service, with the request size limit answered as istiod
+    /// answers it.
+    pub fn into_server(
+        self,
+        max_request_bytes: usize,
+    ) -> OversizeIsResourceExhausted<IstioCertificateServiceServer<CaService>> {
+        OversizeIsResourceExhausted {
+            inner: IstioCertificateServiceServer::new(self)
+                .max_decoding_message_size(max_request_bytes),
+        }
     }
+}
+
+/// tonic refuses a message above its decoding limit with `OUT_OF_RANGE`
+/// (and reads no more of it than the limit); istiod's gRPC server (grpc-go)
+/// says `RESOURCE_EXHAUSTED`, which is what Istio clients see and retry on.
+/// This keeps tonic's limit and gives the refusal istiod's code.
+#[derive(Clone, Debug)]
+pub struct OversizeIsResourceExhausted<S> {
+    inner: S,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService
+    for OversizeIsResourceExhausted<S>
+{
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<tonic::body::Body>>
+    for OversizeIsResourceExhausted<S>
+where
+    S: tonic::codegen::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(http::Response<B>) -> http::Response<B>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.inner
+            .call(request)
+            .map_ok(oversize_is_resource_exhausted::<B>)
+    }
+}
+
+/// Rewrites tonic's trailers-only "message length too large" refusal.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let oversize = Status::from_header_map(response.headers()).is_some_and(|s| {
+        s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large")
+    });
+    if oversize {
+        response.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+    response
 }
 
 impl CaCore {
@@ -310,5 +367,33 @@ impl IstioCertificateService for CaService {
                 Err(e.to_status())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(status: Status) -> http::Response<tonic::body::Body> {
+        status.into_http()
+    }
+
+    #[test]
+    fn only_the_size_refusal_becomes_resource_exhausted() {
+        let too_large = refusal(Status::out_of_range(
+            "Error, decoded message length too large: found 2097159 bytes, the limit is: 65536 bytes",
+        ));
+        let rewritten = oversize_is_resource_exhausted(too_large);
+        let status = Status::from_header_map(rewritten.headers()).expect("status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("found 2097159 bytes"),
+            "{status:?}"
+        );
+
+        let other = refusal(Status::out_of_range("something else"));
+        let kept = oversize_is_resource_exhausted(other);
+        let status = Status::from_header_map(kept.headers()).expect("status");
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
     }
 }
