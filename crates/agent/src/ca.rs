@@ -4,21 +4,29 @@
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions};
+use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions, RootsFileCaClient};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::source::{CertificateSource, SignRequest};
 
 /// The Istio CA at `CA_ADDRESS`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct IstioCa {
-    client: CaClient,
+    client: Client,
+}
+
+#[derive(Debug)]
+enum Client {
+    /// Roots from `CA_ROOT_CA`, re-read before each CSR (root rotation).
+    FollowingFile(RootsFileCaClient),
+    Fixed(CaClient),
 }
 
 impl IstioCa {
     /// Reads `CA_ROOT_CA` and prepares a lazily connecting client: the CA
-    /// may come up after the agent.
+    /// may come up after the agent. The file is followed: new roots written
+    /// there are trusted from the next CSR on.
     pub fn from_config(config: &Config) -> Result<Self> {
         let root_pem = std::fs::read_to_string(&config.ca_root_ca).map_err(|source| Error::Io {
             what: "cannot read CA_ROOT_CA",
@@ -30,12 +38,25 @@ impl IstioCa {
         ca.cluster_id = Some(config.cluster_id.clone());
         ca.call_timeout = config.ca_timeout;
         Ok(IstioCa {
-            client: CaClient::new(ca)?,
+            client: Client::FollowingFile(RootsFileCaClient::new(
+                &config.ca_root_ca,
+                CaClient::new(ca)?,
+            )),
         })
     }
 
+    /// A CA reached with fixed settings.
     pub fn new(client: CaClient) -> Self {
-        IstioCa { client }
+        IstioCa {
+            client: Client::Fixed(client),
+        }
+    }
+
+    fn client(&self) -> CaClient {
+        match &self.client {
+            Client::FollowingFile(follow) => follow.current(),
+            Client::Fixed(client) => client.clone(),
+        }
     }
 }
 
@@ -46,7 +67,7 @@ impl CertificateSource for IstioCa {
                 token: Some(req.token.expose()),
                 impersonate: None,
             };
-            self.client
+            self.client()
                 .create_certificate(&req.csr_pem, req.ttl, options)
                 .await
                 .map_err(|e| match e {

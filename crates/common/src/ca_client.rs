@@ -242,6 +242,73 @@ impl CaClient {
     }
 }
 
+/// A [`CaClient`] whose roots follow a file (`CA_ROOT_CA`). Each
+/// [`current`](Self::current) re-reads the file (a few kilobytes, once per
+/// CSR); when the roots changed and are usable, later calls go over a new
+/// connection that trusts them, so a CA whose serving certificate moved to a
+/// new root is reached without restarting the workload. An unreadable or
+/// unusable file keeps the roots in use, with a warning.
+#[derive(Debug)]
+pub struct RootsFileCaClient {
+    path: std::path::PathBuf,
+    current: std::sync::Mutex<CaClient>,
+}
+
+impl RootsFileCaClient {
+    /// Follows `path`, starting from `client` (built from its content).
+    pub fn new(path: impl Into<std::path::PathBuf>, client: CaClient) -> Self {
+        RootsFileCaClient {
+            path: path.into(),
+            current: std::sync::Mutex::new(client),
+        }
+    }
+
+    /// The client for the roots the file holds now. Must be called inside a
+    /// Tokio runtime (a new client connects lazily).
+    pub fn current(&self) -> CaClient {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match std::fs::read_to_string(&self.path) {
+            Ok(pem) if pem != current.config.root_pem => {
+                let mut config = current.config.clone();
+                config.root_pem = pem;
+                match CaClient::new(config) {
+                    Ok(client) => {
+                        tracing::info!(
+                            path = %self.path.display(),
+                            "CA root certificates changed; new connections trust the new set"
+                        );
+                        *current = client;
+                    }
+                    Err(e) => tracing::warn!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "CA root certificates changed but cannot be used; keeping the previous set"
+                    ),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "cannot re-read the CA root certificates; keeping the previous set"
+            ),
+        }
+        current.clone()
+    }
+
+    /// The configuration in use (roots included).
+    pub fn config(&self) -> CaClientConfig {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .config
+            .clone()
+    }
+}
+
 /// Checks a `cert_chain` answer for a CSR over `key` asking for `id`:
 /// at least a leaf and a root bundle; the leaf holds `key`'s public key and
 /// exactly `id`; it verifies through the intermediates to the roots of the
@@ -321,6 +388,35 @@ mod tests {
         }
         chain.push(pki.bundle().to_pem());
         chain
+    }
+
+    #[tokio::test]
+    async fn the_roots_file_is_followed_and_a_bad_one_ignored() {
+        let a = TestPki::new("cluster.local").unwrap().bundle().to_pem();
+        let b = TestPki::new("cluster.local").unwrap().bundle().to_pem();
+        let dir = std::env::temp_dir().join(format!("meshid-roots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("root-cert.pem");
+        std::fs::write(&path, &a).unwrap();
+        let client = CaClient::new(CaClientConfig::new("127.0.0.1:15012", a.clone())).unwrap();
+        let follow = RootsFileCaClient::new(&path, client);
+        assert_eq!(follow.current().config().root_pem, a);
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(follow.current().config().root_pem, b, "new roots are taken");
+        std::fs::write(&path, "not a certificate").unwrap();
+        assert_eq!(
+            follow.current().config().root_pem,
+            b,
+            "unusable roots are not"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            follow.current().config().root_pem,
+            b,
+            "nor is a missing file"
+        );
+        assert_eq!(follow.config().address, "https://127.0.0.1:15012");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

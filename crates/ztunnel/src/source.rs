@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions};
+use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions, RootsFileCaClient};
 use meshid_common::testing::TestPki;
 use meshid_common::{KeyType, PrivateKey, SpiffeId, Svid, TrustBundle};
 
@@ -26,7 +26,7 @@ pub trait CertificateSource: Send + Sync + fmt::Debug + 'static {
 
 /// The Istio CA, called with the ztunnel's token on behalf of each workload.
 pub struct CaSource {
-    client: CaClient,
+    client: RootsFileCaClient,
     token_path: PathBuf,
     ttl: Duration,
     key_type: KeyType,
@@ -57,7 +57,8 @@ impl CaSource {
         ca.call_timeout = config.ca_timeout;
         ca.connect_timeout = config.connect_timeout;
         Ok(CaSource {
-            client: CaClient::new(ca)?,
+            // Followed, so a root rotation needs no restart of the node.
+            client: RootsFileCaClient::new(&config.ca_root_ca, CaClient::new(ca)?),
             token_path: config.token_path.clone(),
             ttl: config.secret_ttl,
             key_type: config.key_type,
@@ -90,6 +91,7 @@ impl CertificateSource for CaSource {
                 impersonate: Some(id),
             };
             self.client
+                .current()
                 .sign(key, id, self.ttl, options)
                 .await
                 .map_err(|e| classify(id, e))

@@ -151,6 +151,32 @@ async fn a_ca_whose_certificate_does_not_chain_to_ca_root_ca_is_not_trusted() {
     app.shutdown().await;
 }
 
+/// Root rotation reaches the agent through its CA_ROOT_CA file: once the
+/// roots that verify the CA are written there, the next attempt gets
+/// through, with no restart.
+#[tokio::test]
+async fn new_roots_written_to_ca_root_ca_are_trusted_without_a_restart() {
+    let ca = FakeCa::new(Clock::System);
+    let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let stranger = meshid_common::testing::TestPki::new("serving.ca").unwrap();
+    let (app, dir) = agent_for(server.addr, &stranger.bundle().to_pem(), &[]).await;
+    let failed = eventually(Duration::from_secs(10), || {
+        app.manager().status().consecutive_failures >= 1
+    })
+    .await;
+    assert!(failed && ca.calls().is_empty(), "untrusted at first");
+    // Both roots, as a rotation publishes them.
+    let both = format!("{}{}", stranger.bundle().to_pem(), server.root_pem);
+    std::fs::write(dir.path().join("ca-root.pem"), both).unwrap();
+    wait_ready(&app).await;
+    assert_eq!(
+        ca.calls().len(),
+        1,
+        "one CSR, over the newly trusted connection"
+    );
+    app.shutdown().await;
+}
+
 /// A fake CA server whose serving root is chosen before it listens.
 struct PendingServer {
     ca: Arc<FakeCa>,
