@@ -107,6 +107,7 @@ impl SecretDiscoveryService for SdsServer {
             creds: self.manager.credentials(),
             cache: self.cache.clone(),
             parent: Some(parent),
+            pending: None,
             stream_id,
             node: None,
             names: Vec::new(),
@@ -310,8 +311,12 @@ struct StreamTask {
     metrics: Arc<Metrics>,
     creds: CredentialsRx,
     cache: Arc<RenderCache>,
-    /// The client's trace, handed to the manager for the first CSR.
+    /// The client's trace (the stream's `traceparent`), continued by each
+    /// subscription's span.
     parent: Option<opentelemetry::Context>,
+    /// `sds.subscribe` of the subscription not answered yet: it covers the
+    /// wait for a certificate, so a first CSR nests under it.
+    pending: Option<tracing::Span>,
     stream_id: u64,
     node: Option<String>,
     /// Subscribed resources, sorted.
@@ -424,11 +429,25 @@ impl StreamTask {
         );
         self.span.record("resources", field::debug(&names));
         self.names = names;
+        // One span per subscription, from the request to its answer. The
+        // stream's span lasts as long as the stream, so an exporter would
+        // not see it until the proxy goes away; this one ends with the
+        // answer and is what the first CSR continues.
+        let subscribe = info_span!(
+            "sds.subscribe",
+            stream.id = self.stream_id,
+            resources = ?self.names,
+        );
+        if let Some(parent) = &self.parent {
+            set_remote_parent(&subscribe, parent.clone());
+        }
         // A new subscription is answered at once (when we have credentials).
         self.sent.clear();
         if self.creds.borrow().is_none() {
-            self.manager.request(self.parent.take());
+            self.manager
+                .request(Some(meshid_common::telemetry::context_of(&subscribe)));
         }
+        self.pending = Some(subscribe);
         Ok(self.push(true))
     }
 
@@ -453,6 +472,8 @@ impl StreamTask {
                 .inc();
         }
         debug!(version = %resp.version_info, %nonce, "SDS push");
+        // The subscription is answered: its span ends here.
+        self.pending = None;
         self.sent = versions;
         self.last_nonce = Some(nonce);
         Some(resp)

@@ -228,6 +228,12 @@ pub fn set_remote_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     }
 }
 
+/// `span`'s OpenTelemetry context, to hand work done elsewhere (another
+/// task, a queue) to it as parent.
+pub fn context_of(span: &tracing::Span) -> opentelemetry::Context {
+    span.context()
+}
+
 /// The current span's W3C `traceparent`, if it is being traced.
 pub fn current_traceparent() -> Option<String> {
     let mut map = HashMap::new();

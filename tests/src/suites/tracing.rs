@@ -1,5 +1,5 @@
 //! tracing: one issuance is one trace across components, correctly nested:
-//! proxy `sds.fetch` → agent (`sds.stream`, `agent.csr`) → CA
+//! proxy `sds.fetch` → agent (`sds.subscribe` → `agent.csr`) → CA
 //! (`ca.authenticate`, `ca.sign`), every parent present in the trace.
 
 use std::collections::{HashMap, HashSet};
@@ -125,6 +125,26 @@ async fn sidecar_issuance_is_one_trace(mesh: &mut impl Topology) -> Result<(), S
             roots[0].service, roots[0].name
         )
     })?;
+    // The chain DESIGN §6 draws: the proxy's fetch, the agent's
+    // subscription, its CSR.
+    let by_id: HashMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |s: &Span| by_id.get(s.parent_span_id.as_str()).copied();
+    let csr = trace
+        .iter()
+        .find(|s| s.service == "meshid-agent" && s.name == "agent.csr")
+        .ok_or("no agent.csr span")?;
+    let subscribe = parent_of(csr)
+        .filter(|p| p.service == "meshid-agent" && p.name == "sds.subscribe")
+        .ok_or_else(|| {
+            format!(
+                "agent.csr's parent is {:?}, not the agent's sds.subscribe",
+                parent_of(csr).map(|p| format!("{}:{}", p.service, p.name))
+            )
+        })?;
+    ensure(
+        parent_of(subscribe).is_some_and(|p| p.service == "meshid-envoy-shim"),
+        || "sds.subscribe is not directly under the proxy's span".into(),
+    )?;
     let sign = trace
         .iter()
         .find(|s| s.name == "ca.sign")

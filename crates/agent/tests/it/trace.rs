@@ -1,6 +1,8 @@
 //! One issuance is one trace: the SDS client's `traceparent` is continued
-//! by `sds.stream` and `agent.csr` and sent on to the CA.
+//! by the subscription's `sds.subscribe`, under it `agent.csr`, and sent on
+//! to the CA.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshid_agent::App;
@@ -12,10 +14,30 @@ use crate::support::{AgentBuilder, FakeCa, FakeCaServer, init, request};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
+/// Keeps every ended span.
+#[derive(Debug, Default, Clone)]
+struct Collect(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanProcessor for Collect {
+    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        self.0.lock().unwrap().push(span);
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn the_sds_clients_trace_reaches_the_ca() {
     init();
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let collected = Collect::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(collected.clone())
+        .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("agent-test")));
     // A current-thread test: every task of the agent runs on this thread.
@@ -73,6 +95,34 @@ async fn the_sds_clients_trace_reaches_the_ca() {
     assert!(
         !tp.contains("00f067aa0ba902b7"),
         "a child span, not the client's own: {tp}"
+    );
+    // Nesting, by the spans that have ended (the stream's own span lasts as
+    // long as the stream): client → sds.subscribe → agent.csr → the CA.
+    let spans = collected.0.lock().unwrap().clone();
+    let named = |name: &str| {
+        spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
+            panic!(
+                "no {name} span among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        })
+    };
+    let subscribe = named("sds.subscribe");
+    let csr = named("agent.csr");
+    assert_eq!(
+        subscribe.parent_span_id.to_string(),
+        "00f067aa0ba902b7",
+        "sds.subscribe continues the client's span"
+    );
+    assert_eq!(
+        csr.parent_span_id,
+        subscribe.span_context.span_id(),
+        "agent.csr is under sds.subscribe"
+    );
+    assert_eq!(csr.span_context.trace_id().to_string(), TRACE_ID);
+    assert!(
+        tp.contains(&csr.span_context.span_id().to_string()),
+        "the CA's parent is agent.csr: {tp}"
     );
     drop(stream);
     drop(tx);
