@@ -4,35 +4,20 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
+use meshid_common::testing::SpanRecorder;
 use meshid_common::{KeyType, PrivateKey, SpiffeId};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use support::Fixture;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-
-#[derive(Clone, Debug, Default)]
-struct Recorder(Arc<Mutex<Vec<SpanData>>>);
-
-impl SpanExporter for Recorder {
-    fn export(
-        &self,
-        batch: Vec<SpanData>,
-    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        self.0.lock().unwrap().extend(batch);
-        std::future::ready(Ok(()))
-    }
-}
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_spans_continue_the_callers_trace() {
-    let recorder = Recorder::default();
+    let recorder = SpanRecorder::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(recorder.clone())
         .build();
@@ -65,15 +50,7 @@ async fn ca_spans_continue_the_callers_trace() {
         .unwrap()
         .unwrap();
 
-    let spans = recorder.0.lock().unwrap().clone();
-    let find = |name: &str| {
-        spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
-            panic!(
-                "no span {name} in {:?}",
-                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-            )
-        })
-    };
+    let find = |name: &str| recorder.named(name);
     let root = find("ca.create_certificate");
     assert_eq!(root.span_context.trace_id().to_string(), TRACE_ID);
     assert_eq!(root.parent_span_id.to_string(), PARENT);

@@ -115,3 +115,45 @@ impl TestPki {
         Ok(watch::channel(Some(self.credentials(self.svid(ns, sa)?))))
     }
 }
+
+/// Keeps the spans an OpenTelemetry pipeline exports, for tests that check
+/// a trace's shape: `SdkTracerProvider::builder().with_simple_exporter(
+/// recorder.clone())`.
+#[derive(Clone, Debug, Default)]
+pub struct SpanRecorder(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl SpanRecorder {
+    /// Every span exported so far.
+    pub fn spans(&self) -> Vec<opentelemetry_sdk::trace::SpanData> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The first exported span called `name`; panics, listing the names
+    /// seen, when there is none.
+    pub fn named(&self, name: &str) -> opentelemetry_sdk::trace::SpanData {
+        let spans = self.spans();
+        let found = spans.iter().find(|s| s.name == name).cloned();
+        found.unwrap_or_else(|| {
+            panic!(
+                "no span {name} among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        })
+    }
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for SpanRecorder {
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(batch);
+        std::future::ready(Ok(()))
+    }
+}

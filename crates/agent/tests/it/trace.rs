@@ -2,7 +2,6 @@
 //! by the subscription's `sds.subscribe`, under it `agent.csr`, and sent on
 //! to the CA.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshid_agent::App;
@@ -14,29 +13,12 @@ use crate::support::{AgentBuilder, FakeCa, FakeCaServer, init, request};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-/// Keeps every ended span.
-#[derive(Debug, Default, Clone)]
-struct Collect(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-impl opentelemetry_sdk::trace::SpanProcessor for Collect {
-    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
-    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
-        self.0.lock().unwrap().push(span);
-    }
-    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        Ok(())
-    }
-    fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn the_sds_clients_trace_reaches_the_ca() {
     init();
-    let collected = Collect::default();
+    let recorder = meshid_common::testing::SpanRecorder::default();
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_span_processor(collected.clone())
+        .with_simple_exporter(recorder.clone())
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("agent-test")));
@@ -98,17 +80,8 @@ async fn the_sds_clients_trace_reaches_the_ca() {
     );
     // Nesting, by the spans that have ended (the stream's own span lasts as
     // long as the stream): client → sds.subscribe → agent.csr → the CA.
-    let spans = collected.0.lock().unwrap().clone();
-    let named = |name: &str| {
-        spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
-            panic!(
-                "no {name} span among {:?}",
-                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-            )
-        })
-    };
-    let subscribe = named("sds.subscribe");
-    let csr = named("agent.csr");
+    let subscribe = recorder.named("sds.subscribe");
+    let csr = recorder.named("agent.csr");
     assert_eq!(
         subscribe.parent_span_id.to_string(),
         "00f067aa0ba902b7",
