@@ -12,8 +12,15 @@ use meshid_common::telemetry::{self, TelemetryConfig};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-agent"))
+    let telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-agent"))
         .context("cannot set up logging")?;
+    let result = run(cli).await;
+    // Spans of the last moments (the streams that just closed) go out too.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     meshid_common::tls::install_crypto_provider();
     let config = Config::resolve(cli, &ProcessEnv)?;
     tracing::info!("configuration:\n{}", config.to_pretty_json());

@@ -7,8 +7,14 @@ use meshid_common::telemetry::{self, TelemetryConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
-    let _telemetry =
+    let telemetry =
         telemetry::init(&TelemetryConfig::from_env("meshid-ca")).context("telemetry set-up")?;
+    let result = run(config).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     meshid_common::tls::install_crypto_provider();
     config.validate().context("invalid configuration")?;
     tracing::info!("meshid-ca configuration:\n{}", config.describe());

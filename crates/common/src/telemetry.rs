@@ -51,7 +51,11 @@ impl TelemetryConfig {
     }
 }
 
-/// Keeps the exporter alive; flushes and shuts it down when dropped.
+/// How long [`TelemetryGuard::shutdown`] waits for the last export.
+pub const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the exporter alive. [`shutdown`](Self::shutdown) exports what is
+/// buffered and stops it; binaries await it on their way out.
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
@@ -64,13 +68,47 @@ impl TelemetryGuard {
             let _ = p.force_flush();
         }
     }
+
+    /// Exports what is buffered and stops the exporter, waiting at most
+    /// [`SHUTDOWN_FLUSH`]. The SDK's flush blocks until the export is done,
+    /// and the export goes over a tonic channel driven by this runtime: the
+    /// flush runs on a thread of its own so the runtime's threads stay free
+    /// to send it (on a one-thread runtime, flushing in place waits on itself
+    /// until the exporter times out), and a collector that does not answer
+    /// delays the exit by the bound, not by the exporter's own timeout.
+    pub async fn shutdown(mut self) {
+        let Some(p) = self.provider.take() else {
+            return;
+        };
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("otlp-flush".into())
+            .spawn(move || {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+                let _ = done.send(());
+            });
+        if spawned.is_ok() && tokio::time::timeout(SHUTDOWN_FLUSH, flushed).await.is_err() {
+            tracing::warn!(
+                bound_ms = SHUTDOWN_FLUSH.as_millis() as u64,
+                "the trace collector did not take the last spans in time; exiting without them"
+            );
+        }
+    }
 }
 
 impl Drop for TelemetryGuard {
+    /// Without [`shutdown`](Self::shutdown): flushes in place, except on a
+    /// one-thread runtime, where that would wait on itself; there the spans
+    /// still buffered are dropped.
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
-            let _ = p.force_flush();
-            let _ = p.shutdown();
+            let one_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+            if !one_thread {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            }
         }
     }
 }

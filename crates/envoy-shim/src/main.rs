@@ -24,20 +24,25 @@ fn main() -> anyhow::Result<()> {
     };
     let rt = rt.enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
-        let _telemetry =
-            telemetry::init(&telemetry::TelemetryConfig::from_env("meshid-envoy-shim"))
-                .context("telemetry")?;
-        tls::install_crypto_provider();
-        tracing::info!(
-            config = %serde_yaml_ng::to_string(&config).unwrap_or_default(),
-            "meshid-envoy-shim configuration"
-        );
-        let app = App::build(config).await.context("starting the proxy")?;
-        meshid_common::signal::shutdown()
-            .await
-            .context("cannot watch for SIGTERM or Ctrl-C")?;
-        tracing::info!("shutting down");
-        app.shutdown().await;
-        Ok(())
+        let telemetry = telemetry::init(&telemetry::TelemetryConfig::from_env("meshid-envoy-shim"))
+            .context("telemetry")?;
+        let result = run(config).await;
+        telemetry.shutdown().await;
+        result
     })
+}
+
+async fn run(config: meshid_envoy_shim::Config) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    tracing::info!(
+        config = %serde_yaml_ng::to_string(&config).unwrap_or_default(),
+        "meshid-envoy-shim configuration"
+    );
+    let app = App::build(config).await.context("starting the proxy")?;
+    meshid_common::signal::shutdown()
+        .await
+        .context("cannot watch for SIGTERM or Ctrl-C")?;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
 }

@@ -9,8 +9,14 @@ use meshid_ztunnel::config::{Cli, Config, ProcessEnv};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-ztunnel"))
+    let telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-ztunnel"))
         .context("cannot set up logging")?;
+    let result = run(cli).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     meshid_common::tls::install_crypto_provider();
     let config = Config::resolve(cli, &ProcessEnv)?;
     tracing::info!("configuration:\n{}", config.to_pretty_json());

@@ -9,18 +9,21 @@ use tokio::io::AsyncReadExt;
 
 use crate::support::{RealCa, SdsStream, eventually, http_get, request, sds_client};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
-    let ca = RealCa::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), ca.token("web-0")).unwrap();
+/// The agent binary, configured through Istio's environment variables
+/// (plus `env`), its SDS socket in `dir` and its admin port.
+fn spawn_agent(
+    ca: &RealCa,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, std::path::PathBuf, u16) {
+    std::fs::write(dir.join("token"), ca.token("web-0")).unwrap();
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let sds = dir.path().join("sds/socket");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshid-agent"))
+    let sds = dir.join("sds/socket");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshid-agent"))
         .arg("--sds-socket")
         .arg(&sds)
         .arg("--admin-addr")
@@ -29,20 +32,38 @@ async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
         .env_clear()
         .env("CA_ADDRESS", ca.address())
         .env("CA_ROOT_CA", ca.root_cert())
-        .env("AUTH_TOKEN", dir.path().join("token"))
+        .env("AUTH_TOKEN", dir.join("token"))
         .env("POD_NAMESPACE", "default")
         .env("SERVICE_ACCOUNT", "web")
         .env("TRUST_DOMAIN", "cluster.local")
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", dir.path().join("api.sock").display()),
+            format!("unix://{}", dir.join("api.sock").display()),
         )
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (child, sds, admin_port)
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
+    let ca = RealCa::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, sds, admin_port) = spawn_agent(&ca, dir.path(), &[]);
 
     let up = eventually(Duration::from_secs(10), || sds.exists()).await;
     assert!(up, "the SDS socket appears");
@@ -57,12 +78,7 @@ async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
     drop(s);
     drop(client);
 
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("the agent stops within 10 s of SIGTERM")
@@ -83,6 +99,55 @@ async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
     assert!(out.contains("\"service_account\": \"web\""), "{out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(!out.contains("PRIVATE KEY"), "{out}");
+    ca.app.shutdown().await;
+}
+
+/// With a trace collector that never answers and an SDS stream open (its
+/// spans end at shutdown), SIGTERM still ends the agent within the
+/// telemetry's flush bound: the last export neither blocks the agent's one
+/// runtime thread nor waits out the exporter's own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswering_trace_collector_does_not_hold_up_the_exit() {
+    let ca = RealCa::start().await;
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    // Accepts and holds connections, reads nothing, answers nothing.
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = collector.accept().await {
+            conns.push(c);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, sds, _) = spawn_agent(
+        &ca,
+        dir.path(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    assert!(eventually(Duration::from_secs(10), || sds.exists()).await);
+    let mut client = sds_client(&sds).await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+        .await
+        .unwrap();
+    s.expect_response().await;
+
+    let asked = std::time::Instant::now();
+    sigterm(&child);
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the agent stops")
+        .unwrap();
+    let took = asked.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    // An in-place flush would wait out the SDK's own 5 s timeout.
+    let bound = meshid_common::telemetry::SHUTDOWN_FLUSH + Duration::from_millis(1500);
+    assert!(
+        took < bound,
+        "the agent took {took:?} to stop; the flush bound is {:?}",
+        meshid_common::telemetry::SHUTDOWN_FLUSH
+    );
+    drop(s);
+    held.abort();
     ca.app.shutdown().await;
 }
 
