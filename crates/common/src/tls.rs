@@ -197,12 +197,44 @@ pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> 
     CertInfo::from_der(leaf).ok()?.spiffe_id
 }
 
+/// The TLS versions a config offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsVersions {
+    /// TLS 1.2 and 1.3 (what Envoy's Istio configs allow).
+    #[default]
+    Tls12And13,
+    /// TLS 1.3 only (HBONE): an older peer fails in the handshake.
+    Tls13Only,
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+impl TlsVersions {
+    fn list(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        match self {
+            TlsVersions::Tls12And13 => rustls::DEFAULT_VERSIONS,
+            TlsVersions::Tls13Only => TLS13_ONLY,
+        }
+    }
+}
+
 /// A server config presenting the current SVID and verifying clients against
-/// the current bundle and `peers`. Callers may set ALPN on the result.
+/// the current bundle and `peers`, over TLS 1.2 and 1.3. Callers may set ALPN
+/// on the result.
 pub fn server_config(
     creds: CredentialsRx,
     peers: PeerMatcher,
     client_auth: ClientAuth,
+) -> Result<rustls::ServerConfig> {
+    server_config_for(creds, peers, client_auth, TlsVersions::default())
+}
+
+/// [`server_config`] offering only `versions`.
+pub fn server_config_for(
+    creds: CredentialsRx,
+    peers: PeerMatcher,
+    client_auth: ClientAuth,
+    versions: TlsVersions,
 ) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeClientVerifier {
@@ -215,7 +247,7 @@ pub fn server_config(
         mandatory: client_auth == ClientAuth::Required,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions.list())
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SvidResolver { creds }));
@@ -225,8 +257,26 @@ pub fn server_config(
 }
 
 /// A client config presenting the current SVID and accepting only a server
-/// whose chain verifies to the current bundle and whose ID satisfies `server`.
+/// whose chain verifies to the current bundle and whose ID satisfies `server`,
+/// over TLS 1.2 and 1.3.
 pub fn client_config(creds: CredentialsRx, server: PeerMatcher) -> Result<rustls::ClientConfig> {
+    client_config_for(creds, server, TlsVersions::default())
+}
+
+/// [`client_config`] offering only `versions`.
+pub fn client_config_for(
+    creds: CredentialsRx,
+    server: PeerMatcher,
+    versions: TlsVersions,
+) -> Result<rustls::ClientConfig> {
+    client_config_with(creds, server, versions.list())
+}
+
+fn client_config_with(
+    creds: CredentialsRx,
+    server: PeerMatcher,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         check: PeerCheck {
@@ -237,7 +287,7 @@ pub fn client_config(creds: CredentialsRx, server: PeerMatcher) -> Result<rustls
         },
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -585,6 +635,45 @@ mod tests {
         .await;
         assert_eq!(out.client.unwrap(), Some(server_id));
         assert_eq!(out.server.unwrap(), Some(pki.id("default", "client")));
+    }
+
+    #[tokio::test]
+    async fn a_tls13_only_server_refuses_a_tls12_client_in_the_handshake() {
+        let pki = pki();
+        let (_s_tx, s_rx) = pki.channel("default", "server").unwrap();
+        let (_c_tx, c_rx) = pki.channel("default", "client").unwrap();
+        let server_id = pki.id("default", "server");
+        let server = || {
+            server_config_for(
+                s_rx.clone(),
+                td(&pki),
+                ClientAuth::Required,
+                TlsVersions::Tls13Only,
+            )
+            .unwrap()
+        };
+        // A default client negotiates 1.3 with it.
+        let out = handshake(
+            server(),
+            client_config(c_rx.clone(), PeerMatcher::Exact(server_id.clone())).unwrap(),
+            &server_id,
+        )
+        .await;
+        assert_eq!(out.client.unwrap(), Some(server_id.clone()));
+        // A client offering only 1.2 gets no session at all.
+        let old = client_config_with(
+            c_rx,
+            PeerMatcher::Exact(server_id.clone()),
+            &[&rustls::version::TLS12],
+        )
+        .unwrap();
+        let out = handshake(server(), old, &server_id).await;
+        let err = out.server.unwrap_err();
+        assert!(
+            err.contains("incompatible") && err.contains("Tls12NotOfferedOrEnabled"),
+            "{err}"
+        );
+        assert!(out.client.is_err());
     }
 
     #[tokio::test]

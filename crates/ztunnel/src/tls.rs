@@ -11,13 +11,14 @@
 //!   presenting the source workload's certificate and accepting only a server
 //!   whose SAN is the destination workload's identity.
 //!
-//! Both set ALPN `h2`. common's builders enable TLS 1.2 as well, so
-//! [`check_session`] refuses, on both sides, any session that is not TLS 1.3
-//! with `h2` before a byte of HTTP/2 flows.
+//! Both offer TLS 1.3 only, so an older peer fails in the handshake, and set
+//! ALPN `h2`; [`check_session`] still refuses, on both sides, any session
+//! that is not TLS 1.3 with `h2` before a byte of HTTP/2 flows (a peer may
+//! offer no ALPN at all).
 
 use std::sync::Arc;
 
-use meshid_common::tls::{ClientAuth, PeerMatcher};
+use meshid_common::tls::{ClientAuth, PeerMatcher, TlsVersions};
 use meshid_common::{CredentialsRx, SpiffeId};
 
 use crate::certs::Entry;
@@ -30,10 +31,11 @@ pub fn server_config(entry: &Entry, trust_domain: &str) -> Result<Arc<rustls::Se
     if let Some(c) = entry.server_config.get() {
         return Ok(c.clone());
     }
-    let mut config = meshid_common::tls::server_config(
+    let mut config = meshid_common::tls::server_config_for(
         entry.credentials(),
         PeerMatcher::TrustDomain(trust_domain.to_owned()),
         ClientAuth::Required,
+        TlsVersions::Tls13Only,
     )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let config = Arc::new(config);
@@ -46,8 +48,11 @@ pub fn client_config(
     source: CredentialsRx,
     destination: &SpiffeId,
 ) -> Result<rustls::ClientConfig> {
-    let mut config =
-        meshid_common::tls::client_config(source, PeerMatcher::Exact(destination.clone()))?;
+    let mut config = meshid_common::tls::client_config_for(
+        source,
+        PeerMatcher::Exact(destination.clone()),
+        TlsVersions::Tls13Only,
+    )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
