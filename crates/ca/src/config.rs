@@ -94,7 +94,8 @@ pub struct Config {
     #[arg(long, env = "JWKS_URL_CA")]
     pub jwks_url_ca: Option<PathBuf>,
 
-    /// How often --jwks-url is fetched again.
+    /// How often --jwks-url is fetched again (and at once, at most every 10 s,
+    /// for a token whose key id it does not hold).
     #[arg(long, default_value = DEFAULT_JWKS_REFRESH, value_parser = parse_duration)]
     pub jwks_refresh_interval: Duration,
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshid_ca::{TokenAlgorithm, TokenIssuer};
@@ -1093,15 +1094,25 @@ async fn a_new_pod_authenticates_once_registered() {
 
 /// Serves `body` at every path over plain HTTP/1.1.
 async fn serve_jwks(body: String) -> std::net::SocketAddr {
+    serve_jwks_from(Arc::new(Mutex::new(body)), Arc::default()).await
+}
+
+/// Serves the current `body` at every path, counting requests in `fetches`.
+async fn serve_jwks_from(
+    body: Arc<Mutex<String>>,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let body = body.clone();
+            let fetches = fetches.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
+                    fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = body.lock().unwrap().clone();
                     async move {
                         Ok::<_, std::convert::Infallible>(http::Response::new(
                             http_body_util::Full::new(hyper::body::Bytes::from(body)),
@@ -1115,6 +1126,48 @@ async fn serve_jwks(body: String) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// A signer that moved to a new key: the first token naming the new key id
+/// makes the CA fetch the JWKS URL again at once, not at the next refresh;
+/// a second unknown id within the gap costs no fetch.
+#[tokio::test]
+async fn a_token_with_a_new_key_id_makes_the_jwks_url_be_fetched_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let old = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+    let body = Arc::new(Mutex::new(old.jwks_json()));
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let addr = serve_jwks_from(body.clone(), fetches.clone()).await;
+    let url = format!("http://{addr}/openid/v1/jwks");
+    let mut fx = Fixture::start_with(
+        TokenAlgorithm::Es256,
+        &["--jwks-url", &url, "--jwks-refresh-interval", "1h"],
+    )
+    .await;
+    assert_eq!(fetches.load(SeqCst), 1, "fetched once at start");
+    let new = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+    *body.lock().unwrap() = new.jwks_json();
+    fx.issuer = new;
+    let csr = key().csr_for(&id("default", "web")).unwrap();
+    let token = fx.token("default", "web-0");
+    fx.call(&csr, 60, Some(&bearer(&token)), |_| {})
+        .await
+        .expect("the new key is fetched for the token that names it");
+    assert_eq!(fetches.load(SeqCst), 2);
+
+    // Another unknown key id right after: refused, and no fetch.
+    fx.issuer = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
+    let token = fx.token("default", "web-0");
+    let status = fx
+        .call(&csr, 60, Some(&bearer(&token)), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("unknown signing key"),
+        "{status:?}"
+    );
+    assert_eq!(fetches.load(SeqCst), 2, "at most one fetch per gap");
 }
 
 #[tokio::test]

@@ -103,17 +103,52 @@ impl Jwks {
     }
 }
 
-/// Keeps the JWKS of a file current.
+/// The least time between two fetches a token with an unknown key id may
+/// cause: a signer's new key is picked up at once, and tokens with made-up
+/// key ids cannot turn the CA into a load on the JWKS server.
+pub const UNKNOWN_KID_REFETCH_GAP: Duration = Duration::from_secs(10);
+
+/// Keeps the JWKS of a file or URL current.
 #[derive(Debug, Clone)]
 pub struct JwksSource {
     rx: watch::Receiver<Arc<Jwks>>,
+    /// URL sources only: asks the fetch task for a fetch now.
+    refetch: Option<Arc<Refetch>>,
+}
+
+#[derive(Debug)]
+struct Refetch {
+    tx: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl JwksSource {
     /// A fixed set (tests).
     pub fn fixed(jwks: Jwks) -> Self {
         let (_, rx) = watch::channel(Arc::new(jwks));
-        JwksSource { rx }
+        JwksSource { rx, refetch: None }
+    }
+
+    /// For a token whose key id is not in the set: a URL source fetches
+    /// again now (at most once per [`UNKNOWN_KID_REFETCH_GAP`]) and returns
+    /// the set as it is after that; `None` when there was nothing to do.
+    pub async fn refetch_for_unknown_kid(&self) -> Option<Arc<Jwks>> {
+        let refetch = self.refetch.as_ref()?;
+        {
+            let mut last = refetch.last.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < UNKNOWN_KID_REFETCH_GAP) {
+                return None;
+            }
+            *last = Some(now);
+        }
+        let (done, fetched) = tokio::sync::oneshot::channel();
+        refetch.tx.try_send(done).ok()?;
+        tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), fetched)
+            .await
+            .ok()?
+            .ok()?;
+        Some(self.current())
     }
 
     /// Loads `path` (an error if it is missing or bad) and re-reads it when
@@ -155,11 +190,13 @@ impl JwksSource {
                 }
             }
         });
-        Ok(JwksSource { rx })
+        Ok(JwksSource { rx, refetch: None })
     }
 
     /// Fetches `url` (an error if that fails) and again every `interval`,
-    /// until `cancel`. `roots` are what an https server must chain to.
+    /// and when a token names a key id it does not hold (see
+    /// [`refetch_for_unknown_kid`](Self::refetch_for_unknown_kid)), until
+    /// `cancel`. `roots` are what an https server must chain to.
     pub async fn watch_url(
         url: String,
         roots: Option<rustls::RootCertStore>,
@@ -169,24 +206,43 @@ impl JwksSource {
         let fetcher = Arc::new(UrlFetcher::new(&url, roots)?);
         let jwks = fetcher.fetch_jwks().await?;
         let (tx, rx) = watch::channel(Arc::new(jwks));
+        let (refetch_tx, mut refetch_rx) =
+            tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>(1);
         tokio::spawn(async move {
+            let mut next = tokio::time::Instant::now() + interval;
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
+                let asked = tokio::select! {
+                    _ = tokio::time::sleep_until(next) => None,
+                    Some(done) = refetch_rx.recv() => Some(done),
                     _ = cancel.cancelled() => return,
-                }
+                };
                 match fetcher.fetch_jwks().await {
                     Ok(jwks) => {
-                        tracing::debug!(url = %fetcher.url, keys = jwks.keys.len(), "JWKS fetched");
+                        tracing::debug!(
+                            url = %fetcher.url,
+                            keys = jwks.keys.len(),
+                            on_unknown_kid = asked.is_some(),
+                            "JWKS fetched"
+                        );
                         tx.send_replace(Arc::new(jwks));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "JWKS fetch failed; keeping the last good keys")
                     }
                 }
+                if let Some(done) = asked {
+                    let _ = done.send(());
+                }
+                next = tokio::time::Instant::now() + interval;
             }
         });
-        Ok(JwksSource { rx })
+        Ok(JwksSource {
+            rx,
+            refetch: Some(Arc::new(Refetch {
+                tx: refetch_tx,
+                last: std::sync::Mutex::new(None),
+            })),
+        })
     }
 
     pub fn current(&self) -> Arc<Jwks> {
@@ -376,12 +432,15 @@ impl JwtAuthenticator {
     async fn check(&self, token: &str) -> Result<Caller, AuthError> {
         let fail = |m: String| AuthError::Jwt(m);
         let (alg, kid) = header_alg_and_kid(token).map_err(fail)?;
-        let jwks = self.jwks.current();
-        let candidates: Vec<&VerificationKey> = jwks
-            .keys
-            .iter()
-            .filter(|k| k.alg == alg && (kid.is_none() || k.kid == kid))
-            .collect();
+        let matches = |k: &VerificationKey| k.alg == alg && (kid.is_none() || k.kid == kid);
+        let mut jwks = self.jwks.current();
+        if kid.is_some() && !jwks.keys.iter().any(matches) {
+            // A signer that rotated its key: a JWKS URL may have it already.
+            if let Some(fresh) = self.jwks.refetch_for_unknown_kid().await {
+                jwks = fresh;
+            }
+        }
+        let candidates: Vec<&VerificationKey> = jwks.keys.iter().filter(|k| matches(k)).collect();
         if candidates.is_empty() {
             return Err(fail(match &kid {
                 Some(kid) => {
