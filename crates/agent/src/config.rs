@@ -50,6 +50,7 @@ pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 /// it continues that client's trace), or after this delay, whichever is first.
 pub const DEFAULT_FIRST_FETCH_DELAY: Duration = Duration::from_secs(1);
 
+use meshid_common::config::Layers;
 pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 
 /// meshid-agent: the per-pod identity agent (Istio's pilot-agent SDS role).
@@ -189,28 +190,11 @@ impl Config {
 
     /// Flags, then environment, then defaults; then [`Config::validate`].
     pub fn resolve(cli: Cli, env: &dyn EnvSource) -> Result<Self> {
-        let env_nonempty = |key: &str| env.get(key).filter(|v| !v.trim().is_empty());
-        let duration =
-            |flag: Option<String>, key: Option<&str>, default: Duration, name: &str| match flag
-                .or_else(|| key.and_then(env_nonempty))
-            {
-                Some(s) => parse_duration(&s).map_err(|e| Error::Config(format!("{name}: {e}"))),
-                None => Ok(default),
-            };
-        let float = |flag: Option<f64>, key: &str, default: f64| match flag {
-            Some(v) => Ok(v),
-            None => match env_nonempty(key) {
-                Some(s) => s
-                    .trim()
-                    .parse::<f64>()
-                    .map_err(|_| Error::Config(format!("{key}: {s:?} is not a number"))),
-                None => Ok(default),
-            },
-        };
+        let layers = Layers::new(env);
 
         let key_type = match cli
             .key_type
-            .or_else(|| env_nonempty("ECC_SIGNATURE_ALGORITHM"))
+            .or_else(|| layers.env("ECC_SIGNATURE_ALGORITHM"))
         {
             Some(s) => s.parse::<KeyType>()?,
             None => DEFAULT_KEY_TYPE,
@@ -218,13 +202,13 @@ impl Config {
         let sds_socket = match (cli.sds_socket, cli.sds_socket_file) {
             (Some(path), _) => path,
             (None, file) => Path::new(DEFAULT_SOCKET_DIR).join(
-                file.or_else(|| env_nonempty("WORKLOAD_IDENTITY_SOCKET_FILE"))
+                file.or_else(|| layers.env("WORKLOAD_IDENTITY_SOCKET_FILE"))
                     .unwrap_or_else(|| DEFAULT_SDS_SOCKET_FILE.to_owned()),
             ),
         };
         let workload_api_socket = match cli
             .spiffe_endpoint_socket
-            .or_else(|| env_nonempty("SPIFFE_ENDPOINT_SOCKET"))
+            .or_else(|| layers.env("SPIFFE_ENDPOINT_SOCKET"))
         {
             Some(s) => parse_socket_address(&s)?,
             None => PathBuf::from(DEFAULT_WORKLOAD_API_SOCKET),
@@ -237,39 +221,39 @@ impl Config {
         let config = Config {
             ca_address: cli
                 .ca_address
-                .or_else(|| env_nonempty("CA_ADDRESS"))
+                .or_else(|| layers.env("CA_ADDRESS"))
                 .unwrap_or_else(|| DEFAULT_CA_ADDRESS.to_owned()),
             ca_root_ca: cli
                 .ca_root_ca
-                .or_else(|| env_nonempty("CA_ROOT_CA").map(PathBuf::from))
+                .or_else(|| layers.env("CA_ROOT_CA").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_ROOT_CA)),
             ca_server_name: cli
                 .ca_server_name
                 .unwrap_or_else(|| DEFAULT_CA_SERVER_NAME.to_owned()),
             token_path: cli
                 .token_path
-                .or_else(|| env_nonempty("AUTH_TOKEN").map(PathBuf::from))
+                .or_else(|| layers.env("AUTH_TOKEN").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
             token_audiences: cli
                 .token_audiences
-                .or_else(|| env_nonempty("TOKEN_AUDIENCES"))
+                .or_else(|| layers.env("TOKEN_AUDIENCES"))
                 .unwrap_or_else(|| DEFAULT_TOKEN_AUDIENCE.to_owned())
                 .split(',')
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
-            secret_ttl: duration(
+            secret_ttl: layers.duration(
                 cli.secret_ttl,
                 Some("SECRET_TTL"),
                 DEFAULT_SECRET_TTL,
                 "SECRET_TTL",
             )?,
-            grace_period_ratio: float(
+            grace_period_ratio: layers.float(
                 cli.secret_grace_period_ratio,
                 "SECRET_GRACE_PERIOD_RATIO",
                 DEFAULT_GRACE_PERIOD_RATIO,
             )?,
-            grace_period_ratio_jitter: float(
+            grace_period_ratio_jitter: layers.float(
                 cli.secret_grace_period_ratio_jitter,
                 "SECRET_GRACE_PERIOD_RATIO_JITTER",
                 DEFAULT_GRACE_PERIOD_RATIO_JITTER,
@@ -280,33 +264,43 @@ impl Config {
             socket_group: cli.socket_group,
             trust_domain: cli
                 .trust_domain
-                .or_else(|| env_nonempty("TRUST_DOMAIN"))
+                .or_else(|| layers.env("TRUST_DOMAIN"))
                 .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()),
             namespace: cli
                 .namespace
-                .or_else(|| env_nonempty("POD_NAMESPACE"))
+                .or_else(|| layers.env("POD_NAMESPACE"))
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
             service_account: cli
                 .service_account
-                .or_else(|| env_nonempty("SERVICE_ACCOUNT"))
+                .or_else(|| layers.env("SERVICE_ACCOUNT"))
                 .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
             cluster_id: cli
                 .cluster_id
-                .or_else(|| env_nonempty("CLUSTER_ID"))
+                .or_else(|| layers.env("CLUSTER_ID"))
                 .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned()),
             admin_addr,
             output_certs: cli
                 .output_certs
-                .or_else(|| env_nonempty("OUTPUT_CERTS").map(PathBuf::from)),
-            initial_backoff: duration(
+                .or_else(|| layers.env("OUTPUT_CERTS").map(PathBuf::from)),
+            initial_backoff: layers.duration(
                 cli.initial_backoff,
                 None,
                 DEFAULT_INITIAL_BACKOFF,
                 "--initial-backoff",
             )?,
-            max_backoff: duration(cli.max_backoff, None, DEFAULT_MAX_BACKOFF, "--max-backoff")?,
-            ca_timeout: duration(cli.ca_timeout, None, DEFAULT_CA_TIMEOUT, "--ca-timeout")?,
-            first_fetch_delay: duration(
+            max_backoff: layers.duration(
+                cli.max_backoff,
+                None,
+                DEFAULT_MAX_BACKOFF,
+                "--max-backoff",
+            )?,
+            ca_timeout: layers.duration(
+                cli.ca_timeout,
+                None,
+                DEFAULT_CA_TIMEOUT,
+                "--ca-timeout",
+            )?,
+            first_fetch_delay: layers.duration(
                 cli.first_fetch_delay,
                 None,
                 DEFAULT_FIRST_FETCH_DELAY,

@@ -117,3 +117,9 @@ impl From<Error> for tonic::Status {
         e.to_status()
     }
 }
+
+impl From<meshid_common::config::SettingError> for Error {
+    fn from(e: meshid_common::config::SettingError) -> Self {
+        Error::Config(e.0)
+    }
+}

@@ -33,6 +33,64 @@ impl EnvSource for HashMap<&str, &str> {
     }
 }
 
+/// A setting that could not be read: the message names it and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingError(pub String);
+
+/// Resolves a setting the way every component does: the flag, else the
+/// environment variable (unset and blank are the same), else the default.
+#[derive(Clone, Copy)]
+pub struct Layers<'a> {
+    env: &'a dyn EnvSource,
+}
+
+impl std::fmt::Debug for Layers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Layers")
+    }
+}
+
+impl<'a> Layers<'a> {
+    pub fn new(env: &'a dyn EnvSource) -> Self {
+        Layers { env }
+    }
+
+    /// The variable `key`, unless unset or blank.
+    pub fn env(&self, key: &str) -> Option<String> {
+        self.env.get(key).filter(|v| !v.trim().is_empty())
+    }
+
+    /// A duration from the flag or `key` (Go syntax, see
+    /// [`parse_duration`]), else `default`; errors name `name`.
+    pub fn duration(
+        &self,
+        flag: Option<String>,
+        key: Option<&str>,
+        default: Duration,
+        name: &str,
+    ) -> Result<Duration, SettingError> {
+        match flag.or_else(|| key.and_then(|k| self.env(k))) {
+            Some(s) => parse_duration(&s).map_err(|e| SettingError(format!("{name}: {e}"))),
+            None => Ok(default),
+        }
+    }
+
+    /// A number from the flag or `key`, else `default`.
+    pub fn float(&self, flag: Option<f64>, key: &str, default: f64) -> Result<f64, SettingError> {
+        match flag {
+            Some(v) => Ok(v),
+            None => match self.env(key) {
+                Some(s) => s
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| SettingError(format!("{key}: {s:?} is not a number"))),
+                None => Ok(default),
+            },
+        }
+    }
+}
+
 /// Parses a duration: number-unit pairs (units `ns`, `us`/`µs`, `ms`, `s`,
 /// `m`, `h`, `d`; numbers may have a fraction), or a bare whole number of
 /// seconds. The error says what is wrong, for a config error or clap.
@@ -125,5 +183,35 @@ mod tests {
             Some("example.org")
         );
         assert_eq!(EnvSource::get(&env, "NOPE"), None);
+    }
+
+    #[test]
+    fn layers_take_the_flag_then_the_variable_then_the_default() {
+        let env: HashMap<&str, &str> = [("TTL", "2h"), ("BLANK", "  "), ("RATIO", "half")].into();
+        let l = Layers::new(&env);
+        let d = Duration::from_secs(60);
+        assert_eq!(
+            l.duration(Some("5s".into()), Some("TTL"), d, "ttl"),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            l.duration(None, Some("TTL"), d, "ttl"),
+            Ok(Duration::from_secs(7200))
+        );
+        assert_eq!(
+            l.duration(None, Some("BLANK"), d, "blank"),
+            Ok(d),
+            "blank is unset"
+        );
+        assert_eq!(l.duration(None, None, d, "x"), Ok(d));
+        let err = l
+            .duration(Some("5 parsecs".into()), None, d, "SECRET_TTL")
+            .unwrap_err();
+        assert!(err.0.starts_with("SECRET_TTL:"), "{err}");
+        assert_eq!(l.float(Some(0.3), "RATIO", 0.5), Ok(0.3));
+        assert_eq!(l.float(None, "NONE", 0.5), Ok(0.5));
+        let err = l.float(None, "RATIO", 0.5).unwrap_err();
+        assert!(err.0.contains("RATIO") && err.0.contains("half"), "{err}");
+        assert_eq!(l.env("BLANK"), None);
     }
 }

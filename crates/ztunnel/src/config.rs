@@ -50,6 +50,7 @@ pub const DEFAULT_CERT_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 
+use meshid_common::config::Layers;
 pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 
 /// meshid-ztunnel: ambient mode's node proxy.
@@ -282,27 +283,11 @@ impl Config {
 
     /// Flags, then environment, then defaults; then [`Config::validate`].
     pub fn resolve(cli: Cli, env: &dyn EnvSource) -> Result<Self> {
-        let env_nonempty = |key: &str| env.get(key).filter(|v| !v.trim().is_empty());
-        let duration =
-            |flag: Option<String>, key: Option<&str>, default: Duration, name: &str| match flag
-                .or_else(|| key.and_then(env_nonempty))
-            {
-                Some(s) => parse_duration(&s).map_err(|e| Error::Config(format!("{name}: {e}"))),
-                None => Ok(default),
-            };
-        let float = |flag: Option<f64>, key: &str, default: f64| match flag {
-            Some(v) => Ok(v),
-            None => match env_nonempty(key) {
-                Some(s) => s
-                    .trim()
-                    .parse::<f64>()
-                    .map_err(|_| Error::Config(format!("{key}: {s:?} is not a number"))),
-                None => Ok(default),
-            },
-        };
+        let layers = Layers::new(env);
         let list = |flag: Vec<String>, key: &str| -> Vec<String> {
             let items = if flag.is_empty() {
-                env_nonempty(key)
+                layers
+                    .env(key)
                     .map(|v| v.split(',').map(str::to_owned).collect())
                     .unwrap_or_default()
             } else {
@@ -320,7 +305,7 @@ impl Config {
 
         let key_type = match cli
             .key_type
-            .or_else(|| env_nonempty("ECC_SIGNATURE_ALGORITHM"))
+            .or_else(|| layers.env("ECC_SIGNATURE_ALGORITHM"))
         {
             Some(s) => s.parse::<KeyType>()?,
             None => DEFAULT_KEY_TYPE,
@@ -344,14 +329,14 @@ impl Config {
             .collect::<Result<Vec<OutboundRoute>>>()?;
         let registry_source = match cli
             .registry_source
-            .or_else(|| env_nonempty("REGISTRY_SOURCE"))
+            .or_else(|| layers.env("REGISTRY_SOURCE"))
         {
             Some(s) => s.parse()?,
             None => RegistrySource::File,
         };
         let policy_file = cli
             .policy_file
-            .or_else(|| env_nonempty("ZTUNNEL_POLICY_FILE").map(PathBuf::from));
+            .or_else(|| layers.env("ZTUNNEL_POLICY_FILE").map(PathBuf::from));
         let policies = match &policy_file {
             Some(path) => load_policy_file(path)?,
             None => Vec::new(),
@@ -360,51 +345,51 @@ impl Config {
         let config = Config {
             ca_address: cli
                 .ca_address
-                .or_else(|| env_nonempty("CA_ADDRESS"))
+                .or_else(|| layers.env("CA_ADDRESS"))
                 .unwrap_or_else(|| DEFAULT_CA_ADDRESS.to_owned()),
             ca_root_ca: cli
                 .ca_root_ca
-                .or_else(|| env_nonempty("CA_ROOT_CA").map(PathBuf::from))
+                .or_else(|| layers.env("CA_ROOT_CA").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_ROOT_CA)),
             ca_server_name: cli
                 .ca_server_name
                 .unwrap_or_else(|| DEFAULT_CA_SERVER_NAME.to_owned()),
             token_path: cli
                 .token_path
-                .or_else(|| env_nonempty("AUTH_TOKEN").map(PathBuf::from))
+                .or_else(|| layers.env("AUTH_TOKEN").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
-            cluster_id: cli.cluster_id.or_else(|| env_nonempty("CLUSTER_ID")),
+            cluster_id: cli.cluster_id.or_else(|| layers.env("CLUSTER_ID")),
             trust_domain: cli
                 .trust_domain
-                .or_else(|| env_nonempty("TRUST_DOMAIN"))
+                .or_else(|| layers.env("TRUST_DOMAIN"))
                 .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()),
             node_name: cli
                 .node_name
-                .or_else(|| env_nonempty("NODE_NAME"))
+                .or_else(|| layers.env("NODE_NAME"))
                 .unwrap_or_else(|| DEFAULT_NODE_NAME.to_owned()),
             registry_source,
             registry_file: cli
                 .registry_file
-                .or_else(|| env_nonempty("WORKLOAD_REGISTRY").map(PathBuf::from))
+                .or_else(|| layers.env("WORKLOAD_REGISTRY").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRY_FILE)),
-            registry_poll: duration(
+            registry_poll: layers.duration(
                 cli.registry_poll,
                 None,
                 DEFAULT_REGISTRY_POLL,
                 "--registry-poll",
             )?,
-            secret_ttl: duration(
+            secret_ttl: layers.duration(
                 cli.secret_ttl,
                 Some("SECRET_TTL"),
                 DEFAULT_SECRET_TTL,
                 "SECRET_TTL",
             )?,
-            grace_period_ratio: float(
+            grace_period_ratio: layers.float(
                 cli.secret_grace_period_ratio,
                 "SECRET_GRACE_PERIOD_RATIO",
                 DEFAULT_GRACE_PERIOD_RATIO,
             )?,
-            grace_period_ratio_jitter: float(
+            grace_period_ratio_jitter: layers.float(
                 cli.secret_grace_period_ratio_jitter,
                 "SECRET_GRACE_PERIOD_RATIO_JITTER",
                 DEFAULT_GRACE_PERIOD_RATIO_JITTER,
@@ -415,30 +400,42 @@ impl Config {
                 .then(|| addr(cli.inbound_plaintext_addr, DEFAULT_INBOUND_PLAINTEXT_ADDR)),
             admin_addr: addr(cli.admin_addr, DEFAULT_ADMIN_ADDR),
             outbound_capture_addr: (cli.capture
-                || env_nonempty("ZTUNNEL_CAPTURE").is_some_and(|v| v == "true" || v == "1"))
+                || layers
+                    .env("ZTUNNEL_CAPTURE")
+                    .is_some_and(|v| v == "true" || v == "1"))
             .then(|| addr(cli.outbound_capture_addr, DEFAULT_OUTBOUND_CAPTURE_ADDR)),
             peers,
             outbound,
             policy_file,
             policies,
-            initial_backoff: duration(
+            initial_backoff: layers.duration(
                 cli.initial_backoff,
                 None,
                 DEFAULT_INITIAL_BACKOFF,
                 "--initial-backoff",
             )?,
-            max_backoff: duration(cli.max_backoff, None, DEFAULT_MAX_BACKOFF, "--max-backoff")?,
+            max_backoff: layers.duration(
+                cli.max_backoff,
+                None,
+                DEFAULT_MAX_BACKOFF,
+                "--max-backoff",
+            )?,
             max_concurrent_fetches: cli
                 .max_concurrent_fetches
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_FETCHES),
-            cert_wait: duration(cli.cert_wait, None, DEFAULT_CERT_WAIT, "--cert-wait")?,
-            connect_timeout: duration(
+            cert_wait: layers.duration(cli.cert_wait, None, DEFAULT_CERT_WAIT, "--cert-wait")?,
+            connect_timeout: layers.duration(
                 cli.connect_timeout,
                 None,
                 DEFAULT_CONNECT_TIMEOUT,
                 "--connect-timeout",
             )?,
-            ca_timeout: duration(cli.ca_timeout, None, DEFAULT_CA_TIMEOUT, "--ca-timeout")?,
+            ca_timeout: layers.duration(
+                cli.ca_timeout,
+                None,
+                DEFAULT_CA_TIMEOUT,
+                "--ca-timeout",
+            )?,
         };
         config.validate()?;
         Ok(config)

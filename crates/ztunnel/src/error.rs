@@ -112,3 +112,9 @@ pub enum Error {
 
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<meshid_common::config::SettingError> for Error {
+    fn from(e: meshid_common::config::SettingError) -> Self {
+        Error::Config(e.0)
+    }
+}
