@@ -9,7 +9,7 @@ use clap::{Args, Parser, ValueEnum};
 
 /// Exit code of `cargo xtask e2e` while the harness is not built (1 stays "suites failed").
 /// The packages whose binaries a topology runs, and the harness itself.
-const PACKAGES: &[&str] = &[
+pub(crate) const PACKAGES: &[&str] = &[
     "meshid-ca",
     "meshid-agent",
     "meshid-envoy-shim",
@@ -61,6 +61,11 @@ pub struct E2eArgs {
     /// Export traces of every component to this OTLP/gRPC endpoint (e.g. a Jaeger collector).
     #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+
+    /// Build and run the release binaries (what a user ships; a longer build) instead of the
+    /// debug ones.
+    #[arg(long)]
+    pub release: bool,
 }
 
 /// `--ttl`: a whole number of seconds, at least one.
@@ -156,20 +161,34 @@ fn harness_args(args: &E2eArgs, bin_dir: &std::path::Path, out: &std::path::Path
     v
 }
 
-/// Builds the binaries, runs the harness, and maps its exit code.
-pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
+/// `cargo build` arguments for the component binaries and the harness's.
+pub(crate) fn build_args(release: bool) -> Vec<&'static str> {
     let mut build = vec!["build", "--bins"];
+    if release {
+        build.push("--release");
+    }
     for p in PACKAGES {
         build.extend(["-p", p]);
     }
-    eprintln!("e2e: {}", crate::display_cargo(&build));
+    build
+}
+
+/// Builds the binaries (`what` names them in messages) and returns where they are.
+pub(crate) fn build_bins(release: bool, what: &str) -> anyhow::Result<PathBuf> {
+    let build = build_args(release);
+    eprintln!("{what}: {}", crate::display_cargo(&build));
     let status = crate::cargo(&build)
         .status()
-        .context("could not start cargo to build the e2e binaries")?;
+        .with_context(|| format!("could not start cargo to build the {what} binaries"))?;
     if !status.success() {
-        anyhow::bail!("building the e2e binaries failed ({status})");
+        anyhow::bail!("building the {what} binaries failed ({status})");
     }
-    let bin_dir = target_dir().join("debug");
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// Builds the binaries, runs the harness, and maps its exit code.
+pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
+    let bin_dir = build_bins(args.release, "e2e")?;
     let harness = bin_dir.join("meshid-e2e");
     let out = target_dir().join("e2e");
     let status = std::process::Command::new(&harness)
@@ -224,6 +243,17 @@ mod tests {
         assert_eq!(args.ttl, Some(30));
         assert!(args.keep);
         assert_eq!(args.otlp_endpoint.as_deref(), Some("http://localhost:4317"));
+    }
+
+    #[test]
+    fn release_builds_and_runs_the_release_binaries() {
+        assert_eq!(
+            build_args(false).join(" "),
+            "build --bins -p meshid-ca -p meshid-agent -p meshid-envoy-shim -p meshid-ztunnel -p meshid-tests"
+        );
+        let release = build_args(true);
+        assert_eq!(&release[..3], ["build", "--bins", "--release"]);
+        assert!(parse(&["--release"]).unwrap().release);
     }
 
     #[test]
