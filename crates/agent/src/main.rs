@@ -12,12 +12,10 @@ use meshid_common::telemetry::{self, TelemetryConfig};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-agent"))
-        .context("cannot set up logging")?;
-    let result = run(cli).await;
     // Spans of the last moments (the streams that just closed) go out too.
-    telemetry.shutdown().await;
-    result
+    telemetry::run_with(&TelemetryConfig::from_env("meshid-agent"), run(cli))
+        .await
+        .context("cannot set up logging")?
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -25,10 +23,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::resolve(cli, &ProcessEnv)?;
     tracing::info!("configuration:\n{}", config.to_pretty_json());
     let app = App::build(config).await?;
-    meshid_common::signal::shutdown()
+    meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await
-        .context("cannot watch for SIGTERM or Ctrl-C")?;
-    tracing::info!("shutting down");
-    app.shutdown().await;
-    Ok(())
+        .context("cannot watch for SIGTERM or Ctrl-C")
 }

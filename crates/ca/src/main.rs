@@ -7,11 +7,9 @@ use meshid_common::telemetry::{self, TelemetryConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
-    let telemetry =
-        telemetry::init(&TelemetryConfig::from_env("meshid-ca")).context("telemetry set-up")?;
-    let result = run(config).await;
-    telemetry.shutdown().await;
-    result
+    telemetry::run_with(&TelemetryConfig::from_env("meshid-ca"), run(config))
+        .await
+        .context("telemetry set-up")?
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -19,10 +17,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().context("invalid configuration")?;
     tracing::info!("meshid-ca configuration:\n{}", config.describe());
     let app = App::build(config).await.context("meshid-ca start-up")?;
-    meshid_common::signal::shutdown()
+    meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await
-        .context("cannot watch for SIGTERM or Ctrl-C")?;
-    tracing::info!("shutting down");
-    app.shutdown().await;
-    Ok(())
+        .context("cannot watch for SIGTERM or Ctrl-C")
 }

@@ -162,6 +162,19 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard> {
     Ok(TelemetryGuard { provider })
 }
 
+/// A binary's whole run: sets up logging and tracing from `config`, runs
+/// `body`, then sends the last spans (see [`TelemetryGuard::shutdown`])
+/// whatever `body` returned. Errs only if telemetry cannot be set up.
+pub async fn run_with<T>(
+    config: &TelemetryConfig,
+    body: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let guard = init(config)?;
+    let out = body.await;
+    guard.shutdown().await;
+    Ok(out)
+}
+
 /// A tracer provider exporting over OTLP/gRPC (batching) with the service name.
 pub fn otlp_provider(service_name: &str, endpoint: &str) -> Result<SdkTracerProvider> {
     use opentelemetry_otlp::WithExportConfig;

@@ -24,11 +24,12 @@ fn main() -> anyhow::Result<()> {
     };
     let rt = rt.enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
-        let telemetry = telemetry::init(&telemetry::TelemetryConfig::from_env("meshid-envoy-shim"))
-            .context("telemetry")?;
-        let result = run(config).await;
-        telemetry.shutdown().await;
-        result
+        telemetry::run_with(
+            &telemetry::TelemetryConfig::from_env("meshid-envoy-shim"),
+            run(config),
+        )
+        .await
+        .context("telemetry")?
     })
 }
 
@@ -39,10 +40,7 @@ async fn run(config: meshid_envoy_shim::Config) -> anyhow::Result<()> {
         "meshid-envoy-shim configuration"
     );
     let app = App::build(config).await.context("starting the proxy")?;
-    meshid_common::signal::shutdown()
+    meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await
-        .context("cannot watch for SIGTERM or Ctrl-C")?;
-    tracing::info!("shutting down");
-    app.shutdown().await;
-    Ok(())
+        .context("cannot watch for SIGTERM or Ctrl-C")
 }

@@ -9,11 +9,9 @@ use meshid_ztunnel::config::{Cli, Config, ProcessEnv};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = telemetry::init(&TelemetryConfig::from_env("meshid-ztunnel"))
-        .context("cannot set up logging")?;
-    let result = run(cli).await;
-    telemetry.shutdown().await;
-    result
+    telemetry::run_with(&TelemetryConfig::from_env("meshid-ztunnel"), run(cli))
+        .await
+        .context("cannot set up logging")?
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -21,10 +19,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::resolve(cli, &ProcessEnv)?;
     tracing::info!("configuration:\n{}", config.to_pretty_json());
     let app = App::build(config).await?;
-    meshid_common::signal::shutdown()
+    meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await
-        .context("cannot watch for SIGTERM or Ctrl-C")?;
-    tracing::info!("shutting down");
-    app.shutdown().await;
-    Ok(())
+        .context("cannot watch for SIGTERM or Ctrl-C")
 }
