@@ -10,17 +10,11 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::source::{CertificateSource, SignRequest};
 
-/// The Istio CA at `CA_ADDRESS`.
+/// The Istio CA at `CA_ADDRESS`, trusted through the roots in `CA_ROOT_CA`
+/// (re-read before each CSR, so a rotated root needs no restart).
 #[derive(Debug)]
 pub struct IstioCa {
-    client: Client,
-}
-
-#[derive(Debug)]
-enum Client {
-    /// Roots from `CA_ROOT_CA`, re-read before each CSR (root rotation).
-    FollowingFile(RootsFileCaClient),
-    Fixed(CaClient),
+    client: RootsFileCaClient,
 }
 
 impl IstioCa {
@@ -38,25 +32,8 @@ impl IstioCa {
         ca.cluster_id = Some(config.cluster_id.clone());
         ca.call_timeout = config.ca_timeout;
         Ok(IstioCa {
-            client: Client::FollowingFile(RootsFileCaClient::new(
-                &config.ca_root_ca,
-                CaClient::new(ca)?,
-            )),
+            client: RootsFileCaClient::new(&config.ca_root_ca, CaClient::new(ca)?),
         })
-    }
-
-    /// A CA reached with fixed settings.
-    pub fn new(client: CaClient) -> Self {
-        IstioCa {
-            client: Client::Fixed(client),
-        }
-    }
-
-    fn client(&self) -> CaClient {
-        match &self.client {
-            Client::FollowingFile(follow) => follow.current(),
-            Client::Fixed(client) => client.clone(),
-        }
     }
 }
 
@@ -67,7 +44,8 @@ impl CertificateSource for IstioCa {
                 token: Some(req.token.expose()),
                 impersonate: None,
             };
-            self.client()
+            self.client
+                .current()
                 .create_certificate(&req.csr_pem, req.ttl, options)
                 .await
                 .map_err(|e| match e {

@@ -106,7 +106,7 @@ impl SecretDiscoveryService for SdsServer {
             metrics: self.metrics.clone(),
             creds: self.manager.credentials(),
             cache: self.cache.clone(),
-            parent: Some(parent),
+            parent,
             pending: None,
             stream_id,
             node: None,
@@ -313,7 +313,7 @@ struct StreamTask {
     cache: Arc<RenderCache>,
     /// The client's trace (the stream's `traceparent`), continued by each
     /// subscription's span.
-    parent: Option<opentelemetry::Context>,
+    parent: opentelemetry::Context,
     /// `sds.subscribe` of the subscription not answered yet: it covers the
     /// wait for a certificate, so a first CSR nests under it.
     pending: Option<tracing::Span>,
@@ -438,9 +438,7 @@ impl StreamTask {
             stream.id = self.stream_id,
             resources = ?self.names,
         );
-        if let Some(parent) = &self.parent {
-            set_remote_parent(&subscribe, parent.clone());
-        }
+        set_remote_parent(&subscribe, self.parent.clone());
         // A new subscription is answered at once (when we have credentials).
         self.sent.clear();
         if self.creds.borrow().is_none() {
