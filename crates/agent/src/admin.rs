@@ -17,14 +17,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::cache::SecretManager;
 use crate::metrics::Metrics;
 use crate::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE};
+use meshid_common::identity::Worker;
 
 /// What the admin handlers read.
 #[derive(Clone, Debug)]
 pub struct AdminState {
-    pub manager: Arc<SecretManager>,
+    pub manager: Arc<Worker>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -152,7 +152,7 @@ fn cert_json(info: &CertInfo) -> Value {
 }
 
 /// The `/debug/certs` document.
-pub fn debug_certs(manager: &SecretManager) -> Value {
+pub fn debug_certs(manager: &Worker) -> Value {
     let status = manager.status();
     let now = manager.clock().now();
     let creds = manager.current();

@@ -9,22 +9,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_common::CredentialsRx;
+use meshid_common::identity::{
+    CaSource, CertificateSource, Clock, FirstFetch, TokenFile, Worker, WorkerConfig, WorkerParts,
+};
+use meshid_common::{KeyType, SpiffeId};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::ca::IstioCa;
-use crate::cache::{ManagerConfig, SecretManager};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::output;
-use crate::rotation::Clock;
 use crate::sds::SdsServer;
-use crate::source::CertificateSource;
-use crate::token::TokenFile;
 use crate::uds::UdsListener;
 use crate::workload::WorkloadApiServer;
 
@@ -51,7 +50,7 @@ impl std::fmt::Debug for Parts {
 pub struct App {
     config: Config,
     admin_addr: SocketAddr,
-    manager: Arc<SecretManager>,
+    manager: Arc<Worker>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -60,7 +59,7 @@ pub struct App {
 impl App {
     /// Starts an agent that asks the Istio CA of `config`.
     pub async fn build(config: Config) -> Result<App> {
-        let source = Arc::new(IstioCa::from_config(&config)?);
+        let source = Arc::new(CaSource::new(&config.ca)?);
         Self::build_with(
             config,
             Parts {
@@ -75,12 +74,24 @@ impl App {
     pub async fn build_with(config: Config, parts: Parts) -> Result<App> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
-        let manager = SecretManager::new(
-            ManagerConfig::from_config(&config)?,
-            parts.source,
-            TokenFile::new(&config.token_path),
-            parts.clock,
-            metrics.clone(),
+        let manager = Worker::new(
+            WorkerConfig {
+                id: config.spiffe_id()?,
+                key_type: config.ca.key_type,
+                ttl: config.ca.ttl,
+                policy: config.ca.policy,
+                ca_timeout: config.ca.ca_timeout,
+                on_behalf: false,
+                first_fetch: FirstFetch::OnDemandOrAfter(config.first_fetch_delay),
+                span: csr_span,
+            },
+            WorkerParts {
+                source: parts.source,
+                token: TokenFile::new(&config.ca.token_path),
+                clock: parts.clock,
+                events: metrics.clone(),
+                limiter: None,
+            },
         );
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -169,7 +180,7 @@ impl App {
         self.admin_addr
     }
 
-    pub fn manager(&self) -> &Arc<SecretManager> {
+    pub fn manager(&self) -> &Arc<Worker> {
         &self.manager
     }
 
@@ -219,4 +230,14 @@ async fn serve_uds(
     if let Err(e) = result {
         warn!(socket = %path.display(), error = %e, "{what} server stopped");
     }
+}
+
+/// One CSR of the agent: `agent.csr`, naming the certificate it replaces.
+fn csr_span(id: &SpiffeId, key_type: KeyType, current: Option<&str>) -> tracing::Span {
+    tracing::info_span!(
+        "agent.csr",
+        spiffe.id = id.as_str(),
+        key.type = key_type.as_str(),
+        cert.replaces = current.unwrap_or(""),
+    )
 }

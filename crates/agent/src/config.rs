@@ -12,23 +12,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use meshid_common::{KeyType, SpiffeId, TrustDomain};
+use meshid_common::identity::{CaClientArgs, CaClientSettings};
+use meshid_common::{SpiffeId, TrustDomain};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-pub const DEFAULT_CA_ADDRESS: &str = "https://localhost:15012";
-/// The DNS name the CA's serving certificate must carry.
-pub const DEFAULT_CA_SERVER_NAME: &str = meshid_common::ca_client::DEFAULT_CA_SERVER_NAME;
-pub const DEFAULT_CA_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
-pub const DEFAULT_TOKEN_PATH: &str = "./var/run/secrets/tokens/istio-token";
+pub use meshid_common::identity::{
+    DEFAULT_CA_ROOT_CA, DEFAULT_CA_TIMEOUT, DEFAULT_CLUSTER_ID, DEFAULT_GRACE_PERIOD_RATIO,
+    DEFAULT_GRACE_PERIOD_RATIO_JITTER, DEFAULT_INITIAL_BACKOFF, DEFAULT_KEY_TYPE,
+    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL, format_duration,
+};
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "istio-ca";
-pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Istio's `MAX_WORKLOAD_CERT_TTL`: the CA refuses to sign for longer.
-pub const MAX_SECRET_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
-pub const DEFAULT_GRACE_PERIOD_RATIO: f64 = 0.5;
-pub const DEFAULT_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
-pub const DEFAULT_KEY_TYPE: KeyType = KeyType::EcdsaP256;
 pub const DEFAULT_SOCKET_DIR: &str = "./var/run/secrets/workload-spiffe-uds";
 /// Istio's name for the SDS socket file (`WORKLOAD_IDENTITY_SOCKET_FILE` renames it).
 pub const DEFAULT_SDS_SOCKET_FILE: &str = "socket";
@@ -38,14 +33,7 @@ pub const DEFAULT_WORKLOAD_API_SOCKET: &str =
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-/// Istio's default `CLUSTER_ID`.
-pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-/// First retry delay after a failed CSR; doubles up to [`DEFAULT_MAX_BACKOFF`].
-pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long one CA call may take.
-pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first CSR goes out when the first SDS or Workload API client asks (so
 /// it continues that client's trace), or after this delay, whichever is first.
 pub const DEFAULT_FIRST_FETCH_DELAY: Duration = Duration::from_secs(1);
@@ -60,33 +48,11 @@ pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 #[derive(Clone, Debug, Default, Parser)]
 #[command(name = "meshid-agent", version, about, long_about = None)]
 pub struct Cli {
-    /// CA address, `https://host:port` [env: CA_ADDRESS] [default: https://localhost:15012]
-    #[arg(long)]
-    pub ca_address: Option<String>,
-    /// PEM roots that verify the CA's serving certificate [env: CA_ROOT_CA]
-    #[arg(long)]
-    pub ca_root_ca: Option<PathBuf>,
-    /// DNS name checked in the CA's certificate [default: istiod.istio-system.svc]
-    #[arg(long)]
-    pub ca_server_name: Option<String>,
-    /// Projected service-account token, read at every CSR [env: AUTH_TOKEN]
-    #[arg(long)]
-    pub token_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub ca: CaClientArgs,
     /// Token audiences, comma separated [env: TOKEN_AUDIENCES] [default: istio-ca]
     #[arg(long)]
     pub token_audiences: Option<String>,
-    /// Requested certificate TTL, e.g. `24h`, `90s` [env: SECRET_TTL]
-    #[arg(long)]
-    pub secret_ttl: Option<String>,
-    /// Rotate when this fraction of the life remains [env: SECRET_GRACE_PERIOD_RATIO] [default: 0.5]
-    #[arg(long)]
-    pub secret_grace_period_ratio: Option<f64>,
-    /// ± jitter on the ratio [env: SECRET_GRACE_PERIOD_RATIO_JITTER] [default: 0.01]
-    #[arg(long)]
-    pub secret_grace_period_ratio_jitter: Option<f64>,
-    /// Workload key: ecdsa-p256, ecdsa-p384 or rsa-2048 [env: ECC_SIGNATURE_ALGORITHM]
-    #[arg(long)]
-    pub key_type: Option<String>,
     /// Full path of the SDS socket [default: ./var/run/secrets/workload-spiffe-uds/socket]
     #[arg(long)]
     pub sds_socket: Option<PathBuf>,
@@ -108,24 +74,12 @@ pub struct Cli {
     /// The pod's service account [env: SERVICE_ACCOUNT] [default: default]
     #[arg(long)]
     pub service_account: Option<String>,
-    /// Cluster ID sent to the CA as `clusterid` [env: CLUSTER_ID] [default: Kubernetes]
-    #[arg(long)]
-    pub cluster_id: Option<String>,
     /// Admin listener (/ready, /debug/certs, /metrics) [default: 127.0.0.1:15000]
     #[arg(long)]
     pub admin_addr: Option<SocketAddr>,
     /// Opt-in: also write cert-chain.pem, key.pem, root-cert.pem (mode 0600) here [env: OUTPUT_CERTS]
     #[arg(long)]
     pub output_certs: Option<PathBuf>,
-    /// First retry delay after a failed CSR, e.g. `500ms`
-    #[arg(long)]
-    pub initial_backoff: Option<String>,
-    /// Retry delay cap, e.g. `30s`
-    #[arg(long)]
-    pub max_backoff: Option<String>,
-    /// Time limit of one CA call, e.g. `10s`
-    #[arg(long)]
-    pub ca_timeout: Option<String>,
     /// Fetch the first certificate after this delay even if no client asked, e.g. `1s`
     #[arg(long)]
     pub first_fetch_delay: Option<String>,
@@ -134,33 +88,19 @@ pub struct Cli {
 /// The validated settings of one agent.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
-    pub ca_address: String,
-    pub ca_root_ca: PathBuf,
-    pub ca_server_name: String,
-    pub token_path: PathBuf,
+    /// How to reach the CA and when to renew (shared with the ztunnel).
+    pub ca: CaClientSettings,
     /// The audiences the projected token is minted for (by the kubelet, not
     /// by the agent): printed at start so a mismatch with the CA shows.
     pub token_audiences: Vec<String>,
-    #[serde(serialize_with = "ser_duration")]
-    pub secret_ttl: Duration,
-    pub grace_period_ratio: f64,
-    pub grace_period_ratio_jitter: f64,
-    pub key_type: KeyType,
     pub sds_socket: PathBuf,
     pub workload_api_socket: PathBuf,
     pub socket_group: Option<u32>,
     pub trust_domain: String,
     pub namespace: String,
     pub service_account: String,
-    pub cluster_id: String,
     pub admin_addr: SocketAddr,
     pub output_certs: Option<PathBuf>,
-    #[serde(serialize_with = "ser_duration")]
-    pub initial_backoff: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub max_backoff: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub ca_timeout: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub first_fetch_delay: Duration,
 }
@@ -192,13 +132,6 @@ impl Config {
     pub fn resolve(cli: Cli, env: &dyn EnvSource) -> Result<Self> {
         let layers = Layers::new(env);
 
-        let key_type = match cli
-            .key_type
-            .or_else(|| layers.env("ECC_SIGNATURE_ALGORITHM"))
-        {
-            Some(s) => s.parse::<KeyType>()?,
-            None => DEFAULT_KEY_TYPE,
-        };
         let sds_socket = match (cli.sds_socket, cli.sds_socket_file) {
             (Some(path), _) => path,
             (None, file) => Path::new(DEFAULT_SOCKET_DIR).join(
@@ -219,21 +152,7 @@ impl Config {
         };
 
         let config = Config {
-            ca_address: cli
-                .ca_address
-                .or_else(|| layers.env("CA_ADDRESS"))
-                .unwrap_or_else(|| DEFAULT_CA_ADDRESS.to_owned()),
-            ca_root_ca: cli
-                .ca_root_ca
-                .or_else(|| layers.env("CA_ROOT_CA").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_ROOT_CA)),
-            ca_server_name: cli
-                .ca_server_name
-                .unwrap_or_else(|| DEFAULT_CA_SERVER_NAME.to_owned()),
-            token_path: cli
-                .token_path
-                .or_else(|| layers.env("AUTH_TOKEN").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
+            ca: cli.ca.resolve(env)?,
             token_audiences: cli
                 .token_audiences
                 .or_else(|| layers.env("TOKEN_AUDIENCES"))
@@ -242,23 +161,6 @@ impl Config {
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
-            secret_ttl: layers.duration(
-                cli.secret_ttl,
-                Some("SECRET_TTL"),
-                DEFAULT_SECRET_TTL,
-                "SECRET_TTL",
-            )?,
-            grace_period_ratio: layers.float(
-                cli.secret_grace_period_ratio,
-                "SECRET_GRACE_PERIOD_RATIO",
-                DEFAULT_GRACE_PERIOD_RATIO,
-            )?,
-            grace_period_ratio_jitter: layers.float(
-                cli.secret_grace_period_ratio_jitter,
-                "SECRET_GRACE_PERIOD_RATIO_JITTER",
-                DEFAULT_GRACE_PERIOD_RATIO_JITTER,
-            )?,
-            key_type,
             sds_socket,
             workload_api_socket,
             socket_group: cli.socket_group,
@@ -274,32 +176,10 @@ impl Config {
                 .service_account
                 .or_else(|| layers.env("SERVICE_ACCOUNT"))
                 .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
-            cluster_id: cli
-                .cluster_id
-                .or_else(|| layers.env("CLUSTER_ID"))
-                .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned()),
             admin_addr,
             output_certs: cli
                 .output_certs
                 .or_else(|| layers.env("OUTPUT_CERTS").map(PathBuf::from)),
-            initial_backoff: layers.duration(
-                cli.initial_backoff,
-                None,
-                DEFAULT_INITIAL_BACKOFF,
-                "--initial-backoff",
-            )?,
-            max_backoff: layers.duration(
-                cli.max_backoff,
-                None,
-                DEFAULT_MAX_BACKOFF,
-                "--max-backoff",
-            )?,
-            ca_timeout: layers.duration(
-                cli.ca_timeout,
-                None,
-                DEFAULT_CA_TIMEOUT,
-                "--ca-timeout",
-            )?,
             first_fetch_delay: layers.duration(
                 cli.first_fetch_delay,
                 None,
@@ -314,31 +194,7 @@ impl Config {
     /// Checks the values make sense together; errors name the setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if !self.ca_address.starts_with("https://") {
-            return bad(format!(
-                "CA_ADDRESS {:?} must start with https://",
-                self.ca_address
-            ));
-        }
-        if self.secret_ttl.is_zero() || self.secret_ttl > MAX_SECRET_TTL {
-            return bad(format!(
-                "SECRET_TTL {} must be above 0 and at most {}",
-                format_duration(self.secret_ttl),
-                format_duration(MAX_SECRET_TTL)
-            ));
-        }
-        let (ratio, jitter) = (self.grace_period_ratio, self.grace_period_ratio_jitter);
-        if !(ratio > 0.0 && ratio < 1.0) {
-            return bad(format!(
-                "SECRET_GRACE_PERIOD_RATIO {ratio} must be between 0 and 1"
-            ));
-        }
-        if !(0.0..ratio.min(1.0 - ratio)).contains(&jitter) {
-            return bad(format!(
-                "SECRET_GRACE_PERIOD_RATIO_JITTER {jitter} must be at least 0 and below {}",
-                ratio.min(1.0 - ratio)
-            ));
-        }
+        self.ca.validate()?;
         TrustDomain::new(&self.trust_domain)?;
         for (what, value) in [
             ("namespace (POD_NAMESPACE)", &self.namespace),
@@ -354,16 +210,6 @@ impl Config {
         if self.token_audiences.is_empty() {
             return bad("TOKEN_AUDIENCES is empty".into());
         }
-        if self.initial_backoff.is_zero() || self.initial_backoff > self.max_backoff {
-            return bad(format!(
-                "the initial backoff {} must be above 0 and at most the cap {}",
-                format_duration(self.initial_backoff),
-                format_duration(self.max_backoff)
-            ));
-        }
-        if self.ca_timeout.is_zero() {
-            return bad("the CA timeout must be above 0".into());
-        }
         if self.sds_socket.as_os_str().is_empty() || self.workload_api_socket.as_os_str().is_empty()
         {
             return bad("socket paths must not be empty".into());
@@ -373,9 +219,6 @@ impl Config {
                 "the SDS socket and the Workload API socket are both {}",
                 self.sds_socket.display()
             ));
-        }
-        if self.cluster_id.trim().is_empty() {
-            return bad("CLUSTER_ID is empty".into());
         }
         Ok(())
     }
@@ -416,30 +259,10 @@ fn parse_socket_address(s: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// `1h30m0s`, `90s`, `250ms`: short and readable, parseable by [`parse_duration`].
-pub fn format_duration(d: Duration) -> String {
-    let total_ms = d.as_millis();
-    if total_ms < 1000 && !d.is_zero() {
-        return format!("{total_ms}ms");
-    }
-    let secs = d.as_secs();
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let ms = d.subsec_millis();
-    let s_part = if ms > 0 {
-        format!("{s}.{ms:03}s")
-    } else {
-        format!("{s}s")
-    };
-    match (h, m) {
-        (0, 0) => s_part,
-        (0, m) => format!("{m}m{s_part}"),
-        (h, m) => format!("{h}h{m}m{s_part}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshid_common::KeyType;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -451,14 +274,14 @@ mod tests {
     #[test]
     fn defaults_are_istios() {
         let c = Config::from_args(["meshid-agent"], &env(&[])).unwrap();
-        assert_eq!(c.ca_address, DEFAULT_CA_ADDRESS);
+        assert_eq!(c.ca.address, meshid_common::ca_client::DEFAULT_CA_ADDRESS);
         assert_eq!(
             c.sds_socket,
             PathBuf::from("./var/run/secrets/workload-spiffe-uds/socket")
         );
-        assert_eq!(c.secret_ttl, Duration::from_secs(86_400));
-        assert_eq!(c.grace_period_ratio, 0.5);
-        assert_eq!(c.key_type, KeyType::EcdsaP256);
+        assert_eq!(c.ca.ttl, Duration::from_secs(86_400));
+        assert_eq!(c.ca.policy.grace_period_ratio, 0.5);
+        assert_eq!(c.ca.key_type, KeyType::EcdsaP256);
         assert_eq!(
             c.spiffe_id().unwrap().as_str(),
             "spiffe://cluster.local/ns/default/sa/default"
@@ -485,10 +308,10 @@ mod tests {
             ("AUTH_TOKEN", "/tok"),
         ]);
         let c = Config::from_args(["a", "--namespace", "web"], &e).unwrap();
-        assert_eq!(c.ca_address, "https://istiod.istio-system.svc:15012");
-        assert_eq!(c.secret_ttl, Duration::from_secs(5400));
-        assert_eq!(c.grace_period_ratio, 0.25);
-        assert_eq!(c.key_type, KeyType::Rsa2048);
+        assert_eq!(c.ca.address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(c.ca.ttl, Duration::from_secs(5400));
+        assert_eq!(c.ca.policy.grace_period_ratio, 0.25);
+        assert_eq!(c.ca.key_type, KeyType::Rsa2048);
         assert_eq!(
             c.sds_socket,
             PathBuf::from("./var/run/secrets/workload-spiffe-uds/sds.sock")
@@ -498,12 +321,12 @@ mod tests {
             c.spiffe_id().unwrap().as_str(),
             "spiffe://example.org/ns/web/sa/cart"
         );
-        assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.ca.cluster_id, "east");
         assert_eq!(c.token_audiences, vec!["istio-ca", "other"]);
-        assert_eq!(c.token_path, PathBuf::from("/tok"));
+        assert_eq!(c.ca.token_path, PathBuf::from("/tok"));
         // An empty variable counts as unset (Istio sets ECC_SIGNATURE_ALGORITHM="").
         let c = Config::from_args(["a"], &env(&[("ECC_SIGNATURE_ALGORITHM", "")])).unwrap();
-        assert_eq!(c.key_type, KeyType::EcdsaP256);
+        assert_eq!(c.ca.key_type, KeyType::EcdsaP256);
     }
 
     #[test]
@@ -519,7 +342,11 @@ mod tests {
                 "JITTER",
             ),
             (&[], &[("TRUST_DOMAIN", "Bad Domain")], "trust domain"),
-            (&[], &[("CA_ADDRESS", "localhost:15012")], "CA_ADDRESS"),
+            (
+                &[],
+                &[("CA_ADDRESS", "http://localhost:15012")],
+                "CA_ADDRESS",
+            ),
             (&[], &[("ECC_SIGNATURE_ALGORITHM", "dsa")], "dsa"),
             (
                 &[],
@@ -564,7 +391,7 @@ mod tests {
     #[test]
     fn printed_config_has_every_setting_and_no_secrets() {
         let json = Config::default().to_pretty_json();
-        for key in ["ca_address", "secret_ttl", "sds_socket", "cluster_id"] {
+        for key in ["address", "ttl", "sds_socket", "cluster_id"] {
             assert!(json.contains(key), "{json}");
         }
         assert!(json.contains("\"24h0m0s\""), "{json}");

@@ -1,9 +1,8 @@
 //! meshid-agent is the per-pod identity agent, the part of Istio's
 //! pilot-agent that gives a workload its certificate. It reads the pod's
 //! projected service-account token, makes a key and a CSR in memory, has the
-//! Istio CA sign it ([`ca`], through the seam [`source::CertificateSource`]),
-//! checks the answer, and keeps the certificate fresh in a secret cache
-//! ([`cache`], renewal policy in [`rotation`]). It hands the certificate and
+//! Istio CA sign it, checks the answer and keeps the certificate fresh: one
+//! worker of the shared renewal engine, `meshid_common::identity`. It hands the certificate and
 //! trust bundle to Envoy over SDS ([`sds`]) and to any SPIFFE client over
 //! the Workload API ([`workload`]), both on Unix sockets that only the pod's
 //! own user may use ([`uds`]), and reports readiness, certificates and
@@ -13,21 +12,15 @@
 
 pub mod admin;
 pub mod app;
-pub mod ca;
-pub mod cache;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod output;
-pub mod rotation;
 pub mod sds;
-pub mod source;
-pub mod token;
 pub mod uds;
 pub mod workload;
 
 pub use app::{App, Parts};
-pub use cache::{SecretManager, Status};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use source::{CertificateSource, SignRequest};
+pub use meshid_common::identity::{CertificateSource, Clock, SignRequest, Status, Worker};

@@ -109,16 +109,6 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn csr_sent(&self) {
-        self.outgoing_requests.get_or_create(&csr_label()).inc();
-    }
-
-    pub fn csr_failed(&self) {
-        self.failed_outgoing_requests
-            .get_or_create(&csr_label())
-            .inc();
-    }
-
     pub fn resource(name: &str) -> ResourceLabels {
         ResourceLabels {
             resource_name: name.to_owned(),
@@ -140,12 +130,30 @@ fn csr_label() -> RequestLabels {
     }
 }
 
+/// The renewal engine reports its CSRs here, under pilot-agent's names.
+impl meshid_common::identity::RenewalEvents for Metrics {
+    fn csr_sent(&self) {
+        self.outgoing_requests.get_or_create(&csr_label()).inc();
+    }
+
+    fn csr_failed(&self) {
+        self.failed_outgoing_requests
+            .get_or_create(&csr_label())
+            .inc();
+    }
+
+    fn issued(&self) {
+        self.certs_issued.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn istio_names_appear_in_the_text() {
+        use meshid_common::identity::RenewalEvents;
         let m = Metrics::new();
         m.csr_sent();
         m.csr_failed();

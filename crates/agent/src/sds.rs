@@ -39,9 +39,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 use zeroize::Zeroize;
 
-use crate::cache::SecretManager;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use meshid_common::identity::Worker;
 
 /// The workload certificate and key.
 pub const WORKLOAD_RESOURCE: &str = "default";
@@ -54,7 +54,7 @@ const FETCH_WAIT: Duration = Duration::from_secs(10);
 /// The SDS service; clone-free, shared by every connection.
 #[derive(Debug)]
 pub struct SdsServer {
-    manager: Arc<SecretManager>,
+    manager: Arc<Worker>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     next_stream: AtomicU64,
@@ -62,11 +62,7 @@ pub struct SdsServer {
 }
 
 impl SdsServer {
-    pub fn new(
-        manager: Arc<SecretManager>,
-        metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub fn new(manager: Arc<Worker>, metrics: Arc<Metrics>, cancel: CancellationToken) -> Self {
         SdsServer {
             manager,
             metrics,
@@ -307,7 +303,7 @@ impl RenderCache {
 
 /// The state of one `StreamSecrets` stream.
 struct StreamTask {
-    manager: Arc<SecretManager>,
+    manager: Arc<Worker>,
     metrics: Arc<Metrics>,
     creds: CredentialsRx,
     cache: Arc<RenderCache>,

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::cache::SecretManager;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use meshid_common::identity::Worker;
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -33,17 +33,13 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// The Workload API service.
 #[derive(Debug)]
 pub struct WorkloadApiServer {
-    manager: Arc<SecretManager>,
+    manager: Arc<Worker>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
 
 impl WorkloadApiServer {
-    pub fn new(
-        manager: Arc<SecretManager>,
-        metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub fn new(manager: Arc<Worker>, metrics: Arc<Metrics>, cancel: CancellationToken) -> Self {
         WorkloadApiServer {
             manager,
             metrics,

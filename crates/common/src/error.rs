@@ -91,6 +91,24 @@ pub enum Error {
 
     #[error("CA response rejected: {0}")]
     CaResponse(String),
+
+    #[error("cannot read the service-account token {path}: {source}")]
+    TokenUnreadable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("the service-account token file {path} is empty")]
+    TokenEmpty { path: std::path::PathBuf },
+
+    #[error("no certificate for {id}: {reason}")]
+    CertificateUnavailable { id: String, reason: String },
+
+    #[error("no certificate for {id} after waiting {after:?}")]
+    CertificateWait {
+        id: String,
+        after: std::time::Duration,
+    },
 }
 
 /// Shorthand used throughout the crate.

@@ -6,7 +6,8 @@
 //! that check peers by SPIFFE ID and pick up rotated credentials from a
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
 //! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
-//! and ztunnels share ([`ca_client`]), the workload registry file that
+//! and ztunnels share ([`ca_client`]) with the renewal engine they both
+//! run ([`identity`]), the workload registry file that
 //! stands in for the Kubernetes API outside a cluster ([`registry`]), and
 //! logs/traces with W3C propagation ([`telemetry`]). It has no opinion on
 //! processes or config files: those live in the component crates.
@@ -16,6 +17,7 @@ pub mod ca_client;
 pub mod cert;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod keys;
 pub mod proto;
 pub mod refresh;

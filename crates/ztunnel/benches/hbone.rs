@@ -20,10 +20,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshid_common::identity::fake::TestCa;
+use meshid_common::identity::{CaClientSettings, Clock};
 use meshid_common::registry::{Node, Registry, RegistryWatcher, Workload};
 use meshid_common::testing::TestPki;
 use meshid_ztunnel::config::OutboundRoute;
-use meshid_ztunnel::source::PkiSource;
 use meshid_ztunnel::{App, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,8 +43,29 @@ fn pod(name: &str, sa: &str, node: &str, addr: Option<SocketAddr>) -> Workload {
     }
 }
 
+/// A test CA that issues for `ttl`.
+fn test_ca(pki: &Arc<TestPki>, ttl: Duration) -> Arc<TestCa> {
+    let ca = TestCa::new(pki.clone(), Clock::System);
+    ca.set_ttl(Some(ttl));
+    ca
+}
+
+/// A node token for ztunnels on a [`TestCa`], written once per process.
+fn node_token() -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("meshid-hbone-bench-token-{}", std::process::id()));
+    if !path.exists() {
+        std::fs::write(&path, "node.jwt").unwrap();
+    }
+    path
+}
+
 fn config(node: &str, ip: &str) -> Config {
     Config {
+        ca: CaClientSettings {
+            token_path: node_token(),
+            ..Default::default()
+        },
         node_name: node.into(),
         hbone_addr: format!("{ip}:0").parse().unwrap(),
         inbound_plaintext_addr: None,
@@ -170,7 +192,7 @@ fn thousand(node: &str) -> Registry {
 /// Child phase: one ztunnel warms up 1,000 certificates from an in-process signer.
 async fn warmup_pki() {
     let pki = Arc::new(TestPki::new(TD).unwrap());
-    let source = Arc::new(PkiSource::new(pki, Duration::from_secs(86_400)));
+    let source = test_ca(&pki, Duration::from_secs(86_400));
     let before = rss_kib();
     let start = Instant::now();
     let app = App::build_with(
@@ -240,9 +262,12 @@ async fn warmup_ca() {
     std::fs::write(p("token"), issuer.mint(&claims).unwrap()).unwrap();
     let start = Instant::now();
     let app = App::build(Config {
-        ca_address: format!("https://127.0.0.1:{}", ca.grpc_addr().port()),
-        ca_root_ca: p("root-cert.pem"),
-        token_path: p("token"),
+        ca: CaClientSettings {
+            address: format!("https://127.0.0.1:{}", ca.grpc_addr().port()),
+            root_ca: p("root-cert.pem"),
+            token_path: p("token"),
+            ..Default::default()
+        },
         registry_file: p("registry.json"),
         ..config("node-a", "127.0.0.1")
     })
@@ -344,7 +369,7 @@ async fn main_phase(quick: bool) {
     let ttl = Duration::from_secs(86_400);
     let b = App::build_with(
         config("node-b", "127.0.0.2"),
-        Arc::new(PkiSource::new(pki.clone(), ttl)),
+        test_ca(&pki, ttl),
         RegistryWatcher::fixed(registry.clone()),
     )
     .await
@@ -354,7 +379,7 @@ async fn main_phase(quick: bool) {
             peers: vec![("node-b".into(), b.hbone_addr())],
             ..config("node-a", "127.0.0.1")
         },
-        Arc::new(PkiSource::new(pki.clone(), ttl)),
+        test_ca(&pki, ttl),
         RegistryWatcher::fixed(registry),
     )
     .await

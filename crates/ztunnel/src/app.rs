@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Route};
 use crate::policy::Policies;
 use crate::pool::Pool;
-use crate::source::{CaSource, CertificateSource};
+use meshid_common::identity::{CaSource, CertificateSource, Clock};
 
 /// How long [`App::shutdown`] lets open connections finish.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -61,7 +61,7 @@ impl App {
     /// A ztunnel asking the CA of `config` for its workloads' certificates,
     /// following the registry of `config` (the file, or the Kubernetes API).
     pub async fn build(config: Config) -> Result<App> {
-        let source = Arc::new(CaSource::new(&config)?);
+        let source = Arc::new(CaSource::new(&config.ca)?);
         Self::build_with_source(config, source).await
     }
 
@@ -110,12 +110,10 @@ impl App {
         let certs = CertManager::new(
             source,
             CertSettings {
-                grace_period_ratio: config.grace_period_ratio,
-                grace_period_ratio_jitter: config.grace_period_ratio_jitter,
-                initial_backoff: config.initial_backoff,
-                max_backoff: config.max_backoff,
+                ca: config.ca.clone(),
                 max_concurrent_fetches: config.max_concurrent_fetches,
                 cert_wait: config.cert_wait,
+                clock: Clock::System,
             },
             metrics.clone(),
         );

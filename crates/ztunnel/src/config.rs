@@ -12,26 +12,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use meshid_common::{KeyType, TrustDomain};
+use meshid_common::TrustDomain;
+use meshid_common::identity::{CaClientArgs, CaClientSettings};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::policy::{PolicyRule, load_policy_file};
 
-pub const DEFAULT_CA_ADDRESS: &str = meshid_common::ca_client::DEFAULT_CA_ADDRESS;
-pub const DEFAULT_CA_SERVER_NAME: &str = meshid_common::ca_client::DEFAULT_CA_SERVER_NAME;
-pub const DEFAULT_CA_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
-/// The ztunnel's own node-bound service-account token.
-pub const DEFAULT_TOKEN_PATH: &str = "./var/run/secrets/tokens/istio-token";
+pub use meshid_common::identity::{
+    DEFAULT_CA_ROOT_CA, DEFAULT_CA_TIMEOUT, DEFAULT_GRACE_PERIOD_RATIO,
+    DEFAULT_GRACE_PERIOD_RATIO_JITTER, DEFAULT_INITIAL_BACKOFF, DEFAULT_KEY_TYPE,
+    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL, format_duration,
+};
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_NAME: &str = "node-a";
 pub const DEFAULT_REGISTRY_FILE: &str = "./var/run/meshid/registry.json";
 pub const DEFAULT_REGISTRY_POLL: Duration = Duration::from_millis(500);
-pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
-pub const MAX_SECRET_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
-pub const DEFAULT_GRACE_PERIOD_RATIO: f64 = 0.5;
-pub const DEFAULT_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
-pub const DEFAULT_KEY_TYPE: KeyType = KeyType::EcdsaP256;
 pub const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
 pub const DEFAULT_INBOUND_PLAINTEXT_ADDR: &str = "0.0.0.0:15006";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -39,16 +35,12 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_OUTBOUND_CAPTURE_ADDR: &str = "0.0.0.0:15001";
 /// Port of a peer ztunnel's HBONE server when no `--peer` names its address.
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
-/// First retry delay after a failed fetch; doubles up to [`DEFAULT_MAX_BACKOFF`].
-pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// At most this many certificate requests are in flight at once.
 pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 8;
 /// How long a connection waits for its workload's first certificate.
 pub const DEFAULT_CERT_WAIT: Duration = Duration::from_secs(10);
 /// Deadline of a TCP connect to a workload or a peer ztunnel, and of a TLS handshake.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 
 use meshid_common::config::Layers;
 pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
@@ -60,21 +52,9 @@ pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 #[derive(Clone, Debug, Default, Parser)]
 #[command(name = "meshid-ztunnel", version, about, long_about = None)]
 pub struct Cli {
-    /// CA address, `https://host:port` [env: CA_ADDRESS] [default: https://localhost:15012]
-    #[arg(long)]
-    pub ca_address: Option<String>,
-    /// PEM roots that verify the CA's serving certificate [env: CA_ROOT_CA]
-    #[arg(long)]
-    pub ca_root_ca: Option<PathBuf>,
-    /// DNS name checked in the CA's certificate [default: istiod.istio-system.svc]
-    #[arg(long)]
-    pub ca_server_name: Option<String>,
-    /// The ztunnel's own token, read at every request [env: AUTH_TOKEN]
-    #[arg(long)]
-    pub token_path: Option<PathBuf>,
-    /// Sent to the CA as `clusterid` [env: CLUSTER_ID]
-    #[arg(long)]
-    pub cluster_id: Option<String>,
+    /// How the ztunnel reaches the CA (with its own node token) and renews.
+    #[command(flatten)]
+    pub ca: CaClientArgs,
     /// Trust domain [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     pub trust_domain: Option<String>,
@@ -92,18 +72,6 @@ pub struct Cli {
     /// How often the registry file is checked, e.g. `500ms`
     #[arg(long)]
     pub registry_poll: Option<String>,
-    /// Requested workload certificate TTL, e.g. `24h` [env: SECRET_TTL]
-    #[arg(long)]
-    pub secret_ttl: Option<String>,
-    /// Renew when this fraction of the life has passed [env: SECRET_GRACE_PERIOD_RATIO]
-    #[arg(long)]
-    pub secret_grace_period_ratio: Option<f64>,
-    /// ± jitter on the ratio [env: SECRET_GRACE_PERIOD_RATIO_JITTER]
-    #[arg(long)]
-    pub secret_grace_period_ratio_jitter: Option<f64>,
-    /// Workload key: ecdsa-p256, ecdsa-p384 or rsa-2048 [env: ECC_SIGNATURE_ALGORITHM]
-    #[arg(long)]
-    pub key_type: Option<String>,
     /// HBONE server (mTLS + HTTP/2 CONNECT) [default: 0.0.0.0:15008]
     #[arg(long)]
     pub hbone_addr: Option<SocketAddr>,
@@ -135,12 +103,6 @@ pub struct Cli {
     /// Inbound policy file (JSON list of rules) [env: ZTUNNEL_POLICY_FILE]
     #[arg(long)]
     pub policy_file: Option<PathBuf>,
-    /// First retry delay after a failed fetch, e.g. `500ms`
-    #[arg(long)]
-    pub initial_backoff: Option<String>,
-    /// Retry delay cap, e.g. `30s`
-    #[arg(long)]
-    pub max_backoff: Option<String>,
     /// Certificate requests in flight at once [default: 8]
     #[arg(long)]
     pub max_concurrent_fetches: Option<usize>,
@@ -150,9 +112,6 @@ pub struct Cli {
     /// TCP connect and TLS handshake deadline, e.g. `5s`
     #[arg(long)]
     pub connect_timeout: Option<String>,
-    /// Time limit of one CA call, e.g. `10s`
-    #[arg(long)]
-    pub ca_timeout: Option<String>,
 }
 
 /// One process-mode outbound listener: connections accepted on `listen` come
@@ -220,22 +179,14 @@ impl std::str::FromStr for RegistrySource {
 /// The validated settings of one ztunnel.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
-    pub ca_address: String,
-    pub ca_root_ca: PathBuf,
-    pub ca_server_name: String,
-    pub token_path: PathBuf,
-    pub cluster_id: Option<String>,
+    /// How to reach the CA and when to renew (shared with the agent).
+    pub ca: CaClientSettings,
     pub trust_domain: String,
     pub node_name: String,
     pub registry_source: RegistrySource,
     pub registry_file: PathBuf,
     #[serde(serialize_with = "ser_duration")]
     pub registry_poll: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub secret_ttl: Duration,
-    pub grace_period_ratio: f64,
-    pub grace_period_ratio_jitter: f64,
-    pub key_type: KeyType,
     pub hbone_addr: SocketAddr,
     pub inbound_plaintext_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
@@ -245,21 +196,15 @@ pub struct Config {
     pub outbound: Vec<OutboundRoute>,
     pub policy_file: Option<PathBuf>,
     pub policies: Vec<PolicyRule>,
-    #[serde(serialize_with = "ser_duration")]
-    pub initial_backoff: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub max_backoff: Duration,
     pub max_concurrent_fetches: usize,
     #[serde(serialize_with = "ser_duration")]
     pub cert_wait: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub ca_timeout: Duration,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{d:?}"))
+    s.serialize_str(&format_duration(*d))
 }
 
 impl Default for Config {
@@ -303,13 +248,6 @@ impl Config {
             flag.unwrap_or_else(|| default.parse().expect("static address"))
         };
 
-        let key_type = match cli
-            .key_type
-            .or_else(|| layers.env("ECC_SIGNATURE_ALGORITHM"))
-        {
-            Some(s) => s.parse::<KeyType>()?,
-            None => DEFAULT_KEY_TYPE,
-        };
         let peers = list(cli.peers, "ZTUNNEL_PEERS")
             .into_iter()
             .map(|p| {
@@ -343,22 +281,7 @@ impl Config {
         };
 
         let config = Config {
-            ca_address: cli
-                .ca_address
-                .or_else(|| layers.env("CA_ADDRESS"))
-                .unwrap_or_else(|| DEFAULT_CA_ADDRESS.to_owned()),
-            ca_root_ca: cli
-                .ca_root_ca
-                .or_else(|| layers.env("CA_ROOT_CA").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_ROOT_CA)),
-            ca_server_name: cli
-                .ca_server_name
-                .unwrap_or_else(|| DEFAULT_CA_SERVER_NAME.to_owned()),
-            token_path: cli
-                .token_path
-                .or_else(|| layers.env("AUTH_TOKEN").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
-            cluster_id: cli.cluster_id.or_else(|| layers.env("CLUSTER_ID")),
+            ca: cli.ca.resolve(env)?,
             trust_domain: cli
                 .trust_domain
                 .or_else(|| layers.env("TRUST_DOMAIN"))
@@ -378,23 +301,6 @@ impl Config {
                 DEFAULT_REGISTRY_POLL,
                 "--registry-poll",
             )?,
-            secret_ttl: layers.duration(
-                cli.secret_ttl,
-                Some("SECRET_TTL"),
-                DEFAULT_SECRET_TTL,
-                "SECRET_TTL",
-            )?,
-            grace_period_ratio: layers.float(
-                cli.secret_grace_period_ratio,
-                "SECRET_GRACE_PERIOD_RATIO",
-                DEFAULT_GRACE_PERIOD_RATIO,
-            )?,
-            grace_period_ratio_jitter: layers.float(
-                cli.secret_grace_period_ratio_jitter,
-                "SECRET_GRACE_PERIOD_RATIO_JITTER",
-                DEFAULT_GRACE_PERIOD_RATIO_JITTER,
-            )?,
-            key_type,
             hbone_addr: addr(cli.hbone_addr, DEFAULT_HBONE_ADDR),
             inbound_plaintext_addr: (!cli.no_inbound_plaintext)
                 .then(|| addr(cli.inbound_plaintext_addr, DEFAULT_INBOUND_PLAINTEXT_ADDR)),
@@ -408,18 +314,6 @@ impl Config {
             outbound,
             policy_file,
             policies,
-            initial_backoff: layers.duration(
-                cli.initial_backoff,
-                None,
-                DEFAULT_INITIAL_BACKOFF,
-                "--initial-backoff",
-            )?,
-            max_backoff: layers.duration(
-                cli.max_backoff,
-                None,
-                DEFAULT_MAX_BACKOFF,
-                "--max-backoff",
-            )?,
             max_concurrent_fetches: cli
                 .max_concurrent_fetches
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_FETCHES),
@@ -430,12 +324,6 @@ impl Config {
                 DEFAULT_CONNECT_TIMEOUT,
                 "--connect-timeout",
             )?,
-            ca_timeout: layers.duration(
-                cli.ca_timeout,
-                None,
-                DEFAULT_CA_TIMEOUT,
-                "--ca-timeout",
-            )?,
         };
         config.validate()?;
         Ok(config)
@@ -444,39 +332,10 @@ impl Config {
     /// Checks the values make sense together; errors name the setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if !self.ca_address.starts_with("https://") {
-            return bad(format!(
-                "CA_ADDRESS {:?} must start with https://",
-                self.ca_address
-            ));
-        }
-        if self.secret_ttl.is_zero() || self.secret_ttl > MAX_SECRET_TTL {
-            return bad(format!(
-                "SECRET_TTL {:?} must be above 0 and at most {:?}",
-                self.secret_ttl, MAX_SECRET_TTL
-            ));
-        }
-        let (ratio, jitter) = (self.grace_period_ratio, self.grace_period_ratio_jitter);
-        if !(ratio > 0.0 && ratio < 1.0) {
-            return bad(format!(
-                "SECRET_GRACE_PERIOD_RATIO {ratio} must be between 0 and 1"
-            ));
-        }
-        if !(0.0..ratio.min(1.0 - ratio)).contains(&jitter) {
-            return bad(format!(
-                "SECRET_GRACE_PERIOD_RATIO_JITTER {jitter} must be at least 0 and below {}",
-                ratio.min(1.0 - ratio)
-            ));
-        }
+        self.ca.validate()?;
         TrustDomain::new(&self.trust_domain)?;
         if self.node_name.trim().is_empty() {
             return bad("NODE_NAME is empty".into());
-        }
-        if self.initial_backoff.is_zero() || self.initial_backoff > self.max_backoff {
-            return bad(format!(
-                "the initial backoff {:?} must be above 0 and at most the cap {:?}",
-                self.initial_backoff, self.max_backoff
-            ));
         }
         if self.max_concurrent_fetches == 0 {
             return bad("--max-concurrent-fetches must be at least 1".into());
@@ -484,7 +343,6 @@ impl Config {
         for (what, d) in [
             ("--cert-wait", self.cert_wait),
             ("--connect-timeout", self.connect_timeout),
-            ("--ca-timeout", self.ca_timeout),
             ("--registry-poll", self.registry_poll),
         ] {
             if d.is_zero() {
@@ -528,7 +386,7 @@ mod tests {
     #[test]
     fn defaults_are_istios() {
         let c = Config::from_args(["meshid-ztunnel"], &env(&[])).unwrap();
-        assert_eq!(c.ca_address, "https://localhost:15012");
+        assert_eq!(c.ca.address, "https://localhost:15012");
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.hbone_addr.port(), 15008);
         assert_eq!(c.inbound_plaintext_addr.unwrap().port(), 15006);
@@ -537,8 +395,8 @@ mod tests {
         assert_eq!(c.outbound_capture_addr, None, "capture is opt-in");
         let c = Config::from_args(["meshid-ztunnel", "--capture"], &env(&[])).unwrap();
         assert_eq!(c.outbound_capture_addr.unwrap().port(), 15001);
-        assert_eq!(c.grace_period_ratio, 0.5);
-        assert_eq!(c.secret_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.ca.policy.grace_period_ratio, 0.5);
+        assert_eq!(c.ca.ttl, Duration::from_secs(86_400));
         assert!(c.to_pretty_json().contains("\"node_name\": \"node-a\""));
     }
 
@@ -566,11 +424,11 @@ mod tests {
             &e,
         )
         .unwrap();
-        assert_eq!(c.ca_address, "https://ca:1");
+        assert_eq!(c.ca.address, "https://ca:1");
         assert_eq!(c.trust_domain, "flag.example");
         assert_eq!(c.node_name, "node-env");
         assert_eq!(c.registry_file, PathBuf::from("/tmp/reg.json"));
-        assert_eq!(c.secret_ttl, Duration::from_secs(90));
+        assert_eq!(c.ca.ttl, Duration::from_secs(90));
         assert_eq!(
             c.peer_address("node-c"),
             Some("127.0.0.3:15008".parse().unwrap())

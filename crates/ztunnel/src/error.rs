@@ -12,15 +12,6 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    #[error("cannot read the ztunnel's token {path}: {source}")]
-    TokenUnreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-
-    #[error("the ztunnel's token file {path} is empty")]
-    TokenEmpty { path: PathBuf },
-
     #[error("cannot read {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -34,22 +25,6 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-
-    /// The CA refused the request (`UNAUTHENTICATED`, `INVALID_ARGUMENT`, …).
-    #[error("the CA refused a certificate for {id} ({code:?}): {message}")]
-    CaRefused {
-        id: SpiffeId,
-        code: tonic::Code,
-        message: String,
-    },
-
-    /// The CA could not be reached or failed on its side: worth retrying.
-    #[error("the CA did not issue a certificate for {id}: {message}")]
-    CaUnavailable { id: SpiffeId, message: String },
-
-    /// The CA answered, but not with a usable certificate for the identity asked for.
-    #[error("refused the certificate issued for {id}: {reason}")]
-    BadCertificate { id: SpiffeId, reason: String },
 
     #[error("this ztunnel does not host identity {0}")]
     NotHosted(SpiffeId),

@@ -3,8 +3,9 @@
 //! follows the workload registry (a file, or with feature `kube` the pods of
 //! its node in the Kubernetes API) to learn which workloads run on its node
 //! ([`directory`]), asks the CA for each of their certificates on their
-//! behalf with its own node-bound token and `ImpersonatedIdentity`
-//! ([`source`]), keeps those certificates fresh ([`certs`]), and carries the
+//! behalf with its own node-bound token and `ImpersonatedIdentity`, keeps
+//! those certificates fresh ([`certs`], one worker of the shared renewal
+//! engine `meshid_common::identity` per identity), and carries the
 //! workloads' TCP connections between nodes as HBONE: HTTP/2 `CONNECT`
 //! streams inside mTLS where each side presents the *workload's* certificate
 //! ([`outbound`], [`pool`], [`inbound`], [`tls`]). Connections reach it
@@ -30,7 +31,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
-pub mod source;
 pub mod tls;
 
 pub use app::App;

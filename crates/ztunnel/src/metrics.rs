@@ -174,6 +174,36 @@ impl Metrics {
     }
 }
 
+/// The renewal engine reports each workload's CSRs and state changes here.
+impl meshid_common::identity::RenewalEvents for Metrics {
+    fn csr_sent(&self) {
+        self.outgoing_requests.get_or_create(&self.csr()).inc();
+    }
+
+    fn csr_failed(&self) {
+        self.failed_outgoing_requests
+            .get_or_create(&self.csr())
+            .inc();
+    }
+
+    fn state_changed(
+        &self,
+        from: Option<meshid_common::identity::CertState>,
+        to: Option<meshid_common::identity::CertState>,
+    ) {
+        if let Some(f) = from {
+            self.workload_certs
+                .get_or_create(&Metrics::state(f.as_str()))
+                .dec();
+        }
+        if let Some(t) = to {
+            self.workload_certs
+                .get_or_create(&Metrics::state(t.as_str()))
+                .inc();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshid_ca::{TokenAlgorithm, TokenClaims, TokenIssuer};
+use meshid_common::identity::{CaSource, CertificateSource, SignRequest, TokenFile};
 use meshid_common::registry::{Node, Registry, Workload};
-use meshid_ztunnel::source::{CaSource, CertificateSource};
-use meshid_ztunnel::{App, Config, Error};
+use meshid_common::{KeyType, PrivateKey, SpiffeId};
+use meshid_ztunnel::{App, Config};
 use support::*;
 
 struct Cluster {
@@ -92,9 +93,12 @@ async fn cluster() -> Cluster {
         let token = p(&format!("token-{node}"));
         write_token(&issuer, &ztunnel_pod(node), &token);
         configs.push(Config {
-            ca_address: format!("https://127.0.0.1:{}", ca.grpc_addr().port()),
-            ca_root_ca: p("root-cert.pem"),
-            token_path: token,
+            ca: meshid_common::identity::CaClientSettings {
+                address: format!("https://127.0.0.1:{}", ca.grpc_addr().port()),
+                root_ca: p("root-cert.pem"),
+                token_path: token,
+                ..Default::default()
+            },
             ..config(node, ip, &p("registry.json"))
         });
     }
@@ -109,25 +113,48 @@ async fn cluster() -> Cluster {
     }
 }
 
+/// What the ztunnel's CA source sends for `id`: a CSR over a fresh key, the
+/// node's token, on behalf of `id`.
+async fn ask(config: &Config, id: &SpiffeId) -> meshid_common::Result<Vec<String>> {
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    CaSource::new(&config.ca)
+        .unwrap()
+        .sign(SignRequest {
+            id: id.clone(),
+            csr_pem: key.csr_for(id).unwrap(),
+            ttl: Duration::from_secs(3600),
+            token: TokenFile::new(&config.ca.token_path).read().unwrap(),
+            on_behalf: true,
+        })
+        .await
+}
+
+/// The SPIFFE ID of the leaf of a `cert_chain` answer.
+fn leaf_id(chain: &[String]) -> SpiffeId {
+    let certs = meshid_common::cert::parse_pem_certs(&chain[0]).unwrap();
+    meshid_common::CertInfo::from_der(&certs[0])
+        .unwrap()
+        .require_spiffe_id()
+        .unwrap()
+        .clone()
+}
+
 #[tokio::test]
 async fn the_ca_refuses_node_a_a_cert_for_a_workload_only_on_node_b() {
     let c = cluster().await;
-    let source = CaSource::new(&c.a).unwrap();
-    let web = meshid_common::SpiffeId::for_service_account(TD, "default", "web").unwrap();
-    let db = meshid_common::SpiffeId::for_service_account(TD, "default", "db").unwrap();
+    let web = SpiffeId::for_service_account(TD, "default", "web").unwrap();
+    let db = SpiffeId::for_service_account(TD, "default", "db").unwrap();
     // Its own node's workload: granted, for exactly that identity.
-    let (svid, _) = source.fetch(&web).await.unwrap();
-    assert_eq!(svid.id(), &web);
+    assert_eq!(leaf_id(&ask(&c.a, &web).await.unwrap()), web);
     // A workload that runs only on node-b: refused as unauthenticated.
-    match source.fetch(&db).await {
-        Err(Error::CaRefused { code, message, .. }) => {
+    match ask(&c.a, &db).await {
+        Err(meshid_common::Error::Ca { code, message }) => {
             assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
     // node-b's ztunnel may have it.
-    let (svid, _) = CaSource::new(&c.b).unwrap().fetch(&db).await.unwrap();
-    assert_eq!(svid.id(), &db);
+    assert_eq!(leaf_id(&ask(&c.b, &db).await.unwrap()), db);
     c.ca.shutdown().await;
 }
 
@@ -211,9 +238,9 @@ async fn the_binary_serves_a_node_from_flags_and_environment() {
             .args(["--admin-addr", &admin_addr.to_string()])
             .arg("--no-inbound-plaintext")
             .args(["--registry-poll", "50ms"])
-            .env("CA_ADDRESS", &c.b.ca_address)
-            .env("CA_ROOT_CA", &c.b.ca_root_ca)
-            .env("AUTH_TOKEN", &c.b.token_path)
+            .env("CA_ADDRESS", &c.b.ca.address)
+            .env("CA_ROOT_CA", &c.b.ca.root_ca)
+            .env("AUTH_TOKEN", &c.b.ca.token_path)
             .env("WORKLOAD_REGISTRY", &c.b.registry_file)
             .env("NODE_NAME", "node-b")
             .env("RUST_LOG", "warn")

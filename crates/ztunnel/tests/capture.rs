@@ -18,7 +18,6 @@ use std::time::Duration;
 use meshid_common::registry::{Registry, RegistryWatcher, Workload};
 use meshid_common::testing::TestPki;
 use meshid_ztunnel::policy::{Mode, PolicyRule};
-use meshid_ztunnel::source::PkiSource;
 use meshid_ztunnel::{App, Config};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,6 +77,7 @@ fn captured_connections_go_through_hbone_as_the_workload() {
 
 fn ztunnel_config(node: &str, ip: &str) -> Config {
     Config {
+        ca: ca_settings(),
         node_name: node.into(),
         hbone_addr: format!("{ip}:0").parse().unwrap(),
         inbound_plaintext_addr: None,
@@ -135,7 +135,7 @@ fn inner() {
                 }],
                 ..ztunnel_config("node-b", "127.0.0.2")
             },
-            Arc::new(PkiSource::new(pki.clone(), ttl)),
+            test_ca(&pki, ttl),
             RegistryWatcher::fixed(registry.clone()),
         )
         .await
@@ -146,7 +146,7 @@ fn inner() {
                 peers: vec![("node-b".into(), b.hbone_addr())],
                 ..ztunnel_config("node-a", "127.0.0.1")
             },
-            Arc::new(PkiSource::new(pki.clone(), ttl)),
+            test_ca(&pki, ttl),
             RegistryWatcher::fixed(registry),
         )
         .await

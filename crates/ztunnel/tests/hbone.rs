@@ -313,7 +313,12 @@ async fn certificates_follow_the_registry_and_the_admin_pages_show_them() {
     });
     let new = m.id("new");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while m.b.certs().current(&new).is_none() || m.b.certs().entry(&db).is_some() {
+    // Both nodes poll the registry on their own: node-a must know where the
+    // new workload lives before it can tunnel to it.
+    while m.b.certs().current(&new).is_none()
+        || m.b.certs().entry(&db).is_some()
+        || m.a.directory().lookup(extra).is_none()
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "registry change not applied"

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use crate::support::{AgentBuilder, Answer, FakeCa, SdsStream, eventually, http_get, request};
-use meshid_agent::rotation::Clock;
+use crate::support::{AgentBuilder, Answer, SdsStream, eventually, fake_ca, http_get, request};
+use meshid_agent::Clock;
 
 #[tokio::test]
 async fn ready_follows_the_certificate() {
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     ca.set_answer(Answer::Fail(tonic::Code::Unavailable));
     let a = AgentBuilder {
         ca: Some(ca.clone()),

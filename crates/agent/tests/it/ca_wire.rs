@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_agent::App;
-use meshid_agent::rotation::Clock;
+use meshid_agent::Clock;
 
-use crate::support::{AgentBuilder, Answer, FakeCa, FakeCaServer, eventually, init};
+use crate::support::{AgentBuilder, Answer, FakeCa, FakeCaServer, eventually, fake_ca, init};
 
 /// An agent using the real CA client towards `addr`, trusting `root_pem`.
 async fn agent_for(addr: SocketAddr, root_pem: &str, extra: &[&str]) -> (App, tempfile::TempDir) {
@@ -52,7 +52,7 @@ async fn wait_ready(app: &App) -> String {
 
 #[tokio::test]
 async fn the_csr_carries_the_token_and_cluster_id_over_tls() {
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let (app, _dir) = agent_for(server.addr, &server.root_pem, &[]).await;
     wait_ready(&app).await;
@@ -66,7 +66,7 @@ async fn the_csr_carries_the_token_and_cluster_id_over_tls() {
 
 #[tokio::test]
 async fn malformed_answers_over_the_wire_are_refused_and_the_cert_kept() {
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let (app, _dir) = agent_for(server.addr, &server.root_pem, &[]).await;
     let serial = wait_ready(&app).await;
@@ -97,7 +97,7 @@ async fn malformed_answers_over_the_wire_are_refused_and_the_cert_kept() {
 
 #[tokio::test]
 async fn an_unauthenticated_answer_makes_the_agent_not_ready() {
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     ca.set_answer(Answer::Fail(tonic::Code::Unauthenticated));
     let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let (app, _dir) = agent_for(server.addr, &server.root_pem, &[]).await;
@@ -118,7 +118,7 @@ async fn a_ca_that_is_down_at_start_is_used_once_it_comes_up() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     // The root is known in advance: build the server only later, on that port.
     let pending = PendingServer::new(ca.clone(), port);
     let (app, _dir) = agent_for(port, &pending.root_pem, &[]).await;
@@ -141,7 +141,7 @@ async fn a_ca_that_is_down_at_start_is_used_once_it_comes_up() {
 /// restart.
 #[tokio::test]
 async fn a_ca_is_untrusted_until_roots_verifying_it_are_written_to_ca_root_ca() {
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let stranger = meshid_common::testing::TestPki::new("serving.ca").unwrap();
     let (app, dir) = agent_for(server.addr, &stranger.bundle().to_pem(), &[]).await;

@@ -3,7 +3,6 @@
 mod admin;
 mod binary;
 mod ca_wire;
-mod cache;
 mod envoy;
 mod hygiene;
 mod real_ca;

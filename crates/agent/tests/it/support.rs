@@ -3,18 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
-use meshid_agent::rotation::Clock;
-use meshid_agent::source::{CertificateSource, SignRequest};
-use meshid_agent::{App, Config, Error, Parts};
+use meshid_agent::{App, Clock, Config, Parts};
 use meshid_ca::{TokenAlgorithm, TokenClaims, TokenIssuer};
 use meshid_common::cert::cert_to_pem;
-use meshid_common::keys::parse_csr_pem;
 use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
 use meshid_common::proto::envoy_core::Node;
 use meshid_common::proto::envoy_core::data_source::Specifier;
@@ -26,7 +21,7 @@ use meshid_common::proto::sds::secret_discovery_service_client::SecretDiscoveryS
 use meshid_common::proto::tls::{Secret, secret::Type as SecretType};
 use meshid_common::registry::{Node as RegistryNode, Registry, Workload};
 use meshid_common::testing::TestPki;
-use meshid_common::{KeyType, PrivateKey, SpiffeId, TrustBundle};
+use meshid_common::{KeyType, PrivateKey, SpiffeId};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -54,131 +49,17 @@ fn tracing_subscriber_init() -> Option<()> {
     Some(())
 }
 
-/// How the fake CA answers the next requests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Answer {
-    Good,
-    /// Only the leaf: no root bundle.
-    OneElement,
-    /// A leaf for `spiffe://cluster.local/ns/other/sa/impostor`.
-    OtherIdentity,
-    /// A leaf over a key that is not the CSR's.
-    OtherKey,
-    /// A gRPC error with this code.
-    Fail(tonic::Code),
-}
+/// The fake CA: the shared test CA of the renewal engine, signing with an
+/// intermediate under a test root.
+#[allow(unused_imports)] // the agent bench includes this file and uses part of it
+pub use meshid_common::identity::fake::{Answer, Call, TestCa as FakeCa};
 
-/// One request the fake CA saw.
-#[derive(Clone, Debug)]
-pub struct Call {
-    pub at: tokio::time::Instant,
-    pub token: String,
-    pub ttl: Duration,
-    pub cluster_id: Option<String>,
-    pub traceparent: Option<String>,
-}
-
-struct FakeState {
-    pki: Arc<TestPki>,
-    answer: Answer,
-    calls: Vec<Call>,
-}
-
-/// A CA that signs with a [`TestPki`] at the time of its clock.
-pub struct FakeCa {
-    state: Mutex<FakeState>,
-    clock: Clock,
-}
-
-impl FakeCa {
-    pub fn new(clock: Clock) -> Arc<Self> {
-        Arc::new(FakeCa {
-            state: Mutex::new(FakeState {
-                pki: Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap()),
-                answer: Answer::Good,
-                calls: Vec::new(),
-            }),
-            clock,
-        })
-    }
-
-    pub fn set_answer(&self, answer: Answer) {
-        self.state.lock().unwrap().answer = answer;
-    }
-
-    /// Replaces the PKI with a new root (a root rotation without overlap).
-    pub fn new_root(&self) -> TrustBundle {
-        let pki = Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap());
-        let bundle = pki.bundle();
-        self.state.lock().unwrap().pki = pki;
-        bundle
-    }
-
-    pub fn pki(&self) -> Arc<TestPki> {
-        self.state.lock().unwrap().pki.clone()
-    }
-
-    pub fn bundle(&self) -> TrustBundle {
-        self.pki().bundle()
-    }
-
-    pub fn calls(&self) -> Vec<Call> {
-        self.state.lock().unwrap().calls.clone()
-    }
-
-    pub fn record(&self, call: Call) {
-        self.state.lock().unwrap().calls.push(call);
-    }
-
-    /// The answer to a CSR, as the Istio CA's `cert_chain`.
-    pub fn answer(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, Status> {
-        let (pki, answer) = {
-            let s = self.state.lock().unwrap();
-            (s.pki.clone(), s.answer.clone())
-        };
-        let csr = parse_csr_pem(csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let id = SpiffeId::parse(&csr.uri_sans[0]).unwrap();
-        let now = self.clock.now();
-        let issue = |spki: &[u8], id: &SpiffeId| {
-            let leaf = pki.signer().issue_leaf(spki, id, ttl, now).unwrap();
-            let mut chain = vec![cert_to_pem(&leaf)];
-            if let Some(inter) = &pki.intermediate {
-                chain.push(inter.cert_pem());
-            }
-            chain.push(pki.bundle().to_pem());
-            chain
-        };
-        match answer {
-            Answer::Good => Ok(issue(&csr.public_key_spki, &id)),
-            Answer::OneElement => Ok(issue(&csr.public_key_spki, &id)[..1].to_vec()),
-            Answer::OtherIdentity => Ok(issue(
-                &csr.public_key_spki,
-                &SpiffeId::for_service_account(TD, "other", "impostor").unwrap(),
-            )),
-            Answer::OtherKey => {
-                let other = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-                Ok(issue(other.public_key_spki(), &id))
-            }
-            Answer::Fail(code) => Err(Status::new(code, "the fake CA says no")),
-        }
-    }
-}
-
-impl CertificateSource for FakeCa {
-    fn sign(&self, req: SignRequest) -> BoxFuture<'_, meshid_agent::Result<Vec<String>>> {
-        async move {
-            self.record(Call {
-                at: tokio::time::Instant::now(),
-                token: req.token.expose().to_owned(),
-                ttl: req.ttl,
-                cluster_id: None,
-                traceparent: meshid_common::telemetry::current_traceparent(),
-            });
-            self.answer(&req.csr_pem, req.ttl)
-                .map_err(|s| Error::from_ca_status(&req.id, &s))
-        }
-        .boxed()
-    }
+/// A fake CA at `clock`'s time, with an intermediate.
+pub fn fake_ca(clock: Clock) -> Arc<FakeCa> {
+    FakeCa::new(
+        Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap()),
+        clock,
+    )
 }
 
 /// The fake CA behind a real TLS gRPC server (`IstioCertificateService`).
@@ -210,7 +91,9 @@ impl IstioCertificateService for CaService {
             .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
         self.0.record(Call {
             at: tokio::time::Instant::now(),
+            id: None,
             token,
+            on_behalf: false,
             ttl: Duration::from_secs(request.get_ref().validity_duration.max(0) as u64),
             cluster_id: get("clusterid"),
             traceparent: get("traceparent"),
@@ -466,10 +349,7 @@ impl AgentBuilder {
         if let Some(token) = &self.token {
             std::fs::write(dir.path().join("token"), token).unwrap();
         }
-        let ca = self
-            .ca
-            .clone()
-            .unwrap_or_else(|| FakeCa::new(Clock::System));
+        let ca = self.ca.clone().unwrap_or_else(|| fake_ca(Clock::System));
         let app = App::build_with(
             self.config(dir.path()),
             Parts {

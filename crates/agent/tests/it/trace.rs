@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use meshid_agent::App;
-use meshid_agent::rotation::Clock;
+use meshid_agent::Clock;
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::support::{AgentBuilder, FakeCa, FakeCaServer, init, request};
+use crate::support::{AgentBuilder, FakeCaServer, fake_ca, init, request};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -25,7 +25,7 @@ async fn the_sds_clients_trace_reaches_the_ca() {
     // A current-thread test: every task of the agent runs on this thread.
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let ca = FakeCa::new(Clock::System);
+    let ca = fake_ca(Clock::System);
     let server = FakeCaServer::start(ca.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "t.jwt").unwrap();

@@ -4,46 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use meshid_agent::app::Parts;
-use meshid_agent::rotation::Clock;
-use meshid_agent::{App as Agent, CertificateSource, Config as AgentConfig, SignRequest};
+use meshid_agent::{App as Agent, Clock, Config as AgentConfig};
 use meshid_common::SpiffeId;
-use meshid_common::cert::cert_to_pem;
-use meshid_common::keys::parse_csr_pem;
-use meshid_common::testing::TestPki;
+use meshid_common::identity::fake::TestCa;
 use meshid_envoy_shim::{App, Config, ConnResult, Mode};
 
 use crate::support::*;
-
-/// Signs every CSR with the TestPki, as the Istio CA answers: leaf,
-/// intermediate, root bundle last.
-struct PkiCa(Arc<TestPki>);
-
-impl CertificateSource for PkiCa {
-    fn sign(
-        &self,
-        req: SignRequest,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = meshid_agent::Result<Vec<String>>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let csr = parse_csr_pem(&req.csr_pem).expect("the agent's CSR");
-            let leaf = self
-                .0
-                .signer()
-                .issue_leaf(&csr.public_key_spki, &req.id, req.ttl, SystemTime::now())
-                .expect("signing");
-            let mut chain = vec![cert_to_pem(&leaf)];
-            if let Some(inter) = &self.0.intermediate {
-                chain.push(inter.cert_pem());
-            }
-            chain.push(self.0.bundle().to_pem());
-            Ok(chain)
-        })
-    }
-}
 
 #[tokio::test]
 async fn the_real_agent_sds_server_feeds_the_shim_and_its_rotations_land() {
@@ -75,7 +43,7 @@ async fn the_real_agent_sds_server_feeds_the_shim_and_its_rotations_land() {
     let agent = Agent::build_with(
         config,
         Parts {
-            source: Arc::new(PkiCa(pki.clone())),
+            source: TestCa::new(pki.clone(), Clock::System),
             clock: Clock::System,
         },
     )

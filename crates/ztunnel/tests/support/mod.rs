@@ -13,12 +13,13 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshid_common::identity::Clock;
+use meshid_common::identity::fake::TestCa;
 use meshid_common::registry::{Registry, Workload};
 use meshid_common::testing::TestPki;
 use meshid_common::{Credentials, SpiffeId, Svid};
 use meshid_ztunnel::config::OutboundRoute;
 use meshid_ztunnel::policy::PolicyRule;
-use meshid_ztunnel::source::PkiSource;
 use meshid_ztunnel::{App, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -80,12 +81,41 @@ pub struct Mesh {
     pub registry: Registry,
     pub a: App,
     pub b: App,
-    pub source_a: Arc<PkiSource>,
-    pub source_b: Arc<PkiSource>,
+    pub source_a: Arc<TestCa>,
+    pub source_b: Arc<TestCa>,
+}
+
+/// A test CA over `pki` that issues for `ttl` whatever is asked.
+pub fn test_ca(pki: &Arc<TestPki>, ttl: Duration) -> Arc<TestCa> {
+    let ca = TestCa::new(pki.clone(), Clock::System);
+    ca.set_ttl(Some(ttl));
+    ca
+}
+
+/// A node token file for ztunnels whose CA is a [`TestCa`] (which reads
+/// but does not check it), written once per test process.
+pub fn node_token() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("meshid-ztunnel-test-token-{}", std::process::id()));
+        std::fs::write(&path, "node.jwt").unwrap();
+        path
+    })
+    .clone()
+}
+
+/// The settings of a ztunnel under test: the node token of [`node_token`].
+pub fn ca_settings() -> meshid_common::identity::CaClientSettings {
+    meshid_common::identity::CaClientSettings {
+        token_path: node_token(),
+        ..Default::default()
+    }
 }
 
 pub fn config(node: &str, ip: &str, registry: &std::path::Path) -> Config {
     Config {
+        ca: ca_settings(),
         node_name: node.into(),
         hbone_addr: format!("{ip}:0").parse().unwrap(),
         inbound_plaintext_addr: Some(format!("{ip}:0").parse().unwrap()),
@@ -105,8 +135,8 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let registry_path = dir.path().join("registry.json");
         registry.write_atomic(&registry_path).unwrap();
-        let source_a = Arc::new(PkiSource::new(pki.clone(), ttl));
-        let source_b = Arc::new(PkiSource::new(pki.clone(), ttl));
+        let source_a = test_ca(&pki, ttl);
+        let source_b = test_ca(&pki, ttl);
         let b = App::build_with_source(
             Config {
                 policies,

@@ -1,5 +1,6 @@
-//! The projected service-account token. Kubernetes rotates it in place, so
-//! the file is read again for every CSR and never cached.
+//! The service-account token a CSR is authenticated with. Kubernetes
+//! rotates the projected token in place, so the file is read again for
+//! every CSR and never cached.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -48,15 +49,17 @@ impl TokenFile {
     /// A token is a small file on a local (projected) volume: it is read
     /// inline rather than through the blocking pool, which would keep a
     /// thread and its allocator arena around for one read a day.
-    pub async fn read(&self) -> Result<Token> {
-        let raw = std::fs::read(&self.path).map_err(|source| Error::TokenUnreadable {
+    pub fn read(&self) -> Result<Token> {
+        let unreadable = |source| Error::TokenUnreadable {
             path: self.path.clone(),
             source,
-        })?;
-        let raw = Zeroizing::new(raw);
-        let text = std::str::from_utf8(&raw).map_err(|_| Error::TokenUnreadable {
-            path: self.path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
+        };
+        let raw = Zeroizing::new(std::fs::read(&self.path).map_err(unreadable)?);
+        let text = std::str::from_utf8(&raw).map_err(|_| {
+            unreadable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8",
+            ))
         })?;
         let trimmed = text.trim();
         if trimmed.is_empty() {
@@ -72,25 +75,24 @@ impl TokenFile {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn reads_the_current_content_every_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("istio-token");
+    #[test]
+    fn reads_the_current_content_every_time() {
+        let dir = std::env::temp_dir().join(format!("meshid-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("istio-token");
         let file = TokenFile::new(&path);
-        let err = file.read().await.unwrap_err();
+        let err = file.read().unwrap_err();
         assert!(matches!(err, Error::TokenUnreadable { .. }), "{err}");
         assert!(err.to_string().contains("istio-token"), "{err}");
 
         std::fs::write(&path, "first.jwt\n").unwrap();
-        assert_eq!(file.read().await.unwrap().expose(), "first.jwt");
+        assert_eq!(file.read().unwrap().expose(), "first.jwt");
         std::fs::write(&path, "second.jwt").unwrap();
-        assert_eq!(file.read().await.unwrap().expose(), "second.jwt");
+        assert_eq!(file.read().unwrap().expose(), "second.jwt");
 
         std::fs::write(&path, " \n").unwrap();
-        assert!(matches!(
-            file.read().await.unwrap_err(),
-            Error::TokenEmpty { .. }
-        ));
+        assert!(matches!(file.read().unwrap_err(), Error::TokenEmpty { .. }));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
