@@ -229,6 +229,8 @@ pub type Reply = Response<Full<Bytes>>;
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// `Content-Type` of the classic Prometheus text format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// `Content-Type` of JSON pages.
+pub const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
 
 type ReadyFn = dyn Fn() -> Result<(), String> + Send + Sync;
@@ -237,7 +239,7 @@ type RouteFn =
     dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync;
 
 enum Page {
-    Json(Box<TextFn>),
+    Get(&'static str, Box<TextFn>),
     Custom(Box<RouteFn>),
 }
 
@@ -303,12 +305,24 @@ impl AdminRouter {
 
     /// A GET page answering the document `doc` builds, as pretty JSON.
     pub fn json<T: serde::Serialize>(
-        mut self,
+        self,
         path: &'static str,
         doc: impl Fn() -> T + Send + Sync + 'static,
     ) -> Self {
-        let render = move || serde_json::to_string_pretty(&doc()).unwrap_or_default() + "\n";
-        self.pages.push((path, Page::Json(Box::new(render))));
+        self.get(path, JSON, move || {
+            serde_json::to_string_pretty(&doc()).unwrap_or_default() + "\n"
+        })
+    }
+
+    /// A GET page answering what `render` writes, as `content_type`.
+    pub fn get(
+        mut self,
+        path: &'static str,
+        content_type: &'static str,
+        render: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.pages
+            .push((path, Page::Get(content_type, Box::new(render))));
         self
     }
 
@@ -346,10 +360,10 @@ impl AdminRouter {
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
-        self.get(&path, draining)
+        self.answer_get(&path, draining)
     }
 
-    fn get(&self, path: &str, draining: bool) -> Reply {
+    fn answer_get(&self, path: &str, draining: bool) -> Reply {
         match path {
             "/ready" | "/healthz/ready" if draining => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -367,9 +381,7 @@ impl AdminRouter {
                 format!("{} admin: {}\n", self.component, self.paths().join(" ")),
             ),
             _ => match self.pages.iter().find(|(p, _)| *p == path) {
-                Some((_, Page::Json(render))) => {
-                    reply(StatusCode::OK, "application/json", render())
-                }
+                Some((_, Page::Get(ctype, render))) => reply(StatusCode::OK, ctype, render()),
                 _ => text(
                     StatusCode::NOT_FOUND,
                     format!("not found; try {}\n", self.paths().join(", ")),
