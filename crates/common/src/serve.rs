@@ -543,6 +543,33 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test]
+    async fn unix_listeners_use_the_same_loop() {
+        let path = std::env::temp_dir().join(format!(
+            "meshid-serve-{}-{:?}.sock",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let drain = Drain::new();
+        drain.serve(
+            "unix",
+            UnixListener::bind(&path).unwrap(),
+            |mut s: tokio::net::UnixStream, _| async move {
+                let _ = s.write_all(b"hello").await;
+            },
+        );
+        let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello");
+        assert!(drain.drain(Duration::from_secs(1)).await);
+        assert!(tokio::net::UnixStream::connect(&path).await.is_err());
+        let _ = std::fs::remove_file(&path);
+    }
+
     /// Fails `failures` accepts, then accepts forever from a channel.
     struct Flaky {
         failures: AtomicUsize,
