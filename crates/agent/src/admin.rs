@@ -2,20 +2,13 @@
 //! (what `istioctl proxy-config secret` shows: identity, serial, validity,
 //! chain subjects, next rotation) and `/metrics`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
 use meshid_common::CertInfo;
 use meshid_common::cert::unix_secs;
+use meshid_common::serve::{AdminRouter, OPENMETRICS};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::metrics::Metrics;
 use crate::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE};
@@ -28,87 +21,22 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serves until `cancel` fires.
-pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    debug!(peer.addr = %peer, error = %e, "admin connection ended");
-                }
-            }
-        });
-    }
-}
-
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts")
-}
-
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
-    }
-    match req.uri().path() {
-        "/ready" | "/healthz/ready" => {
-            let status = state.manager.status();
-            if status.ready {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("not ready: {}\n", status.reason),
-                )
-            }
+/// The admin pages, on the common router.
+pub fn router(state: AdminState) -> AdminRouter {
+    let (ready, certs) = (state.manager.clone(), state.manager.clone());
+    AdminRouter::new("meshid-agent", move || {
+        let status = ready.status();
+        if status.ready {
+            Ok(())
+        } else {
+            Err(format!("not ready: {}", status.reason))
         }
-        "/debug/certs" => reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string_pretty(&debug_certs(&state.manager)).unwrap_or_default() + "\n",
-        ),
-        "/metrics" | "/stats/prometheus" => {
-            update_expiry(state);
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                state.metrics.encode(),
-            )
-        }
-        "/" => reply(
-            StatusCode::OK,
-            "text/plain",
-            "meshid-agent admin: /ready /debug/certs /metrics\n".into(),
-        ),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
+    })
+    .metrics(OPENMETRICS, move || {
+        update_expiry(&state);
+        state.metrics.encode()
+    })
+    .json("/debug/certs", move || debug_certs(&certs))
 }
 
 fn update_expiry(state: &AdminState) {

@@ -1,6 +1,6 @@
 //! A running agent: the secret manager, the SDS and Workload API servers on
 //! their Unix sockets, the admin listener and (opt-in) the certificate file
-//! writer, all stopped by one cancellation token. `main` and the tests build
+//! writer, all run on one [`Drain`] and stopped by it. `main` and the tests build
 //! the same [`App`].
 
 use std::net::SocketAddr;
@@ -13,8 +13,8 @@ use meshid_common::identity::{
     CaSource, CertificateSource, Clock, FirstFetch, TokenFile, Worker, WorkerConfig, WorkerParts,
 };
 use meshid_common::{KeyType, SpiffeId};
+use meshid_common::serve::Drain;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -52,8 +52,7 @@ pub struct App {
     admin_addr: SocketAddr,
     manager: Arc<Worker>,
     metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    tasks: JoinSet<()>,
+    drain: Drain,
 }
 
 impl App {
@@ -93,8 +92,8 @@ impl App {
                 limiter: None,
             },
         );
-        let cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let drain = Drain::new();
+        let cancel = drain.stopping().clone();
 
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
@@ -114,33 +113,30 @@ impl App {
         let sds_listener = UdsListener::bind(&config.sds_socket, config.socket_group)?;
         let api_listener = UdsListener::bind(&config.workload_api_socket, config.socket_group)?;
 
-        tasks.spawn(manager.clone().run(cancel.clone()));
-        tasks.spawn(admin::serve(
-            admin_listener,
-            AdminState {
-                manager: manager.clone(),
-                metrics: metrics.clone(),
-            },
-            cancel.clone(),
-        ));
+        drain.spawn(manager.clone().run(cancel.clone()));
+        admin::router(AdminState {
+            manager: manager.clone(),
+            metrics: metrics.clone(),
+        })
+        .serve(admin_listener, &drain);
         let sds = SdsServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
-        tasks.spawn(serve_uds(
+        drain.spawn(serve_uds(
             "SDS",
             sds_listener,
             tonic::service::Routes::new(sds),
-            cancel.clone(),
+            &drain,
         ));
         let api =
             WorkloadApiServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
-        tasks.spawn(serve_uds(
+        drain.spawn(serve_uds(
             "the SPIFFE Workload API",
             api_listener,
             tonic::service::Routes::new(api),
-            cancel.clone(),
+            &drain,
         ));
         if let Some(dir) = &config.output_certs {
             warn!(dir = %dir.display(), "--output-certs: the workload key will be written to disk (mode 0600)");
-            tasks.spawn(output::run(
+            drain.spawn(output::run(
                 dir.clone(),
                 manager.credentials(),
                 cancel.clone(),
@@ -158,8 +154,7 @@ impl App {
             admin_addr,
             manager,
             metrics,
-            cancel,
-            tasks,
+            drain,
         })
     }
 
@@ -194,20 +189,12 @@ impl App {
 
     /// A token that stops the agent when cancelled.
     pub fn cancel_token(&self) -> CancellationToken {
-        self.cancel.clone()
+        self.drain.stopping().clone()
     }
 
     /// Stops every task, waiting up to a grace period, and removes the sockets.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!("tasks still running after the shutdown grace period; aborting them");
-            self.tasks.abort_all();
-        }
+    pub async fn shutdown(self) {
+        self.drain.drain(SHUTDOWN_GRACE).await;
         for path in [&self.config.sds_socket, &self.config.workload_api_socket] {
             let _ = std::fs::remove_file(path);
         }
@@ -215,20 +202,30 @@ impl App {
     }
 }
 
-async fn serve_uds(
+impl Drop for App {
+    fn drop(&mut self) {
+        self.drain.stop_now();
+    }
+}
+
+fn serve_uds(
     what: &'static str,
     listener: UdsListener,
     routes: tonic::service::Routes,
-    cancel: CancellationToken,
-) {
+    drain: &Drain,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let path: PathBuf = listener.path().to_path_buf();
-    let result = tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(listener.incoming(what), cancel.cancelled_owned())
-        .await;
-    if let Err(e) = result {
-        warn!(socket = %path.display(), error = %e, "{what} server stopped");
+    let stop = drain.stopping().clone();
+    let incoming = listener.incoming(what, drain);
+    async move {
+        let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            warn!(socket = %path.display(), error = %e, "{what} server stopped");
+        }
     }
 }
 

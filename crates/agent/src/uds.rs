@@ -6,11 +6,11 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
+use meshid_common::serve::Drain;
 use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::warn;
 
 use crate::error::{Error, Result};
@@ -88,39 +88,33 @@ impl UdsListener {
         self.policy
     }
 
-    /// Accepted connections whose peer passes the policy. Refused peers and
-    /// accept errors are logged and skipped, never handed to the server.
+    /// Accepted connections whose peer passes the policy, accepted on
+    /// `drain`'s loop until it stops. Refused peers are logged and dropped,
+    /// never handed to the server.
     pub fn incoming(
         self,
         what: &'static str,
+        drain: &Drain,
     ) -> impl Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
         let policy = self.policy;
-        let path = self.path;
-        UnixListenerStream::new(self.listener).filter_map(move |conn| {
+        let path = Arc::new(self.path);
+        drain.incoming(what, self.listener, move |stream: UnixStream, _| {
             let path = path.clone();
             async move {
-                match conn {
-                    Ok(stream) => match stream.peer_cred() {
-                        Ok(cred) if policy.allows(cred.uid(), cred.gid()) => Some(Ok(stream)),
-                        Ok(cred) => {
-                            warn!(
-                                socket = %path.display(),
-                                peer.uid = cred.uid(),
-                                peer.gid = cred.gid(),
-                                peer.pid = cred.pid(),
-                                "{what}: refused a connection from another user"
-                            );
-                            None
-                        }
-                        Err(e) => {
-                            warn!(socket = %path.display(), error = %e, "{what}: no peer credentials; refused");
-                            None
-                        }
-                    },
+                match stream.peer_cred() {
+                    Ok(cred) if policy.allows(cred.uid(), cred.gid()) => Some(stream),
+                    Ok(cred) => {
+                        warn!(
+                            socket = %path.display(),
+                            peer.uid = cred.uid(),
+                            peer.gid = cred.gid(),
+                            peer.pid = cred.pid(),
+                            "{what}: refused a connection from another user"
+                        );
+                        None
+                    }
                     Err(e) => {
-                        warn!(socket = %path.display(), error = %e, "{what}: accept failed");
-                        // Do not spin when out of descriptors.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        warn!(socket = %path.display(), error = %e, "{what}: no peer credentials; refused");
                         None
                     }
                 }
@@ -132,6 +126,7 @@ impl UdsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     #[test]
     fn only_the_owner_or_the_group_may_connect() {
@@ -161,7 +156,8 @@ mod tests {
         // The file is still there (a crashed agent): binding again works.
         assert!(path.exists());
         let l = UdsListener::bind(&path, None).unwrap();
-        let mut incoming = Box::pin(l.incoming("test"));
+        let drain = Drain::new();
+        let mut incoming = Box::pin(l.incoming("test", &drain));
         let _client = UnixStream::connect(&path).await.unwrap();
         let accepted = incoming.next().await.unwrap();
         assert!(accepted.is_ok(), "our own process is allowed");

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use meshid_common::TrustBundle;
 use meshid_common::registry::RegistryWatcher;
+use meshid_common::serve::Drain;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::client_cert::ClientCertAuthenticator;
@@ -26,7 +26,7 @@ use crate::server::{CaCore, CaService, tls_incoming};
 use crate::signer::{Signer, SignerOptions, write_atomic};
 use crate::tls::{ServingCert, server_config};
 
-/// How long shutdown waits for tasks to finish.
+/// How long shutdown lets running calls finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Longest a CreateCertificate call may take (a stuck API lookup included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,8 +38,7 @@ pub struct App {
     monitoring_addr: SocketAddr,
     signer: Arc<Signer>,
     metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    drain: Drain,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -54,26 +53,19 @@ impl App {
     /// bound.
     pub async fn build(config: Config) -> Result<App> {
         config.validate()?;
-        let cancel = CancellationToken::new();
-        let mut tasks = Vec::new();
-        match Self::start(config, cancel.clone(), &mut tasks).await {
+        let drain = Drain::new();
+        match Self::start(config, &drain).await {
             Ok(app) => Ok(app),
             Err(e) => {
                 // Stop whatever had started before the failure.
-                cancel.cancel();
-                for task in tasks {
-                    task.abort();
-                }
+                drain.stop_now();
                 Err(e)
             }
         }
     }
 
-    async fn start(
-        config: Config,
-        cancel: CancellationToken,
-        tasks: &mut Vec<JoinHandle<()>>,
-    ) -> Result<App> {
+    async fn start(config: Config, drain: &Drain) -> Result<App> {
+        let cancel = drain.stopping().clone();
         let signer = Arc::new({
             let options = SignerOptions {
                 dir: config.root_ca_dir.clone(),
@@ -84,18 +76,14 @@ impl App {
                 .await
                 .map_err(|e| Error::Config(format!("signer start-up panicked: {e}")))??
         });
-        tasks.push(tokio::spawn(
+        drain.spawn(
             signer
                 .clone()
                 .watch(config.ca_dir_poll_interval, cancel.clone()),
-        ));
+        );
         if let Some(path) = config.root_cert_out.clone() {
             write_atomic(&path, signer.current().bundle_pem())?;
-            tasks.push(tokio::spawn(publish_roots(
-                signer.clone(),
-                path,
-                cancel.clone(),
-            )));
+            drain.spawn(publish_roots(signer.clone(), path, cancel.clone()));
         }
 
         let directory: Option<Arc<dyn PodDirectory>> = match &config.registry_file {
@@ -192,9 +180,7 @@ impl App {
             config.serving_dns_names(),
             config.server_ips.clone(),
         )?);
-        tasks.push(tokio::spawn(
-            serving.clone().maintain(signer.clone(), cancel.clone()),
-        ));
+        drain.spawn(serving.clone().maintain(signer.clone(), cancel.clone()));
         let tls = Arc::new(server_config(serving)?);
 
         let grpc_listener = bind(config.grpc_addr).await?;
@@ -215,21 +201,17 @@ impl App {
             metrics: metrics.clone(),
             serving: AtomicBool::new(false),
         });
-        tasks.push(tokio::spawn(monitoring::serve(
-            monitoring_listener,
-            monitor.clone(),
-            cancel.clone(),
-        )));
+        monitoring::router(monitor.clone()).serve(monitoring_listener, drain);
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<meshid_common::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer<CaService>>()
             .await;
-        let incoming = tls_incoming(grpc_listener, tls, cancel.clone());
+        let incoming = tls_incoming(grpc_listener, tls, drain);
         let service = CaService::new(core).into_server(config.max_request_bytes);
         let grpc_cancel = cancel.clone();
         let grpc_monitor = monitor.clone();
-        tasks.push(tokio::spawn(async move {
+        drain.spawn(async move {
             grpc_monitor.set_serving(true);
             let served = tonic::transport::Server::builder()
                 .timeout(REQUEST_TIMEOUT)
@@ -241,7 +223,7 @@ impl App {
             if let Err(e) = served {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
-        }));
+        });
 
         tracing::info!(grpc.addr = %grpc_addr, monitoring.addr = %monitoring_addr, "meshid-ca serving");
         Ok(App {
@@ -249,8 +231,7 @@ impl App {
             monitoring_addr,
             signer,
             metrics,
-            cancel,
-            tasks: std::mem::take(tasks),
+            drain: drain.clone(),
         })
     }
 
@@ -277,24 +258,19 @@ impl App {
 
     /// Cancelled when the app shuts down.
     pub fn cancel_token(&self) -> CancellationToken {
-        self.cancel.clone()
+        self.drain.stopping().clone()
     }
 
-    /// Stops accepting, lets running calls finish (up to a grace period) and
-    /// waits for every task.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        let tasks = std::mem::take(&mut self.tasks);
-        let all = futures::future::join_all(tasks);
-        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
-            tracing::warn!("some tasks did not stop within the grace period");
-        }
+    /// Stops accepting, lets running calls finish (up to a grace period),
+    /// then stops what is left.
+    pub async fn shutdown(self) {
+        self.drain.drain(SHUTDOWN_GRACE).await;
     }
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        self.drain.stop_now();
     }
 }
 

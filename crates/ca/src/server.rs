@@ -16,11 +16,11 @@ use meshid_common::proto::istio_ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use meshid_common::proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
+use meshid_common::serve::Drain;
 use meshid_common::telemetry;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -97,50 +97,39 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections until `cancel`, handshakes each in its own task,
-/// and yields the established ones.
+/// Accepts TCP connections on `drain`'s loop, handshakes each in its own
+/// task, and yields the established ones.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-    cancel: CancellationToken,
+    drain: &Drain,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+    drain.incoming("gRPC", listener, move |tcp: TcpStream, remote| {
+        let acceptor = acceptor.clone();
+        async move {
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let peer_certs =
-                            tls.get_ref().1.peer_certificates().map(|c| {
-                                Arc::new(c.iter().map(|d| d.clone().into_owned()).collect())
-                            });
-                        let info = ConnInfo { remote, peer_certs };
-                        let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer.addr = %remote, error = %e, "TLS handshake failed")
-                    }
-                    Err(_) => tracing::debug!(peer.addr = %remote, "TLS handshake timed out"),
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let peer_certs = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect()));
+                    let info = ConnInfo { remote, peer_certs };
+                    Some(TlsConn { inner: tls, info })
                 }
-            });
+                Ok(Err(e)) => {
+                    tracing::debug!(peer.addr = %remote, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(peer.addr = %remote, "TLS handshake timed out");
+                    None
+                }
+            }
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    })
 }
 
 /// Everything a request needs.

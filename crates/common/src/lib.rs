@@ -7,10 +7,11 @@
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
 //! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
 //! and ztunnels share ([`ca_client`]) with the renewal engine they both
-//! run ([`identity`]), the workload registry file that
-//! stands in for the Kubernetes API outside a cluster ([`registry`]), and
-//! logs/traces with W3C propagation ([`telemetry`]). It has no opinion on
-//! processes or config files: those live in the component crates.
+//! run ([`identity`]), the workload registry file that stands in for the
+//! Kubernetes API outside a cluster ([`registry`]), logs/traces with W3C
+//! propagation ([`telemetry`]), and how every component serves and stops:
+//! one accept loop, one drain, one admin router ([`serve`]). Config files
+//! and what each process runs live in the component crates.
 
 pub mod bundle;
 pub mod ca_client;
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod proto;
 pub mod refresh;
 pub mod registry;
+pub mod serve;
 pub mod signal;
 pub mod spiffe;
 pub mod telemetry;

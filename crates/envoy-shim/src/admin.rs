@@ -2,18 +2,14 @@
 //! `/debug/certs`, `/metrics`, and `/policy` (GET the YAML in force, PUT a
 //! new one).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use meshid_common::cert::{CertInfo, unix_secs};
+use meshid_common::serve::{AdminRouter, JSON, OPENMETRICS, Reply, text};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyStore};
@@ -29,85 +25,41 @@ pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
 }
 
-pub(crate) async fn serve(
-    listener: TcpListener,
-    admin: Arc<Admin>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let tcp = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let admin = admin.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "admin connection"); },
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+/// The admin pages, on the common router.
+pub(crate) fn router(admin: Arc<Admin>) -> AdminRouter {
+    let (ready, certs, metrics, policy) = (admin.clone(), admin.clone(), admin.clone(), admin);
+    AdminRouter::new("meshid-envoy-shim", move || {
+        let missing = ready.sds.missing();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not ready: waiting for SDS secret(s) {}",
+                missing.join(", ")
+            ))
+        }
+    })
+    .metrics(OPENMETRICS, move || {
+        if let Some(c) = metrics.sds.credentials().borrow().as_ref() {
+            metrics
+                .metrics
+                .set_cert_expiry(DEFAULT_SECRET, c.svid.leaf().not_after);
+        }
+        metrics.metrics.encode()
+    })
+    // Compact, as it has always been (tests match on `"nacks":3`).
+    .get("/debug/certs", JSON, move || certs_json(&certs).to_string())
+    .route("/policy", move |req| {
+        let admin = policy.clone();
+        async move { policy_page(&admin, req).await }
+    })
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body.into())))
-        .expect("static response")
-}
-
-async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ready" | "/healthz/ready") => {
-            let missing = admin.sds.missing();
-            if missing.is_empty() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "not ready: waiting for SDS secret(s) {}\n",
-                        missing.join(", ")
-                    ),
-                )
-            }
-        }
-        (&Method::GET, "/debug/certs") => Response::builder()
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(certs_json(admin).to_string())))
-            .expect("static response"),
-        (&Method::GET, "/metrics") => {
-            if let Some(c) = admin.sds.credentials().borrow().as_ref() {
-                admin
-                    .metrics
-                    .set_cert_expiry(DEFAULT_SECRET, c.svid.leaf().not_after);
-            }
-            Response::builder()
-                .header(
-                    "content-type",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(Full::new(Bytes::from(admin.metrics.encode())))
-                .expect("static response")
-        }
-        (&Method::GET, "/policy") => text(StatusCode::OK, admin.policy.current().to_yaml()),
-        (&Method::PUT | &Method::POST, "/policy") => {
+/// `/policy`: GET the YAML in force, PUT (or POST) a new one.
+async fn policy_page(admin: &Admin, req: Request<Incoming>) -> Reply {
+    match *req.method() {
+        Method::GET => text(StatusCode::OK, admin.policy.current().to_yaml()),
+        Method::PUT | Method::POST => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading the body: {e}\n")),
@@ -123,10 +75,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; try /ready, /debug/certs, /metrics, /policy\n",
-        ),
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, PUT or POST\n"),
     }
 }
 

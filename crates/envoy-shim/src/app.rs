@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_common::CredentialsRx;
+use meshid_common::serve::Drain;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
@@ -32,11 +31,9 @@ pub struct App {
     policy: PolicyStore,
     log: AccessLog,
     metrics: Arc<Metrics>,
-    /// Stops accepting; connections carry on for the grace period.
-    shutdown: CancellationToken,
-    /// Cuts open connections and background tasks.
-    abort: CancellationToken,
-    tasks: TaskTracker,
+    /// Stops accepting, then (after the grace period) cuts open
+    /// connections; SDS, the policy watcher and admin run until then.
+    drain: Drain,
     grace: Duration,
 }
 
@@ -53,9 +50,8 @@ impl App {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let log = AccessLog::new(metrics.clone());
-        let shutdown = CancellationToken::new();
-        let abort = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let drain = Drain::new();
+        let abort = drain.aborting().clone();
 
         let initial = match &config.policy_file {
             Some(path) => policy::load_file(path).await?,
@@ -118,12 +114,7 @@ impl App {
             log: log.clone(),
             abort: abort.clone(),
         });
-        tokio::spawn(inbound::serve(
-            inbound_l,
-            inbound,
-            shutdown.clone(),
-            tasks.clone(),
-        ));
+        inbound::serve(inbound_l, inbound, &drain);
         for (route, listener) in config.outbound.iter().zip(outbound_l) {
             let ctx = Arc::new(Outbound {
                 dest: route.dest,
@@ -135,12 +126,7 @@ impl App {
                 log: log.clone(),
                 abort: abort.clone(),
             });
-            tokio::spawn(outbound::serve(
-                listener,
-                ctx,
-                shutdown.clone(),
-                tasks.clone(),
-            ));
+            outbound::serve(listener, ctx, &drain);
         }
         let admin = Arc::new(Admin {
             sds: sds.clone(),
@@ -148,12 +134,7 @@ impl App {
             metrics: metrics.clone(),
         });
         // The admin API stays up while connections drain.
-        tokio::spawn(admin::serve(
-            admin_l,
-            admin,
-            abort.clone(),
-            TaskTracker::new(),
-        ));
+        admin::router(admin).serve(admin_l, &drain);
 
         tracing::info!(
             inbound = %inbound_addr,
@@ -181,9 +162,7 @@ impl App {
             policy,
             log,
             metrics,
-            shutdown,
-            abort,
-            tasks,
+            drain,
             grace: config.drain_grace,
         })
     }
@@ -234,31 +213,13 @@ impl App {
     /// Stops accepting, lets open connections finish for the grace period,
     /// then cuts what is left.
     pub async fn shutdown(self) {
-        tracing::info!(
-            grace_ms = self.grace.as_millis() as u64,
-            open = self.tasks.len(),
-            "shutting down: draining connections"
-        );
-        self.shutdown.cancel();
-        self.tasks.close();
-        let drained = tokio::time::timeout(self.grace, self.tasks.wait())
-            .await
-            .is_ok();
-        if !drained {
-            tracing::warn!(
-                open = self.tasks.len(),
-                "grace period over; closing the remaining connections"
-            );
-        }
-        self.abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        self.drain.drain(self.grace).await;
         tracing::info!("shut down");
     }
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.abort.cancel();
+        self.drain.stop_now();
     }
 }

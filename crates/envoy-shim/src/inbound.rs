@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_common::CredentialsRx;
+use meshid_common::serve::Drain;
 use meshid_common::tls::{ClientAuth, PeerMatcher, peer_spiffe_id, server_config};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::conn::{
     AccessLog, Active, ConnResult, Direction, Tracker, classify_tls_error, connect, splice, tls_io,
@@ -53,28 +53,11 @@ pub(crate) fn acceptor(creds: CredentialsRx, trust_domain: &str) -> Result<TlsAc
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Accepts until `shutdown`; connections are tracked by `tasks`.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    ctx: Arc<Inbound>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let ctx = ctx.clone();
-        tasks.spawn(async move { handle(ctx, tcp, peer).await });
-    }
+/// Accepts on `drain` until it stops.
+pub(crate) fn serve(listener: TcpListener, ctx: Arc<Inbound>, drain: &Drain) {
+    drain.serve("inbound", listener, move |tcp, peer| {
+        handle(ctx.clone(), tcp, peer)
+    });
 }
 
 async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {

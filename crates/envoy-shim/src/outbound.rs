@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshid_common::serve::Drain;
 use meshid_common::tls::{PeerMatcher, client_config, sni_for};
 use meshid_common::{CredentialsRx, SpiffeId};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +16,6 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::OutboundRoute;
 use crate::conn::{
@@ -50,27 +50,11 @@ pub(crate) fn connector(
     }
 }
 
-pub(crate) async fn serve(
-    listener: TcpListener,
-    ctx: Arc<Outbound>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let ctx = ctx.clone();
-        tasks.spawn(async move { handle(ctx, tcp, peer).await });
-    }
+/// Accepts on `drain` until it stops.
+pub(crate) fn serve(listener: TcpListener, ctx: Arc<Outbound>, drain: &Drain) {
+    drain.serve("outbound", listener, move |tcp, peer| {
+        handle(ctx.clone(), tcp, peer)
+    });
 }
 
 async fn handle(ctx: Arc<Outbound>, app: TcpStream, peer: SocketAddr) {

@@ -3,18 +3,11 @@
 //! state), `/debug/workloads` (this node's workloads), `/debug/connections`
 //! (recent connections with both identities) and `/metrics`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use meshid_common::serve::{AdminRouter, OPENMETRICS};
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::certs::{CertManager, CertState};
 use crate::connlog::ConnLog;
@@ -49,106 +42,35 @@ impl Admin {
         }
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let reply = |status: StatusCode, ctype: &str, body: String| {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            *r.status_mut() = status;
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, ctype.parse().expect("static type"));
-            r
-        };
-        if req.method() != Method::GET {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "GET only\n".into(),
-            );
-        }
-        match req.uri().path() {
-            "/ready" | "/healthz/ready" => match self.readiness() {
-                Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-                Err(why) => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("{why}\n"),
-                ),
-            },
-            "/debug/certs" => {
-                let body = serde_json::json!({
-                    "node": self.node,
-                    "certificates": self.certs.snapshot(),
-                });
-                reply(
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::to_string_pretty(&body).unwrap_or_default(),
-                )
-            }
-            "/debug/workloads" => {
-                let dir = self.directory.borrow().clone();
-                let mut rows: Vec<WorkloadRow> = dir
-                    .local_workloads()
-                    .map(|w| WorkloadRow {
-                        name: w.name(),
-                        identity: w.identity.to_string(),
-                        address: w.workload.address.clone(),
-                        cert_state: self.certs.entry(&w.identity).map(|e| e.state()),
-                    })
-                    .collect();
-                rows.sort_by(|a, b| a.name.cmp(&b.name));
-                reply(
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::to_string_pretty(&rows).unwrap_or_default(),
-                )
-            }
-            "/debug/connections" => reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_string_pretty(&self.connlog.recent()).unwrap_or_default(),
-            ),
-            "/metrics" | "/stats/prometheus" => reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.render(),
-            ),
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "try /ready, /debug/certs, /debug/workloads, /debug/connections or /metrics\n"
-                    .into(),
-            ),
-        }
+    /// `/debug/workloads`: this node's workloads and their certificates.
+    fn workloads(&self) -> Vec<WorkloadRow> {
+        let dir = self.directory.borrow().clone();
+        let mut rows: Vec<WorkloadRow> = dir
+            .local_workloads()
+            .map(|w| WorkloadRow {
+                name: w.name(),
+                identity: w.identity.to_string(),
+                address: w.workload.address.clone(),
+                cert_state: self.certs.entry(&w.identity).map(|e| e.state()),
+            })
+            .collect();
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
     }
 
-    /// Serves until `cancel`.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        continue;
-                    }
-                },
-            };
-            let this = self.clone();
-            tracker.spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let resp = this.respond(&req);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    /// The admin pages, on the common router.
+    pub fn router(self: Arc<Self>) -> AdminRouter {
+        let (ready, certs, workloads, conns, metrics) =
+            (self.clone(), self.clone(), self.clone(), self.clone(), self);
+        AdminRouter::new("meshid-ztunnel", move || ready.readiness())
+            .metrics(OPENMETRICS, move || metrics.metrics.render())
+            .json("/debug/certs", move || {
+                serde_json::json!({
+                    "node": certs.node,
+                    "certificates": certs.certs.snapshot(),
+                })
+            })
+            .json("/debug/workloads", move || workloads.workloads())
+            .json("/debug/connections", move || conns.connlog.recent())
     }
 }

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_common::registry::{Registry, RegistryWatcher};
+use meshid_common::serve::Drain;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::certs::{CertManager, CertSettings};
@@ -32,8 +31,8 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How often the HBONE pool lets go of closed and expiring connections.
 pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A running ztunnel. Dropping it stops the listeners; [`App::shutdown`]
-/// also waits for open connections.
+/// A running ztunnel. Dropping it stops everything at once; [`App::shutdown`]
+/// drains first.
 #[derive(Debug)]
 pub struct App {
     config: Config,
@@ -47,8 +46,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     outbound: Arc<Outbound>,
     admin: Arc<Admin>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
+    drain: Drain,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
@@ -117,8 +115,7 @@ impl App {
             },
             metrics.clone(),
         );
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let drain = Drain::new();
         let connlog = Arc::new(ConnLog::default());
 
         // The registry, indexed for this node; certificates follow it.
@@ -136,9 +133,9 @@ impl App {
         let (dir_tx, directory) = watch::channel(Arc::new(first));
         {
             let certs = certs.clone();
-            let cancel = cancel.clone();
+            let cancel = drain.stopping().clone();
             let (node, td) = (config.node_name.clone(), config.trust_domain.clone());
-            tokio::spawn(async move {
+            drain.spawn(async move {
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -177,20 +174,12 @@ impl App {
             connlog: connlog.clone(),
             connect_timeout: config.connect_timeout,
         });
-        tracker.spawn(
-            inbound
-                .clone()
-                .serve_hbone(hbone, cancel.clone(), tracker.clone()),
-        );
+        inbound.clone().serve_hbone(hbone, &drain);
         let plaintext_addr = match config.inbound_plaintext_addr {
             Some(addr) => {
                 let l = bind("plaintext inbound", addr).await?;
                 let bound = l.local_addr().ok();
-                tracker.spawn(
-                    inbound
-                        .clone()
-                        .serve_plaintext(l, cancel.clone(), tracker.clone()),
-                );
+                inbound.clone().serve_plaintext(l, &drain);
                 bound
             }
             None => None,
@@ -205,11 +194,7 @@ impl App {
             metrics: metrics.clone(),
             connlog: connlog.clone(),
         });
-        tracker.spawn(
-            admin
-                .clone()
-                .serve(admin_listener, cancel.clone(), tracker.clone()),
-        );
+        admin.clone().router().serve(admin_listener, &drain);
 
         let local_hbone = match hbone_addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => {
@@ -233,8 +218,8 @@ impl App {
         });
         {
             let pool = outbound.pool.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
+            let cancel = drain.stopping().clone();
+            drain.spawn(async move {
                 let mut tick = tokio::time::interval(POOL_SWEEP_INTERVAL);
                 loop {
                     tokio::select! {
@@ -253,11 +238,7 @@ impl App {
             Some(addr) => {
                 let l = bind("outbound capture", addr).await?;
                 let bound = l.local_addr().ok();
-                tracker.spawn(
-                    outbound
-                        .clone()
-                        .serve_captured(l, cancel.clone(), tracker.clone()),
-                );
+                outbound.clone().serve_captured(l, &drain);
                 bound
             }
             None => None,
@@ -274,8 +255,7 @@ impl App {
             metrics,
             outbound,
             admin,
-            cancel,
-            tracker,
+            drain,
         };
         for route in &config.outbound {
             let bound = app.add_outbound(route).await?;
@@ -312,12 +292,7 @@ impl App {
             pod: pod.to_owned(),
             destination: route.destination,
         };
-        self.tracker.spawn(self.outbound.clone().serve(
-            listener,
-            r,
-            self.cancel.clone(),
-            self.tracker.clone(),
-        ));
+        self.outbound.clone().serve(listener, r, &self.drain);
         Ok(bound)
     }
 
@@ -406,21 +381,15 @@ impl App {
         }
     }
 
-    /// Stops accepting, lets connections finish for [`DRAIN_GRACE`].
+    /// Stops accepting, lets connections finish for [`DRAIN_GRACE`], then
+    /// closes what is left.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(DRAIN_GRACE, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still open after the drain grace period");
-        }
+        self.drain.drain(DRAIN_GRACE).await;
     }
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        self.drain.stop_now();
     }
 }

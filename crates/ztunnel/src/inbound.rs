@@ -33,11 +33,11 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Bytes;
 use meshid_common::SpiffeId;
+use meshid_common::serve::Drain;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::certs::CertManager;
@@ -91,30 +91,12 @@ struct ConnInfo {
 }
 
 impl Inbound {
-    /// Accepts HBONE connections until `cancel`.
-    pub async fn serve_hbone(
-        self: Arc<Self>,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    let cancel = cancel.clone();
-                    tracker.spawn(async move { this.handle_hbone(stream, peer, cancel).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+    /// Accepts HBONE connections on `drain` until it stops.
+    pub fn serve_hbone(self: Arc<Self>, listener: TcpListener, drain: &Drain) {
+        let cancel = drain.stopping().clone();
+        drain.serve("HBONE", listener, move |stream, peer| {
+            self.clone().handle_hbone(stream, peer, cancel.clone())
+        });
     }
 
     async fn handle_hbone(
@@ -375,33 +357,16 @@ impl Inbound {
         })
     }
 
-    /// Accepts plaintext connections until `cancel`.
-    pub async fn serve_plaintext(
-        self: Arc<Self>,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    tracker.spawn(async move {
-                        if let Err(e) = this.handle_plaintext(stream, peer).await {
-                            tracing::warn!(peer.addr = %peer, error = %e, "plaintext inbound refused");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "plaintext accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+    /// Accepts plaintext connections on `drain` until it stops.
+    pub fn serve_plaintext(self: Arc<Self>, listener: TcpListener, drain: &Drain) {
+        drain.serve("plaintext inbound", listener, move |stream, peer| {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.handle_plaintext(stream, peer).await {
+                    tracing::warn!(peer.addr = %peer, error = %e, "plaintext inbound refused");
                 }
             }
-        }
+        });
     }
 
     async fn handle_plaintext(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {

@@ -18,10 +18,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use meshid_common::serve::Drain;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::certs::CertManager;
@@ -71,57 +70,22 @@ impl Outbound {
             .unwrap_or_else(|| SocketAddr::new(dest.ip(), self.default_hbone_port))
     }
 
-    /// Accepts connections on `listener` until `cancel`.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        route: Route,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let this = self.clone();
-            let route = route.clone();
-            tracker.spawn(async move { this.handle(stream, peer, &route).await });
-        }
+    /// Accepts connections on `listener`, all bound for `route`, on `drain`
+    /// until it stops.
+    pub fn serve(self: Arc<Self>, listener: TcpListener, route: Route, drain: &Drain) {
+        drain.serve("outbound", listener, move |stream, peer| {
+            let (this, route) = (self.clone(), route.clone());
+            async move { this.handle(stream, peer, &route).await }
+        });
     }
 
-    /// Accepts redirected connections (transparent capture) until `cancel`:
-    /// the destination is the connection's `SO_ORIGINAL_DST`, the source the
-    /// served local workload with the client's IP.
-    pub async fn serve_captured(
-        self: Arc<Self>,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "capture accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+    /// Accepts redirected connections (transparent capture) on `drain` until
+    /// it stops: the destination is the connection's `SO_ORIGINAL_DST`, the
+    /// source the served local workload with the client's IP.
+    pub fn serve_captured(self: Arc<Self>, listener: TcpListener, drain: &Drain) {
+        drain.serve("outbound capture", listener, move |stream, peer| {
             let this = self.clone();
-            tracker.spawn(async move {
+            async move {
                 let route = match this.captured_route(&stream, peer) {
                     Ok(r) => r,
                     Err(e) => {
@@ -131,8 +95,8 @@ impl Outbound {
                     }
                 };
                 this.handle(stream, peer, &route).await
-            });
-        }
+            }
+        });
     }
 
     fn captured_route(&self, stream: &TcpStream, peer: SocketAddr) -> Result<Route> {
