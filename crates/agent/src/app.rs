@@ -12,8 +12,8 @@ use meshid_common::CredentialsRx;
 use meshid_common::identity::{
     CaSource, CertificateSource, Clock, FirstFetch, TokenFile, Worker, WorkerConfig, WorkerParts,
 };
-use meshid_common::{KeyType, SpiffeId};
 use meshid_common::serve::Drain;
+use meshid_common::{KeyType, SpiffeId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
