@@ -91,6 +91,9 @@ pub enum Error {
 
     #[error("CA response rejected: {0}")]
     CaResponse(String),
+
+    #[error("SDS secret {name:?} rejected: {reason}")]
+    BadSecret { name: String, reason: String },
 }
 
 /// Shorthand used throughout the crate.

@@ -6,7 +6,7 @@
 //! that check peers by SPIFFE ID and pick up rotated credentials from a
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
 //! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
-//! and ztunnels share ([`ca_client`]), the workload registry file that
+//! and ztunnels share ([`ca_client`]), SDS secrets both ways ([`sds`]), the workload registry file that
 //! stands in for the Kubernetes API outside a cluster ([`registry`]), and
 //! logs/traces with W3C propagation ([`telemetry`]). It has no opinion on
 //! processes or config files: those live in the component crates.
@@ -20,9 +20,11 @@ pub mod keys;
 pub mod proto;
 pub mod refresh;
 pub mod registry;
+pub mod sds;
 pub mod signal;
 pub mod spiffe;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
 

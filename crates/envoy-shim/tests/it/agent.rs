@@ -2,88 +2,19 @@
 //! through an in-test CA built on TestPki): it becomes ready with the
 //! agent's identity and picks up the agent's rotations.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::SystemTime;
-
-use meshid_agent::app::Parts;
-use meshid_agent::rotation::Clock;
-use meshid_agent::{App as Agent, CertificateSource, Config as AgentConfig, SignRequest};
 use meshid_common::SpiffeId;
-use meshid_common::cert::cert_to_pem;
-use meshid_common::keys::parse_csr_pem;
-use meshid_common::testing::TestPki;
 use meshid_envoy_shim::{App, Config, ConnResult, Mode};
 
 use crate::support::*;
 
-/// Signs every CSR with the TestPki, as the Istio CA answers: leaf,
-/// intermediate, root bundle last.
-struct PkiCa(Arc<TestPki>);
-
-impl CertificateSource for PkiCa {
-    fn sign(
-        &self,
-        req: SignRequest,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = meshid_agent::Result<Vec<String>>> + Send + '_>,
-    > {
-        Box::pin(async move {
-            let csr = parse_csr_pem(&req.csr_pem).expect("the agent's CSR");
-            let leaf = self
-                .0
-                .signer()
-                .issue_leaf(&csr.public_key_spki, &req.id, req.ttl, SystemTime::now())
-                .expect("signing");
-            let mut chain = vec![cert_to_pem(&leaf)];
-            if let Some(inter) = &self.0.intermediate {
-                chain.push(inter.cert_pem());
-            }
-            chain.push(self.0.bundle().to_pem());
-            Ok(chain)
-        })
-    }
-}
-
 #[tokio::test]
 async fn the_real_agent_sds_server_feeds_the_shim_and_its_rotations_land() {
-    let pki = Arc::new(pki());
+    let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let p = |name: &str| dir.path().join(name).display().to_string();
-    std::fs::write(dir.path().join("token"), "test.jwt.token").unwrap();
-    let config = AgentConfig::from_args(
-        [
-            "meshid-agent".to_owned(),
-            "--sds-socket".into(),
-            p("sds.sock"),
-            "--spiffe-endpoint-socket".into(),
-            format!("unix://{}", p("api.sock")),
-            "--admin-addr".into(),
-            "127.0.0.1:0".into(),
-            "--token-path".into(),
-            p("token"),
-            "--ca-root-ca".into(),
-            p("ca-root.pem"),
-            "--namespace".into(),
-            "default".into(),
-            "--service-account".into(),
-            "web".into(),
-        ],
-        &HashMap::<String, String>::new(),
-    )
-    .unwrap();
-    let agent = Agent::build_with(
-        config,
-        Parts {
-            source: Arc::new(PkiCa(pki.clone())),
-            clock: Clock::System,
-        },
-    )
-    .await
-    .unwrap();
+    let agent = AgentSds::start(&pki, "default", "web", &dir.path().join("sds.sock")).await;
 
     let echo = echo_server().await;
-    let mut shim_config = Config::local(dir.path().join("sds.sock"), echo);
+    let mut shim_config = Config::local(agent.socket().to_owned(), echo);
     shim_config.default_mode = Mode::Strict;
     let shim = App::build(shim_config).await.unwrap();
     assert!(
@@ -116,25 +47,15 @@ async fn the_real_agent_sds_server_feeds_the_shim_and_its_rotations_land() {
     );
 
     // The agent renews: the shim takes the new cert for the next handshake.
-    agent.manager().refresh_now();
     let mut rx = shim.credentials();
-    let old = first.svid.leaf().serial.clone();
+    let new = agent.rotate().await;
     tokio::time::timeout(
         WAIT,
-        rx.wait_for(|c| c.as_ref().is_some_and(|c| c.svid.leaf().serial != old)),
+        rx.wait_for(|c| c.as_ref().is_some_and(|c| c.svid.leaf().serial == new)),
     )
     .await
     .unwrap()
     .unwrap();
-    let new = shim
-        .credentials()
-        .borrow()
-        .as_ref()
-        .unwrap()
-        .svid
-        .leaf()
-        .serial
-        .clone();
     let mut tls2 = mtls(shim.inbound_addr(), creds(&pki, "client"), &web)
         .await
         .unwrap();
