@@ -5,11 +5,13 @@
 //! trust bundles and chain verification ([`bundle`]), rustls mTLS configs
 //! that check peers by SPIFFE ID and pick up rotated credentials from a
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
-//! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
-//! and ztunnels share ([`ca_client`]), SDS secrets both ways ([`sds`]), the workload registry file that
-//! stands in for the Kubernetes API outside a cluster ([`registry`]), and
-//! logs/traces with W3C propagation ([`telemetry`]). It has no opinion on
-//! processes or config files: those live in the component crates.
+//! the SPIFFE Workload API ([`proto`]), SDS secrets encoded and decoded
+//! ([`sds`]), the Istio CA client that agents and ztunnels share
+//! ([`ca_client`]), the workload registry file that stands in for the
+//! Kubernetes API outside a cluster ([`registry`]), and logs/traces with W3C
+//! propagation ([`telemetry`]). It has no opinion on processes or config
+//! files: those live in the component crates. Test fixtures (`testing`) exist
+//! only under the `testing` cargo feature, for other crates' dev-dependencies.
 
 pub mod bundle;
 pub mod ca_client;
