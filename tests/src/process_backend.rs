@@ -426,11 +426,12 @@ impl ProcessMesh {
                 self.launch(spec, proxy_admin)?;
             }
             Proxy::Envoy => {
-                let bin =
-                    meshid_envoy_shim::testing::envoy_binary().map_err(|e| Error::Component {
+                let bin = meshid_common::testing::envoy::envoy_binary().map_err(|e| {
+                    Error::Component {
                         name: proxy_component.clone(),
                         message: e,
-                    })?;
+                    }
+                })?;
                 let bootstrap = envoy_bootstrap(&EnvoyPod {
                     pod,
                     trust_domain: &self.spec.trust_domain,

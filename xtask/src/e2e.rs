@@ -9,13 +9,19 @@ use clap::{Args, Parser, ValueEnum};
 
 /// Exit code of `cargo xtask e2e` while the harness is not built (1 stays "suites failed").
 /// The packages whose binaries a topology runs, and the harness itself.
-pub(crate) const PACKAGES: &[&str] = &[
+/// The shipped components. They are built in a cargo invocation of their
+/// own: cargo unifies features across the packages of one invocation, and
+/// the harness turns on the `testing` features of meshid-common and
+/// meshid-ca, which must never reach a component binary.
+pub(crate) const COMPONENTS: &[&str] = &[
     "meshid-ca",
     "meshid-agent",
     "meshid-envoy-shim",
     "meshid-ztunnel",
-    "meshid-tests",
 ];
+
+/// The e2e harness (plays the cluster; built with test fixtures).
+pub(crate) const HARNESS: &str = "meshid-tests";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
@@ -161,27 +167,32 @@ fn harness_args(args: &E2eArgs, bin_dir: &std::path::Path, out: &std::path::Path
     v
 }
 
-/// `cargo build` arguments for the component binaries and the harness's.
-pub(crate) fn build_args(release: bool) -> Vec<&'static str> {
-    let mut build = vec!["build", "--bins"];
-    if release {
-        build.push("--release");
-    }
-    for p in PACKAGES {
-        build.extend(["-p", p]);
-    }
-    build
+/// `cargo build` arguments: the component binaries, then the harness's
+/// (separately, see [`COMPONENTS`]).
+pub(crate) fn build_args(release: bool) -> [Vec<&'static str>; 2] {
+    let base = |packages: &[&'static str]| {
+        let mut build = vec!["build", "--bins"];
+        if release {
+            build.push("--release");
+        }
+        for p in packages {
+            build.extend(["-p", *p]);
+        }
+        build
+    };
+    [base(COMPONENTS), base(&[HARNESS])]
 }
 
 /// Builds the binaries (`what` names them in messages) and returns where they are.
 pub(crate) fn build_bins(release: bool, what: &str) -> anyhow::Result<PathBuf> {
-    let build = build_args(release);
-    eprintln!("{what}: {}", crate::display_cargo(&build));
-    let status = crate::cargo(&build)
-        .status()
-        .with_context(|| format!("could not start cargo to build the {what} binaries"))?;
-    if !status.success() {
-        anyhow::bail!("building the {what} binaries failed ({status})");
+    for build in build_args(release) {
+        eprintln!("{what}: {}", crate::display_cargo(&build));
+        let status = crate::cargo(&build)
+            .status()
+            .with_context(|| format!("could not start cargo to build the {what} binaries"))?;
+        if !status.success() {
+            anyhow::bail!("building the {what} binaries failed ({status})");
+        }
     }
     Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
@@ -247,12 +258,16 @@ mod tests {
 
     #[test]
     fn release_builds_and_runs_the_release_binaries() {
+        let [components, harness] = build_args(false);
         assert_eq!(
-            build_args(false).join(" "),
-            "build --bins -p meshid-ca -p meshid-agent -p meshid-envoy-shim -p meshid-ztunnel -p meshid-tests"
+            components.join(" "),
+            "build --bins -p meshid-ca -p meshid-agent -p meshid-envoy-shim -p meshid-ztunnel"
         );
-        let release = build_args(true);
+        // Apart, so the harness's `testing` features stay out of the components.
+        assert_eq!(harness.join(" "), "build --bins -p meshid-tests");
+        let [release, harness] = build_args(true);
         assert_eq!(&release[..3], ["build", "--bins", "--release"]);
+        assert_eq!(&harness[..3], ["build", "--bins", "--release"]);
         assert!(parse(&["--release"]).unwrap().release);
     }
 

@@ -20,33 +20,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
-use meshid_common::proto::SECRET_TYPE_URL;
 use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
-use meshid_common::proto::envoy_core::{DataSource, data_source::Specifier};
 use meshid_common::proto::sds::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
-use meshid_common::proto::tls::{
-    CertificateValidationContext, Secret, TlsCertificate, secret::Type as SecretType,
-};
+use meshid_common::sds::SECRET_TYPE_URL;
 use meshid_common::telemetry::{extract_grpc, set_remote_parent};
 use meshid_common::{CertInfo, Credentials, CredentialsRx};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, field, info, info_span, warn};
-use zeroize::Zeroize;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use meshid_common::identity::Worker;
 
-/// The workload certificate and key.
-pub const WORKLOAD_RESOURCE: &str = "default";
-/// The trust bundle.
-pub const ROOT_RESOURCE: &str = "ROOTCA";
+/// The two resource names (`default`, `ROOTCA`), as `meshid_common::sds`
+/// defines them for the server and the clients alike.
+pub use meshid_common::sds::{ROOT_SECRET as ROOT_RESOURCE, WORKLOAD_SECRET as WORKLOAD_RESOURCE};
 
 /// How long `FetchSecrets` waits for a first certificate.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
@@ -179,51 +172,6 @@ fn version(name: &str, creds: &Credentials) -> String {
     }
 }
 
-/// One SDS `Secret` in an `Any`.
-pub fn render(name: &str, creds: &Credentials) -> prost_types::Any {
-    let inline = |bytes: Vec<u8>| {
-        Some(DataSource {
-            specifier: Some(Specifier::InlineBytes(bytes)),
-        })
-    };
-    let mut secret = if name == WORKLOAD_RESOURCE {
-        let chain = meshid_common::cert::certs_to_pem(creds.svid.chain());
-        let key = creds.svid.key().to_pkcs8_pem();
-        Secret {
-            name: name.to_owned(),
-            r#type: Some(SecretType::TlsCertificate(TlsCertificate {
-                certificate_chain: inline(chain.into_bytes()),
-                private_key: inline(key.as_bytes().to_vec()),
-            })),
-        }
-    } else {
-        Secret {
-            name: name.to_owned(),
-            r#type: Some(SecretType::ValidationContext(
-                CertificateValidationContext {
-                    trusted_ca: inline(creds.bundle.to_pem().into_bytes()),
-                },
-            )),
-        }
-    };
-    let any = prost_types::Any {
-        type_url: SECRET_TYPE_URL.to_owned(),
-        value: secret.encode_to_vec(),
-    };
-    // Wipe our copy of the key; the encoded message is the one that travels.
-    if let Some(SecretType::TlsCertificate(TlsCertificate {
-        private_key:
-            Some(DataSource {
-                specifier: Some(Specifier::InlineBytes(key)),
-            }),
-        ..
-    })) = &mut secret.r#type
-    {
-        key.zeroize();
-    }
-    any
-}
-
 /// Both secrets of one credentials version, rendered once and shared by
 /// every stream (a rotation pushed to a thousand streams encodes once).
 #[derive(Debug)]
@@ -241,9 +189,12 @@ impl Rendered {
             bundle: creds.bundle.clone(),
             default: (
                 version(WORKLOAD_RESOURCE, creds),
-                render(WORKLOAD_RESOURCE, creds),
+                meshid_common::sds::encode(WORKLOAD_RESOURCE, creds),
             ),
-            root: (version(ROOT_RESOURCE, creds), render(ROOT_RESOURCE, creds)),
+            root: (
+                version(ROOT_RESOURCE, creds),
+                meshid_common::sds::encode(ROOT_RESOURCE, creds),
+            ),
         }
     }
 
@@ -267,17 +218,15 @@ impl Rendered {
     }
 
     fn response(&self, versions: &BTreeMap<String, String>, nonce: String) -> DiscoveryResponse {
-        DiscoveryResponse {
-            version_info: versions
+        meshid_common::sds::response(
+            versions
                 .iter()
                 .map(|(n, v)| format!("{n}:{v}"))
                 .collect::<Vec<_>>()
                 .join(","),
-            resources: versions.keys().map(|n| self.get(n).1.clone()).collect(),
-            canary: false,
-            type_url: SECRET_TYPE_URL.to_owned(),
+            versions.keys().map(|n| self.get(n).1.clone()).collect(),
             nonce,
-        }
+        )
     }
 }
 

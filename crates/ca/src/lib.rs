@@ -6,8 +6,9 @@
 //! Kubernetes TokenReview), decides which identity the caller may get
 //! ([`authz`]: its own, or a workload of its node for trusted node agents),
 //! and signs with a plugged-in or self-signed CA that rotates without a
-//! restart ([`signer`]). [`app::App`] runs it; [`token::TokenIssuer`] plays
-//! the Kubernetes token issuer for tests and the harness.
+//! restart ([`signer`]). [`app::App`] runs it; `token::TokenIssuer` (cargo
+//! feature `testing`) plays the Kubernetes token issuer for tests and the
+//! harness.
 
 pub mod app;
 pub mod authn;
@@ -20,9 +21,12 @@ pub mod monitoring;
 pub mod server;
 pub mod signer;
 pub mod tls;
+/// Minting service-account tokens is for tests and the e2e harness only.
+#[cfg(any(test, feature = "testing"))]
 pub mod token;
 
 pub use app::App;
 pub use config::Config;
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "testing"))]
 pub use token::{TokenAlgorithm, TokenClaims, TokenIssuer};

@@ -109,6 +109,9 @@ pub enum Error {
         id: String,
         after: std::time::Duration,
     },
+
+    #[error("SDS secret {name:?} rejected: {reason}")]
+    BadSecret { name: String, reason: String },
 }
 
 /// Shorthand used throughout the crate.

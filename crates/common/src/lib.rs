@@ -5,13 +5,16 @@
 //! trust bundles and chain verification ([`bundle`]), rustls mTLS configs
 //! that check peers by SPIFFE ID and pick up rotated credentials from a
 //! watch channel ([`tls`]), the wire protos of the Istio CA, Envoy SDS and
-//! the SPIFFE Workload API ([`proto`]), the Istio CA client that agents
-//! and ztunnels share ([`ca_client`]) with the renewal engine they both
-//! run ([`identity`]), the workload registry file that stands in for the
-//! Kubernetes API outside a cluster ([`registry`]), logs/traces with W3C
-//! propagation ([`telemetry`]), and how every component serves and stops:
-//! one accept loop, one drain, one admin router ([`serve`]). Config files
-//! and what each process runs live in the component crates.
+//! the SPIFFE Workload API ([`proto`]), SDS secrets encoded and decoded
+//! ([`sds`]), the Istio CA client that agents and ztunnels share
+//! ([`ca_client`]) with the renewal engine they both run ([`identity`]), the
+//! workload registry file that stands in for the Kubernetes API outside a
+//! cluster ([`registry`]), logs/traces with W3C propagation ([`telemetry`]),
+//! and how every component serves and stops: one accept loop, one drain,
+//! one admin router ([`serve`]). Config files and what each process runs
+//! live in the component crates. Test fixtures (`testing`, and the fake CA
+//! `identity::fake`) exist only under the `testing` cargo feature, for other
+//! crates' dev-dependencies.
 
 pub mod bundle;
 pub mod ca_client;
@@ -23,10 +26,12 @@ pub mod keys;
 pub mod proto;
 pub mod refresh;
 pub mod registry;
+pub mod sds;
 pub mod serve;
 pub mod signal;
 pub mod spiffe;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
 

@@ -64,7 +64,3 @@ pub use envoy::service::discovery::v3 as discovery;
 pub use envoy::service::secret::v3 as sds;
 /// `istio.v1.auth`: the Istio certificate service.
 pub use istio::v1::auth as istio_ca;
-
-/// Type URL of an SDS `Secret` inside `Any`.
-pub const SECRET_TYPE_URL: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";

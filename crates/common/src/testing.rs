@@ -1,6 +1,10 @@
-//! A throwaway PKI for tests and benchmarks across the workspace: a root (and
-//! optionally an intermediate) that issues SVIDs on demand. Nothing touches
-//! the disk.
+//! Test fixtures for the whole workspace, compiled only for this crate's
+//! tests or with the `testing` cargo feature (which other crates enable from
+//! their `[dev-dependencies]`, never from a shipped binary): a throwaway PKI
+//! (a root and optionally an intermediate that issue SVIDs on demand, nothing
+//! on disk), a span recorder, and the one real-Envoy launcher ([`envoy`]).
+
+pub mod envoy;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -19,7 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meshid_common::testing::TestPki;
-use meshid_envoy_shim::testing::{Envoy, TestSdsServer, envoy_config, http_get};
+use meshid_common::testing::envoy::{ENVOY_VERSION, Envoy, envoy_config, http_get, http_request};
+
+// The SDS server of both pairs is the real agent, as in the shim's tests.
+#[allow(dead_code)]
+#[path = "../tests/it/agent_sds.rs"]
+mod agent_sds;
+use agent_sds::AgentSds;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -349,7 +355,7 @@ fn main() {
         )
     };
     meshid_common::tls::install_crypto_provider();
-    let envoy_bin = meshid_envoy_shim::testing::envoy_binary()
+    let envoy_bin = meshid_common::testing::envoy::envoy_binary()
         .unwrap_or_else(|e| panic!("the benchmark needs a real Envoy: {e}"));
     let infra = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -363,25 +369,21 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     // One mesh, two workloads; both the shims and the Envoys get these SVIDs over SDS.
-    let pki = TestPki::new("cluster.local")
-        .unwrap()
-        .with_intermediate()
-        .unwrap();
+    let pki = Arc::new(
+        TestPki::new("cluster.local")
+            .unwrap()
+            .with_intermediate()
+            .unwrap(),
+    );
     let client_id = pki.id("default", "bench-client");
     let server_id = pki.id("default", "bench-server");
-    let client_creds = pki.credentials(pki.svid("default", "bench-client").unwrap());
-    let server_creds = pki.credentials(pki.svid("default", "bench-server").unwrap());
     let client_sock = dir.path().join("client-sds.sock");
     let server_sock = dir.path().join("server-sds.sock");
     let (echo, _sds_c, _sds_s) = infra.block_on(async {
         (
             echo_server().await,
-            TestSdsServer::start_with(&client_sock, &client_creds)
-                .await
-                .unwrap(),
-            TestSdsServer::start_with(&server_sock, &server_creds)
-                .await
-                .unwrap(),
+            AgentSds::start(&pki, "default", "bench-client", &client_sock).await,
+            AgentSds::start(&pki, "default", "bench-server", &server_sock).await,
         )
     });
 
@@ -469,13 +471,7 @@ fn main() {
     // Envoy's warn-level logs: restart is not needed, the admin can set it.
     infra.block_on(async {
         for e in [&envoy_server, &envoy_client] {
-            let _ = meshid_envoy_shim::testing::http_request(
-                e.admin,
-                "POST",
-                "/logging?level=warning",
-                "",
-            )
-            .await;
+            let _ = http_request(e.admin, "POST", "/logging?level=warning", "").await;
         }
     });
 
@@ -517,7 +513,7 @@ fn main() {
         "meshid-envoy-shim proxy benchmark (median of {rounds} round(s) alternating the paths; {} s per measurement after {} ms warm-up; {CONNS} connections for request/response, 1 for bulk, {CONN_WORKERS} workers for new connections; each proxy 1 worker thread; Envoy {})",
         d.measure.as_secs_f64(),
         d.warmup.as_millis(),
-        meshid_envoy_shim::testing::ENVOY_VERSION
+        ENVOY_VERSION
     );
     println!();
     println!(

@@ -20,7 +20,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod sds;
-pub mod testing;
 
 pub use app::App;
 pub use config::{Cli, Config, OutboundRoute};

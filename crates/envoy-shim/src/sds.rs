@@ -15,29 +15,25 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshid_common::cert::{CertInfo, parse_pem_certs};
-use meshid_common::proto::SECRET_TYPE_URL;
+use meshid_common::cert::CertInfo;
 use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
-use meshid_common::proto::envoy_core::{Node, data_source::Specifier};
+use meshid_common::proto::envoy_core::Node;
 use meshid_common::proto::google::rpc::Status;
 use meshid_common::proto::sds::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use meshid_common::proto::tls::{Secret, secret};
-use meshid_common::{Credentials, CredentialsRx, PrivateKey, Svid, TrustBundle, telemetry};
-use prost::Message;
+use meshid_common::sds::{Decoded as Update, SECRET_TYPE_URL};
+use meshid_common::{Credentials, CredentialsRx, Svid, TrustBundle, telemetry};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
-use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
-/// The secret holding the workload key and certificate chain.
-pub const DEFAULT_SECRET: &str = "default";
-/// The secret holding the trust bundle.
-pub const ROOTCA_SECRET: &str = "ROOTCA";
+/// The two secrets the shim asks for (`default`, `ROOTCA`), as
+/// `meshid_common::sds` defines them for the server and the clients alike.
+pub use meshid_common::sds::{ROOT_SECRET as ROOTCA_SECRET, WORKLOAD_SECRET as DEFAULT_SECRET};
 
 /// gRPC code Envoy puts in a NACK's `error_detail` (INTERNAL).
 const NACK_CODE: i32 = 13;
@@ -85,12 +81,6 @@ impl std::fmt::Debug for SdsClient {
             .field("status", &self.status())
             .finish()
     }
-}
-
-/// A usable secret decoded from a response.
-enum Update {
-    Svid(Box<Svid>),
-    Bundle(TrustBundle),
 }
 
 impl SdsClient {
@@ -357,218 +347,14 @@ impl SecretStream {
     }
 }
 
-/// Pulls the one secret named `name` out of a response and checks it. The
-/// response's bytes are wiped afterwards (they may hold a private key).
-fn decode(name: &str, mut response: DiscoveryResponse) -> Result<Update> {
-    let bad = |reason: String| Error::BadSecret {
-        name: name.to_owned(),
-        reason,
-    };
-    let result = (|| {
-        if response.type_url != SECRET_TYPE_URL {
-            return Err(bad(format!(
-                "response type_url {:?}, expected {SECRET_TYPE_URL}",
-                response.type_url
-            )));
-        }
-        let mut found = None;
-        for any in &response.resources {
-            if any.type_url != SECRET_TYPE_URL {
-                return Err(bad(format!(
-                    "resource of type {:?}, expected {SECRET_TYPE_URL}",
-                    any.type_url
-                )));
-            }
-            let secret = Secret::decode(any.value.as_slice())
-                .map_err(|e| bad(format!("undecodable Secret: {e}")))?;
-            if secret.name == name {
-                found = Some(secret);
-            } else {
-                tracing::debug!(secret = name, other = %secret.name, "ignoring a secret not asked for");
-            }
-        }
-        let secret = found.ok_or_else(|| {
-            bad(format!(
-                "response holds {} resource(s), none named {name:?}",
-                response.resources.len()
-            ))
-        })?;
-        match (name, secret.r#type) {
-            (DEFAULT_SECRET, Some(secret::Type::TlsCertificate(mut tls))) => {
-                let chain = inline(name, "certificate_chain", tls.certificate_chain.take())?;
-                let mut key = inline(name, "private_key", tls.private_key.take())?;
-                let parsed = (|| {
-                    let chain = std::str::from_utf8(&chain)
-                        .map_err(|_| bad("certificate_chain is not UTF-8 PEM".into()))?;
-                    let chain = parse_pem_certs(chain)
-                        .map_err(|e| bad(format!("certificate_chain: {e}")))?;
-                    let key_pem = std::str::from_utf8(&key)
-                        .map_err(|_| bad("private_key is not UTF-8 PEM".into()))?;
-                    let key = PrivateKey::from_pem(key_pem)
-                        .map_err(|e| bad(format!("private_key: {e}")))?;
-                    Svid::new(chain, key).map_err(|e| bad(e.to_string()))
-                })();
-                key.zeroize();
-                Ok(Update::Svid(Box::new(parsed?)))
-            }
-            (ROOTCA_SECRET, Some(secret::Type::ValidationContext(vc))) => {
-                let roots = inline(name, "trusted_ca", vc.trusted_ca)?;
-                let pem = std::str::from_utf8(&roots)
-                    .map_err(|_| bad("trusted_ca is not UTF-8 PEM".into()))?;
-                Ok(Update::Bundle(
-                    TrustBundle::from_pem(pem).map_err(|e| bad(format!("trusted_ca: {e}")))?,
-                ))
-            }
-            (_, other) => Err(bad(format!(
-                "secret holds {}, expected {}",
-                match other {
-                    Some(secret::Type::TlsCertificate(_)) => "a tls_certificate",
-                    Some(secret::Type::ValidationContext(_)) => "a validation_context",
-                    None => "nothing",
-                },
-                if name == DEFAULT_SECRET {
-                    "a tls_certificate"
-                } else {
-                    "a validation_context"
-                }
-            ))),
-        }
-    })();
-    for any in &mut response.resources {
-        any.value.zeroize();
-    }
-    result
-}
-
-/// The bytes of an inline DataSource. Files and environment variables are
-/// refused: secrets come over SDS only.
-fn inline(
-    name: &str,
-    field: &str,
-    source: Option<meshid_common::proto::envoy_core::DataSource>,
-) -> Result<Vec<u8>> {
-    let bad = |reason: String| Error::BadSecret {
-        name: name.to_owned(),
-        reason,
-    };
-    match source.and_then(|s| s.specifier) {
-        Some(Specifier::InlineBytes(b)) => Ok(b),
-        Some(Specifier::InlineString(s)) => Ok(s.into_bytes()),
-        Some(Specifier::Filename(f)) => Err(bad(format!(
-            "{field} names file {f:?}; only inline secrets are accepted"
-        ))),
-        Some(Specifier::EnvironmentVariable(_)) => Err(bad(format!(
-            "{field} names an environment variable; only inline secrets are accepted"
-        ))),
-        None => Err(bad(format!("{field} is empty"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use meshid_common::proto::envoy_core::DataSource;
-    use meshid_common::proto::tls::{CertificateValidationContext, TlsCertificate};
-    use meshid_common::testing::TestPki;
-
-    fn response(secret: Secret) -> DiscoveryResponse {
-        DiscoveryResponse {
-            version_info: "1".into(),
-            resources: vec![prost_types::Any {
-                type_url: SECRET_TYPE_URL.into(),
-                value: secret.encode_to_vec(),
-            }],
-            type_url: SECRET_TYPE_URL.into(),
-            nonce: "n".into(),
-            ..Default::default()
-        }
-    }
-
-    fn tls(name: &str, chain: &str, key: &str) -> Secret {
-        Secret {
-            name: name.into(),
-            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                certificate_chain: Some(DataSource {
-                    specifier: Some(Specifier::InlineBytes(chain.as_bytes().to_vec())),
-                }),
-                private_key: Some(DataSource {
-                    specifier: Some(Specifier::InlineBytes(key.as_bytes().to_vec())),
-                }),
-            })),
-        }
-    }
-
-    #[test]
-    fn decodes_good_secrets_and_explains_bad_ones() {
-        meshid_common::tls::install_crypto_provider();
-        let pki = TestPki::new("cluster.local").unwrap();
-        let svid = pki.svid("ns", "sa").unwrap();
-        let chain = meshid_common::cert::certs_to_pem(svid.chain());
-        let key = svid.key().to_pkcs8_pem();
-        assert!(matches!(
-            decode("default", response(tls("default", &chain, &key))),
-            Ok(Update::Svid(_))
-        ));
-        let roots = Secret {
-            name: "ROOTCA".into(),
-            r#type: Some(secret::Type::ValidationContext(
-                CertificateValidationContext {
-                    trusted_ca: Some(DataSource {
-                        specifier: Some(Specifier::InlineBytes(pki.bundle().to_pem().into_bytes())),
-                    }),
-                },
-            )),
-        };
-        assert!(matches!(
-            decode("ROOTCA", response(roots.clone())),
-            Ok(Update::Bundle(_))
-        ));
-
-        let err = |name: &str, r: DiscoveryResponse| match decode(name, r) {
-            Err(e) => e.to_string(),
-            Ok(_) => panic!("accepted"),
-        };
-        // Wrong type for the name.
-        assert!(
-            err(
-                "default",
-                response(Secret {
-                    name: "default".into(),
-                    ..roots.clone()
-                })
-            )
-            .contains("validation_context")
-        );
-        // Key of another cert.
-        let other = pki.svid("ns", "other").unwrap();
-        let e = err(
-            "default",
-            response(tls("default", &chain, &other.key().to_pkcs8_pem())),
-        );
-        assert!(e.contains("does not match"), "{e}");
-        assert!(!e.contains("PRIVATE KEY"), "{e}");
-        // Garbage PEM.
-        let e = err(
-            "default",
-            response(tls("default", "-----BEGIN CERTIFICATE-----\nxx\n", &key)),
-        );
-        assert!(e.contains("certificate_chain"), "{e}");
-        // Missing name.
-        assert!(err("default", response(tls("other", &chain, &key))).contains("none named"));
-        // Wrong type URL.
-        let mut r = response(tls("default", &chain, &key));
-        r.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
-        assert!(err("default", r).contains("type_url"));
-        // Files are refused.
-        let file = Secret {
-            name: "default".into(),
-            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                certificate_chain: Some(DataSource {
-                    specifier: Some(Specifier::Filename("/etc/cert.pem".into())),
-                }),
-                private_key: None,
-            })),
-        };
-        assert!(err("default", response(file)).contains("only inline"));
-    }
+/// Pulls the one secret named `name` out of a response and checks it
+/// (`meshid_common::sds::decode`, which wipes the response's bytes).
+fn decode(name: &str, response: DiscoveryResponse) -> Result<Update> {
+    meshid_common::sds::decode(name, response).map_err(|e| match e {
+        meshid_common::Error::BadSecret { name, reason } => Error::BadSecret { name, reason },
+        other => Error::BadSecret {
+            name: name.to_owned(),
+            reason: other.to_string(),
+        },
+    })
 }

@@ -29,6 +29,11 @@ use meshid_ztunnel::{App, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+// The shims' SDS server is the real agent, as in the shim's own tests.
+#[allow(dead_code)]
+#[path = "../../envoy-shim/tests/it/agent_sds.rs"]
+mod agent_sds;
+
 const TD: &str = "cluster.local";
 
 fn pod(name: &str, sa: &str, node: &str, addr: Option<SocketAddr>) -> Workload {
@@ -310,24 +315,18 @@ fn field(result: &str, key: &str) -> Option<f64> {
 /// A client shim with outbound listeners to two server shims (one in front
 /// of `echo`, one of `sink`). Returns (to echo, to sink) and what keeps them up.
 async fn shim_pair(
-    pki: &TestPki,
+    pki: &Arc<TestPki>,
     dir: &Path,
     echo: SocketAddr,
     sink: SocketAddr,
 ) -> (SocketAddr, SocketAddr, Vec<Box<dyn std::any::Any>>) {
-    use meshid_envoy_shim::testing::TestSdsServer;
+    use agent_sds::AgentSds;
     use meshid_envoy_shim::{App as Shim, Config as ShimConfig, OutboundRoute as ShimRoute};
     let client_id = pki.id("default", "shim-client");
     let server_id = pki.id("default", "shim-server");
-    let client_creds = pki.credentials(pki.svid("default", "shim-client").unwrap());
-    let server_creds = pki.credentials(pki.svid("default", "shim-server").unwrap());
     let _ = &client_id;
-    let sds_c = TestSdsServer::start_with(dir.join("c.sock"), &client_creds)
-        .await
-        .unwrap();
-    let sds_s = TestSdsServer::start_with(dir.join("s.sock"), &server_creds)
-        .await
-        .unwrap();
+    let sds_c = AgentSds::start(pki, "default", "shim-client", &dir.join("c.sock")).await;
+    let sds_s = AgentSds::start(pki, "default", "shim-server", &dir.join("s.sock")).await;
     let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(sds_c), Box::new(sds_s)];
     let mut servers = Vec::new();
     for app in [echo, sink] {

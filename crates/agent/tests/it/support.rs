@@ -431,7 +431,7 @@ pub fn request(node: Option<&str>, names: &[&str]) -> DiscoveryRequest {
             ..Node::default()
         }),
         resource_names: names.iter().map(|s| (*s).to_owned()).collect(),
-        type_url: meshid_common::proto::SECRET_TYPE_URL.to_owned(),
+        type_url: meshid_common::sds::SECRET_TYPE_URL.to_owned(),
         ..DiscoveryRequest::default()
     }
 }
@@ -504,7 +504,7 @@ pub fn secrets(resp: &DiscoveryResponse) -> Vec<Secret> {
     resp.resources
         .iter()
         .map(|any| {
-            assert_eq!(any.type_url, meshid_common::proto::SECRET_TYPE_URL);
+            assert_eq!(any.type_url, meshid_common::sds::SECRET_TYPE_URL);
             Secret::decode(any.value.as_slice()).unwrap()
         })
         .collect()

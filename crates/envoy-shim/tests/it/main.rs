@@ -2,9 +2,11 @@
 //! one test binary, one module per concern.
 
 mod agent;
+mod agent_sds;
 mod envoy;
 mod inbound;
 mod openssl;
 mod outbound;
+mod scripted_sds;
 mod sds;
 mod support;

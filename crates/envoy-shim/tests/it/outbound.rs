@@ -130,10 +130,8 @@ async fn an_sds_rotation_applies_to_the_next_handshake_and_spares_open_connectio
     let first = server_serial(&before);
     assert_eq!(roundtrip(&mut before, b"one").await.unwrap(), b"one");
 
-    let rotated = pki.svid("default", "server").unwrap();
-    let new_serial = rotated.leaf().serial.clone();
     let mut rx = shim.app.credentials();
-    shim.sds.set_credentials(&pki.credentials(rotated));
+    let new_serial = shim.agent().rotate().await;
     tokio::time::timeout(
         WAIT,
         rx.wait_for(|c| {

@@ -1,10 +1,12 @@
-//! The SDS client against the in-test SDS server: Envoy's request shape,
-//! ACK / NACK, keeping the previous secret, reconnecting; and the admin API.
+//! The SDS client: against the scripted peer for Envoy's request shape,
+//! ACK / NACK, keeping the previous secret and reconnecting; against the
+//! real agent for a late start and the admin API.
 
 use std::time::Duration;
 
 use meshid_common::proto::tls::{Secret, TlsCertificate, secret};
-use meshid_envoy_shim::testing::{TestSdsServer, ca_secret, tls_secret};
+use meshid_common::sds::{tls_certificate, validation_context};
+use meshid_common::testing::envoy::http_request;
 use meshid_envoy_shim::{App, Config, Mode};
 use tokio::io::AsyncWriteExt;
 
@@ -13,26 +15,26 @@ use crate::support::*;
 #[tokio::test]
 async fn requests_look_like_envoys_and_every_response_is_acked() {
     let pki = pki();
-    let shim = Shim::start(&pki, Mode::Strict, |c, _| {
+    let shim = Shim::start_scripted(&pki, Mode::Strict, |c, _| {
         c.node_id = "sidecar~10.0.0.7~web-1.shop~shop.svc.cluster.local".into();
         c.node_cluster = "web.shop".into();
     })
     .await;
     shim.ready().await;
     for name in ["default", "ROOTCA"] {
-        let version = shim.sds.version(name).unwrap();
+        let version = shim.scripted().version(name).unwrap();
         let ack = shim
-            .sds
+            .scripted()
             .wait_for_request(WAIT, |r| {
                 r.resource_names == [name]
                     && r.version_info == version
                     && !r.response_nonce.is_empty()
             })
             .await
-            .unwrap_or_else(|| panic!("no ACK for {name}: {:#?}", shim.sds.requests()));
+            .unwrap_or_else(|| panic!("no ACK for {name}: {:#?}", shim.scripted().requests()));
         assert!(ack.error.is_none());
         let reqs: Vec<_> = shim
-            .sds
+            .scripted()
             .requests()
             .into_iter()
             .filter(|r| r.resource_names == [name])
@@ -47,13 +49,13 @@ async fn requests_look_like_envoys_and_every_response_is_acked() {
         assert!(reqs[1..].iter().all(|r| r.node_id.is_none()), "{reqs:#?}");
     }
     // One stream per secret.
-    assert_eq!(shim.sds.streams_opened(), 2);
+    assert_eq!(shim.scripted().streams_opened(), 2);
 }
 
 #[tokio::test]
 async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
     let pki = pki();
-    let shim = Shim::start(&pki, Mode::Strict, |_, _| {}).await;
+    let shim = Shim::start_scripted(&pki, Mode::Strict, |_, _| {}).await;
     shim.ready().await;
     let good_serial = shim
         .app
@@ -65,12 +67,12 @@ async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
         .leaf()
         .serial
         .clone();
-    let good_version = shim.sds.version("default").unwrap();
+    let good_version = shim.scripted().version("default").unwrap();
 
     let svid = pki.svid("default", "server").unwrap();
     let other = pki.svid("default", "server").unwrap();
     let mismatched = {
-        let mut s = tls_secret(&svid);
+        let mut s = tls_certificate("default", &svid);
         if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type {
             t.private_key = tls_cert(&other).private_key;
         }
@@ -90,8 +92,7 @@ async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
             private_key: tls_cert(&svid).private_key,
         })),
     };
-    let mut wrong_type = ca_secret(&pki.bundle());
-    wrong_type.name = "default".into();
+    let wrong_type = validation_context("default", &pki.bundle());
     for (i, (bad, expect)) in [
         (mismatched, "does not match"),
         (bad_pem, "certificate_chain"),
@@ -100,11 +101,11 @@ async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
     .into_iter()
     .enumerate()
     {
-        shim.sds.set_secret(bad);
+        shim.scripted().set_secret(bad);
         let deadline = std::time::Instant::now() + WAIT;
         let nack = loop {
             let nacks: Vec<_> = shim
-                .sds
+                .scripted()
                 .requests()
                 .into_iter()
                 .filter(|r| r.resource_names == ["default"] && r.error.is_some())
@@ -152,7 +153,8 @@ async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
     // A good version after the bad ones is taken.
     let fresh = pki.svid("default", "server").unwrap();
     let fresh_serial = fresh.leaf().serial.clone();
-    shim.sds.set_secret(tls_secret(&fresh));
+    shim.scripted()
+        .set_secret(tls_certificate("default", &fresh));
     let mut rx = shim.app.credentials();
     tokio::time::timeout(
         WAIT,
@@ -164,7 +166,7 @@ async fn an_unusable_secret_is_nacked_and_the_previous_one_stays() {
 }
 
 fn tls_cert(svid: &meshid_common::Svid) -> TlsCertificate {
-    match tls_secret(svid).r#type {
+    match tls_certificate("default", svid).r#type {
         Some(secret::Type::TlsCertificate(t)) => t,
         _ => unreachable!(),
     }
@@ -173,12 +175,12 @@ fn tls_cert(svid: &meshid_common::Svid) -> TlsCertificate {
 #[tokio::test]
 async fn a_dropped_stream_is_reopened_and_new_versions_still_land() {
     let pki = pki();
-    let shim = Shim::start(&pki, Mode::Strict, |_, _| {}).await;
+    let shim = Shim::start_scripted(&pki, Mode::Strict, |_, _| {}).await;
     shim.ready().await;
-    assert_eq!(shim.sds.streams_opened(), 2);
-    shim.sds.kick();
+    assert_eq!(shim.scripted().streams_opened(), 2);
+    shim.scripted().kick();
     let deadline = std::time::Instant::now() + WAIT;
-    while shim.sds.streams_opened() < 4 {
+    while shim.scripted().streams_opened() < 4 {
         assert!(std::time::Instant::now() < deadline, "streams not reopened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -186,7 +188,7 @@ async fn a_dropped_stream_is_reopened_and_new_versions_still_land() {
     assert_eq!(http_get(shim.app.admin_addr(), "/ready").await.0, 200);
     let rotated = pki.svid("default", "server").unwrap();
     let serial = rotated.leaf().serial.clone();
-    shim.sds.set_credentials(&pki.credentials(rotated));
+    shim.scripted().set_credentials(&pki.credentials(rotated));
     let mut rx = shim.app.credentials();
     tokio::time::timeout(
         WAIT,
@@ -213,9 +215,9 @@ async fn the_shim_waits_for_an_sds_server_that_starts_late() {
         body.contains("default") && body.contains("ROOTCA"),
         "{body}"
     );
-    let creds = pki.credentials(pki.svid("default", "late").unwrap());
-    let _sds = TestSdsServer::start_with(&sock, &creds).await.unwrap();
+    let agent = AgentSds::start(&pki, "default", "late", &sock).await;
     assert!(app.ready(WAIT).await);
+    agent.shutdown().await;
 }
 
 #[tokio::test]
@@ -238,9 +240,11 @@ async fn admin_shows_certs_metrics_and_sets_the_policy() {
         v["default"]["cert_chain"][0]["serial_number"],
         creds.svid.leaf().serial.as_str()
     );
-    assert_eq!(
-        v["default"]["sds"]["version"],
-        shim.sds.version("default").unwrap().as_str()
+    // The agent's versions name the leaf serial.
+    let version = v["default"]["sds"]["version"].as_str().unwrap();
+    assert!(
+        version.contains(creds.svid.leaf().serial.as_str()),
+        "{version}"
     );
     assert_eq!(v["ROOTCA"]["ca_cert"].as_array().unwrap().len(), 1);
     assert!(!certs.contains("PRIVATE KEY"));
@@ -279,15 +283,13 @@ async fn admin_shows_certs_metrics_and_sets_the_policy() {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
 
-    let (code, _) =
-        meshid_envoy_shim::testing::http_request(admin, "PUT", "/policy", "mtls: {mode: BOGUS}")
-            .await
-            .unwrap();
+    let (code, _) = http_request(admin, "PUT", "/policy", "mtls: {mode: BOGUS}")
+        .await
+        .unwrap();
     assert_eq!(code, 400);
-    let (code, body) =
-        meshid_envoy_shim::testing::http_request(admin, "PUT", "/policy", "mtls: {mode: STRICT}")
-            .await
-            .unwrap();
+    let (code, body) = http_request(admin, "PUT", "/policy", "mtls: {mode: STRICT}")
+        .await
+        .unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(shim.app.policy().current().mode, Mode::Strict);
     let mut plain = tokio::net::TcpStream::connect(shim.app.inbound_addr())
@@ -307,12 +309,12 @@ async fn each_sds_stream_carries_a_traceparent_from_its_sds_fetch_span() {
     // This test's runtime is single-threaded: the shim's tasks see this subscriber.
     let _guard = tracing::subscriber::set_default(subscriber);
     let pki = pki();
-    let shim = Shim::start(&pki, Mode::Strict, |_, _| {}).await;
+    let shim = Shim::start_scripted(&pki, Mode::Strict, |_, _| {}).await;
     shim.ready().await;
     let mut traces = Vec::new();
     for name in ["default", "ROOTCA"] {
         let first = shim
-            .sds
+            .scripted()
             .requests()
             .into_iter()
             .find(|r| r.resource_names == [name])

@@ -1,5 +1,6 @@
-//! Shared pieces: a PKI, an echo app, a shim with its own SDS server, and
-//! mTLS clients made from TestPki credentials.
+//! Shared pieces: a PKI, an echo app, a shim fed by the real agent's SDS
+//! server (or, for SDS-protocol tests, the scripted peer), and mTLS clients
+//! made from TestPki credentials.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +10,6 @@ use meshid_common::cert::{CertInfo, LeafSpec};
 use meshid_common::testing::TestPki;
 use meshid_common::tls::{PeerMatcher, client_config, sni_for};
 use meshid_common::{CredentialsRx, SpiffeId};
-use meshid_envoy_shim::testing::TestSdsServer;
 use meshid_envoy_shim::{AccessEvent, App, Config, Mode, Policy};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,9 +20,12 @@ use tokio_rustls::client::TlsStream;
 pub const TD: &str = "cluster.local";
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub fn pki() -> TestPki {
+pub use crate::agent_sds::AgentSds;
+pub use crate::scripted_sds::ScriptedSds;
+
+pub fn pki() -> Arc<TestPki> {
     meshid_common::tls::install_crypto_provider();
-    TestPki::new(TD).unwrap().with_intermediate().unwrap()
+    Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap())
 }
 
 /// Echoes every byte; after the client's EOF, finishes echoing and closes
@@ -43,10 +46,18 @@ pub async fn echo_server() -> SocketAddr {
     addr
 }
 
-/// A shim under test, fed by its own SDS server, in front of an echo app.
+/// Where a test shim's secrets come from.
+pub enum Feed {
+    /// The real agent (every test that just needs credentials).
+    Agent(Box<AgentSds>),
+    /// The scripted peer (tests of the SDS client's protocol handling).
+    Scripted(ScriptedSds),
+}
+
+/// A shim under test, fed over SDS, in front of an echo app.
 pub struct Shim {
     pub app: App,
-    pub sds: TestSdsServer,
+    pub feed: Feed,
     pub id: SpiffeId,
     pub events: broadcast::Receiver<AccessEvent>,
     pub dir: tempfile::TempDir,
@@ -55,23 +66,47 @@ pub struct Shim {
 impl Shim {
     /// A shim with identity default/server in `mode`; `tweak` edits the config.
     pub async fn start(
-        pki: &TestPki,
+        pki: &Arc<TestPki>,
         mode: Mode,
         tweak: impl FnOnce(&mut Config, &std::path::Path),
     ) -> Shim {
         Self::start_as(pki, "server", Some(Policy::mode(mode)), tweak).await
     }
 
+    /// A shim for default/`sa` fed by the real agent.
     pub async fn start_as(
-        pki: &TestPki,
+        pki: &Arc<TestPki>,
         sa: &str,
         policy: Option<Policy>,
         tweak: impl FnOnce(&mut Config, &std::path::Path),
     ) -> Shim {
+        Self::build(pki, sa, policy, tweak, false).await
+    }
+
+    /// A shim for default/server fed by the scripted SDS peer.
+    pub async fn start_scripted(
+        pki: &Arc<TestPki>,
+        mode: Mode,
+        tweak: impl FnOnce(&mut Config, &std::path::Path),
+    ) -> Shim {
+        Self::build(pki, "server", Some(Policy::mode(mode)), tweak, true).await
+    }
+
+    async fn build(
+        pki: &Arc<TestPki>,
+        sa: &str,
+        policy: Option<Policy>,
+        tweak: impl FnOnce(&mut Config, &std::path::Path),
+        scripted: bool,
+    ) -> Shim {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("sds.sock");
-        let creds = pki.credentials(pki.svid("default", sa).unwrap());
-        let sds = TestSdsServer::start_with(&sock, &creds).await.unwrap();
+        let feed = if scripted {
+            let creds = pki.credentials(pki.svid("default", sa).unwrap());
+            Feed::Scripted(ScriptedSds::start_with(&sock, &creds).await.unwrap())
+        } else {
+            Feed::Agent(Box::new(AgentSds::start(pki, "default", sa, &sock).await))
+        };
         let echo = echo_server().await;
         let mut config = Config::local(sock, echo);
         config.sds_backoff_min = Duration::from_millis(20);
@@ -91,10 +126,26 @@ impl Shim {
         let events = app.access_log();
         Shim {
             app,
-            sds,
+            feed,
             id: pki.id("default", sa),
             events,
             dir,
+        }
+    }
+
+    /// The agent feeding this shim.
+    pub fn agent(&self) -> &AgentSds {
+        match &self.feed {
+            Feed::Agent(a) => a,
+            Feed::Scripted(_) => panic!("this shim is fed by the scripted SDS peer"),
+        }
+    }
+
+    /// The scripted SDS peer feeding this shim.
+    pub fn scripted(&self) -> &ScriptedSds {
+        match &self.feed {
+            Feed::Scripted(s) => s,
+            Feed::Agent(_) => panic!("this shim is fed by the agent"),
         }
     }
 
@@ -206,7 +257,7 @@ pub fn server_serial(s: &TlsStream<TcpStream>) -> String {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    meshid_envoy_shim::testing::http_get(addr, path)
+    meshid_common::testing::envoy::http_get(addr, path)
         .await
         .unwrap()
 }
