@@ -1,9 +1,9 @@
 //! The CA's configuration: clap flags with Istio's environment names as
-//! fallbacks, `DEFAULT_*` constants, validated once and printed at start.
+//! fallbacks, `DEFAULT_*` constants, validated once and printed at start
+//! (as YAML, like every component: `meshid_common::config::log_config`).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use meshid_common::TrustDomain;
+use meshid_common::config::serialize_duration;
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 
@@ -149,21 +151,27 @@ pub struct Cli {
 
 /// The CA's settings: [`Cli`] resolved against the environment and the
 /// defaults ([`Config::resolve`]), checked by [`Config::validate`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub trust_domain: String,
     pub grpc_addr: SocketAddr,
     pub monitoring_addr: SocketAddr,
     pub root_ca_dir: PathBuf,
     pub root_cert_out: Option<PathBuf>,
+    #[serde(serialize_with = "serialize_duration")]
     pub self_signed_ca_cert_ttl: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub default_workload_cert_ttl: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub max_workload_cert_ttl: Duration,
     pub token_audiences: Vec<String>,
     pub token_issuer: String,
     pub jwks_file: Option<PathBuf>,
+    /// Printed without any user:password part.
+    #[serde(serialize_with = "serialize_url")]
     pub jwks_url: Option<String>,
     pub jwks_url_ca: Option<PathBuf>,
+    #[serde(serialize_with = "serialize_duration")]
     pub jwks_refresh_interval: Duration,
     pub registry_file: Option<PathBuf>,
     pub trusted_node_accounts: Vec<String>,
@@ -171,7 +179,9 @@ pub struct Config {
     pub server_names: Vec<String>,
     pub server_ips: Vec<IpAddr>,
     pub max_request_bytes: usize,
+    #[serde(serialize_with = "serialize_duration")]
     pub ca_dir_poll_interval: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub file_poll_interval: Duration,
     #[cfg(feature = "kube")]
     pub token_review: bool,
@@ -450,51 +460,27 @@ impl Config {
             false
         }
     }
+}
 
-    /// One line per setting, printed at start.
-    pub fn describe(&self) -> String {
-        let mut out = String::new();
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "-".into())
-        };
-        let _ = writeln!(out, "trust_domain: {}", self.trust_domain);
-        let _ = writeln!(out, "grpc_addr: {}", self.grpc_addr);
-        let _ = writeln!(out, "monitoring_addr: {}", self.monitoring_addr);
-        let _ = writeln!(out, "root_ca_dir: {}", self.root_ca_dir.display());
-        let _ = writeln!(out, "root_cert_out: {}", path(&self.root_cert_out));
-        let _ = writeln!(
-            out,
-            "self_signed_ca_cert_ttl: {}s",
-            self.self_signed_ca_cert_ttl.as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "default_workload_cert_ttl: {}s",
-            self.default_workload_cert_ttl.as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "max_workload_cert_ttl: {}s",
-            self.max_workload_cert_ttl.as_secs()
-        );
-        let _ = writeln!(out, "token_audiences: {:?}", self.audiences());
-        let _ = writeln!(out, "token_issuer: {}", self.token_issuer);
-        let _ = writeln!(out, "jwks_file: {}", path(&self.jwks_file));
-        let _ = writeln!(out, "jwks_url: {}", self.jwks_url.as_deref().unwrap_or("-"));
-        let _ = writeln!(out, "registry_file: {}", path(&self.registry_file));
-        let _ = writeln!(
-            out,
-            "trusted_node_accounts: {:?}",
-            self.trusted_node_accounts
-        );
-        let _ = writeln!(out, "cluster_id: {}", self.cluster_id);
-        let _ = writeln!(out, "serving_dns_names: {:?}", self.serving_dns_names());
-        let _ = writeln!(out, "serving_ips: {:?}", self.server_ips);
-        let _ = writeln!(out, "max_request_bytes: {}", self.max_request_bytes);
-        let _ = write!(out, "token_review: {}", self.kube_enabled());
-        out
+/// A URL with its credentials (`user:password@`), if any, replaced.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://[redacted]{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+fn serialize_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&without_userinfo(u)),
+        None => s.serialize_none(),
     }
 }
 
@@ -590,7 +576,6 @@ mod tests {
         );
         c.validate().unwrap();
         assert!(!c.kube_enabled());
-        assert!(c.describe().contains("trust_domain: cluster.local"));
     }
 
     #[test]
@@ -747,6 +732,33 @@ mod tests {
                 "{env} missing from --help"
             );
         }
+    }
+
+    #[test]
+    fn printed_config_is_yaml_with_every_setting_and_no_credentials() {
+        let c = flags(&[
+            "--jwks-url",
+            "https://user:s3cret@issuer.example/jwks",
+            "--registry-file",
+            "/r",
+        ]);
+        let yaml = meshid_common::config::to_yaml(&c);
+        for line in [
+            "trust_domain: cluster.local",
+            "grpc_addr: 0.0.0.0:15012",
+            "default_workload_cert_ttl: 24h0m0s",
+            "max_workload_cert_ttl: 2160h0m0s",
+            "jwks_url: https://[redacted]@issuer.example/jwks",
+            "- istio-system/ztunnel",
+            "cluster_id: Kubernetes",
+        ] {
+            assert!(yaml.contains(line), "{line:?} missing from\n{yaml}");
+        }
+        assert!(!yaml.contains("s3cret"), "{yaml}");
+        assert_eq!(
+            without_userinfo("http://issuer:8080/a@b"),
+            "http://issuer:8080/a@b"
+        );
     }
 
     /// docs/configuration.md is written from `--help`: every flag and

@@ -18,7 +18,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     meshid_common::tls::install_crypto_provider();
     let config = Config::resolve(cli, &ProcessEnv).context("invalid configuration")?;
     config.validate().context("invalid configuration")?;
-    tracing::info!("meshid-ca configuration:\n{}", config.describe());
+    meshid_common::config::log_config("meshid-ca", &config);
     let app = App::build(config).await.context("meshid-ca start-up")?;
     meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await
