@@ -702,6 +702,18 @@ mod tests {
         assert!(err.contains("--grpc-addr"), "{err}");
     }
 
+    #[cfg(feature = "kube")]
+    #[test]
+    fn token_review_comes_from_the_flag_or_the_variable() {
+        assert!(!flags(&[]).token_review);
+        assert!(flags(&["--token-review"]).token_review);
+        let on = |v: &str| Config::from_args(args(&[]), &env(&[("CA_TOKEN_REVIEW", v)]));
+        assert!(on("true").unwrap().token_review);
+        assert!(!on("0").unwrap().token_review);
+        let err = on("maybe").unwrap_err().to_string();
+        assert!(err.contains("CA_TOKEN_REVIEW"), "{err}");
+    }
+
     #[test]
     fn help_documents_every_istio_variable() {
         use clap::CommandFactory;
