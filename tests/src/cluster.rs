@@ -10,7 +10,7 @@ use meshid_common::registry::{Node, Registry, Workload};
 use meshid_common::{CaOptions, CertificateAuthority};
 
 use crate::Error;
-use crate::process_backend::NodeSpec;
+use crate::spec::NodeSpec;
 use crate::topology::Mode;
 
 /// The ztunnel's own service account, trusted to impersonate (the CA's

@@ -1,22 +1,22 @@
 //! meshid-tests is the end-to-end harness. It brings up a mesh (CA, sidecar
 //! pods of agent + proxy + app, ztunnel nodes with ambient workloads) on a
-//! backend, runs the suites against it through the [`topology::Topology`]
-//! trait only, collects every component's spans with an in-process OTLP
-//! receiver ([`otlp`]), and reports results as a table, JUnit XML and JSON
-//! ([`report`]) with the issuance trace drawn as a waterfall ([`waterfall`]).
+//! backend ([`backend::process`], [`backend::docker`]) from a
+//! [`spec::MeshSpec`], runs the suites against it through the
+//! [`topology::Topology`] trait only, collects every component's spans with
+//! an in-process OTLP receiver ([`otlp`]), and reports results as a table,
+//! JUnit XML and JSON ([`report`]) with the issuance trace drawn as a
+//! waterfall ([`waterfall`]).
 //! `cargo xtask e2e` runs its `meshid-e2e` binary.
 
+pub mod backend;
 pub mod client;
 pub mod cluster;
-pub mod docker;
-pub mod docker_backend;
 pub mod echo;
 pub mod http;
 pub mod otlp;
-pub mod process;
-pub mod process_backend;
 pub mod report;
 pub mod runner;
+pub mod spec;
 pub mod suites;
 pub mod topology;
 pub mod waterfall;

@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::docker_backend::DockerMesh;
-use crate::process_backend::{MeshSpec, PodSpec, ProcessMesh};
+use crate::backend::docker::DockerMesh;
+use crate::backend::process::ProcessMesh;
 use crate::report::Report;
+use crate::spec::{MeshSpec, NodeSpec, PodSpec};
 use crate::suites;
 use crate::topology::{Mode, Proxy, Topology};
 use crate::waterfall;
@@ -59,8 +60,8 @@ pub fn default_pods() -> Vec<PodSpec> {
 }
 
 /// Two ambient nodes with two workloads each (issue 7).
-pub fn default_nodes() -> Vec<crate::process_backend::NodeSpec> {
-    let node = |name: &str, w: [(&str, &str); 2]| crate::process_backend::NodeSpec {
+pub fn default_nodes() -> Vec<NodeSpec> {
+    let node = |name: &str, w: [(&str, &str); 2]| NodeSpec {
         name: name.into(),
         workloads: w
             .iter()

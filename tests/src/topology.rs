@@ -8,6 +8,7 @@ use std::time::Duration;
 use meshid_common::SpiffeId;
 
 use crate::Error;
+use crate::backend::MeshState;
 use crate::http::Response;
 use crate::otlp::SpanStore;
 
@@ -76,19 +77,36 @@ pub struct Ambient {
     pub ztunnel: String,
 }
 
-/// A running mesh, as suites see it.
+/// A running mesh, as suites see it. A backend provides its shared
+/// [`MeshState`] and what differs (component control, admin addresses,
+/// teardown); the accessors over the state are written once, here.
 #[allow(async_fn_in_trait)]
 pub trait Topology {
     fn backend(&self) -> &'static str;
-    fn trust_domain(&self) -> &str;
+    /// What every backend keeps alike.
+    fn state(&self) -> &MeshState;
+    fn state_mut(&mut self) -> &mut MeshState;
+    fn trust_domain(&self) -> &str {
+        &self.state().spec.trust_domain
+    }
     /// Certificate TTL the agents ask for.
-    fn ttl(&self) -> Duration;
-    fn pods(&self) -> &[Pod];
-    fn ambient(&self) -> &[Ambient];
+    fn ttl(&self) -> Duration {
+        self.state().spec.ttl
+    }
+    fn pods(&self) -> &[Pod] {
+        &self.state().pods
+    }
+    fn ambient(&self) -> &[Ambient] {
+        &self.state().ambient
+    }
     /// The root bundle the CA publishes (PEM).
-    fn ca_root_pem(&self) -> Result<String, Error>;
+    fn ca_root_pem(&self) -> Result<String, Error> {
+        self.state().root_pem()
+    }
     /// `https://host:port` of the CA's gRPC endpoint, as clients dial it.
-    fn ca_address(&self) -> String;
+    fn ca_address(&self) -> String {
+        self.state().ca_address()
+    }
     /// A fresh service-account token for `namespace/sa` bound to pod `pod`,
     /// which is registered on the fly when absent (a test client's own pod).
     async fn token_for(
@@ -96,7 +114,11 @@ pub trait Topology {
         namespace: &str,
         service_account: &str,
         pod: &str,
-    ) -> Result<String, Error>;
+    ) -> Result<String, Error> {
+        self.state_mut()
+            .token_for(namespace, service_account, pod)
+            .await
+    }
     /// GET an admin endpoint of a component (`ca`, `<pod>/agent`, `<pod>/proxy`, `<node>/ztunnel`).
     async fn admin_get(&self, component: &str, path: &str) -> Result<Response, Error>;
     async fn stop(&mut self, component: &str) -> Result<(), Error>;
@@ -107,22 +129,28 @@ pub trait Topology {
     }
     /// Deletes a pod from the cluster's view (the registry): its token stops
     /// authenticating; its processes keep running with what they have.
-    async fn delete_workload(&mut self, pod: &str) -> Result<(), Error>;
+    async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {
+        let state = self.state_mut();
+        crate::cluster::delete_workload(&mut state.registry, &state.registry_path, pod)
+    }
     /// Replaces files of the CA's plugged-in certificate directory (`cacerts`:
     /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`), each
-    /// atomically, as an operator updates the `cacerts` secret.
+    /// atomically, as an operator updates the `cacerts` secret; a new root
+    /// bundle goes to every pod and node.
     async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
-        let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
-        Err(Error::Setup(format!(
-            "the {} backend cannot update the CA's certificate files ({})",
-            self.backend(),
-            names.join(", ")
-        )))
+        let state = self.state();
+        let pods = state.pods.iter().map(|p| p.name.as_str());
+        let nodes = state.spec.nodes.iter().map(|n| n.name.as_str());
+        crate::cluster::update_ca_files(&state.dir, pods, nodes, files)
     }
     /// Sets a pod's inbound mode (PeerAuthentication) at runtime.
-    async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error>;
+    async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
+        crate::cluster::write_policy(&self.state().dir, pod, mode)
+    }
     /// Spans collected from every component.
-    fn spans(&self) -> SpanStore;
+    fn spans(&self) -> SpanStore {
+        self.state().otlp.store.clone()
+    }
     /// How to reach each part, for `--keep`.
     fn describe(&self) -> String;
     async fn teardown(&mut self);

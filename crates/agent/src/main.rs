@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     meshid_common::tls::install_crypto_provider();
     let config = Config::resolve(cli, &ProcessEnv)?;
-    tracing::info!("configuration:\n{}", config.to_pretty_json());
+    meshid_common::config::log_config("meshid-agent", &config);
     let app = App::build(config).await?;
     meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await

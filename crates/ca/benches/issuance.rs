@@ -113,21 +113,24 @@ async fn setup() -> Setup {
     registry.write_atomic(&registry_path).expect("registry");
     let roots = tmp.path().join("root-cert.pem");
     let p = |p: &std::path::Path| p.display().to_string();
-    let config = Config::from_args([
-        "meshid-ca".to_string(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--monitoring-addr".into(),
-        "127.0.0.1:0".into(),
-        "--root-ca-dir".into(),
-        p(&tmp.path().join("cacerts")),
-        "--root-cert-out".into(),
-        p(&roots),
-        "--jwks-file".into(),
-        p(&jwks),
-        "--registry-file".into(),
-        p(&registry_path),
-    ])
+    let config = Config::from_args(
+        [
+            "meshid-ca".to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--monitoring-addr".into(),
+            "127.0.0.1:0".into(),
+            "--root-ca-dir".into(),
+            p(&tmp.path().join("cacerts")),
+            "--root-cert-out".into(),
+            p(&roots),
+            "--jwks-file".into(),
+            p(&jwks),
+            "--registry-file".into(),
+            p(&registry_path),
+        ],
+        &std::collections::HashMap::<String, String>::new(),
+    )
     .expect("config");
     let app = App::build(config).await.expect("CA starts");
     let token = issuer

@@ -1,13 +1,18 @@
 //! The CA's configuration: clap flags with Istio's environment names as
-//! fallbacks, `DEFAULT_*` constants, validated once and printed at start.
+//! fallbacks, `DEFAULT_*` constants, validated once and printed at start
+//! (as YAML, like every component: `meshid_common::config::log_config`).
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
 use meshid_common::TrustDomain;
+use meshid_common::config::serialize_duration;
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 
@@ -31,120 +36,159 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CA_DIR_POLL: &str = "1s";
 pub const DEFAULT_FILE_POLL: &str = "500ms";
 pub const DEFAULT_JWKS_REFRESH: &str = "5m";
+/// IP addresses of the serving certificate, comma-separated.
+pub const DEFAULT_SERVER_IPS: &str = "127.0.0.1";
 /// Lifetime of the CA's own serving certificate (re-issued at half-life).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// meshid-ca: an Istio-compatible certificate authority (the Citadel part of istiod).
-#[derive(Clone, Debug, Parser)]
+///
+/// Each flag falls back to the Istio environment variable named in its help,
+/// then to a default.
+#[derive(Clone, Debug, Default, Parser)]
 #[command(name = "meshid-ca", version, about, long_about = None)]
-pub struct Config {
-    /// SPIFFE trust domain of every issued identity.
-    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
+pub struct Cli {
+    /// SPIFFE trust domain of every issued identity [env: TRUST_DOMAIN] [default: cluster.local]
+    #[arg(long)]
+    pub trust_domain: Option<String>,
 
-    /// Address of the IstioCertificateService (gRPC over TLS).
-    #[arg(long, env = "CA_GRPC_ADDRESS", default_value = DEFAULT_GRPC_ADDR)]
-    pub grpc_addr: SocketAddr,
+    /// Address of the IstioCertificateService (gRPC over TLS) [env: CA_GRPC_ADDRESS] [default: 0.0.0.0:15012]
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
 
-    /// Address of the monitoring endpoint (/ready, /metrics).
-    #[arg(long, env = "CA_MONITORING_ADDRESS", default_value = DEFAULT_MONITORING_ADDR)]
-    pub monitoring_addr: SocketAddr,
+    /// Address of the monitoring endpoint (/ready, /metrics) [env: CA_MONITORING_ADDRESS] [default: 0.0.0.0:15014]
+    #[arg(long)]
+    pub monitoring_addr: Option<SocketAddr>,
 
     /// CA directory: a plugged-in CA (ca-cert.pem, ca-key.pem, cert-chain.pem,
     /// root-cert.pem), or else where the self-signed root is kept. Watched for
-    /// rotation.
-    #[arg(long, env = "ROOT_CA_DIR", default_value = DEFAULT_ROOT_CA_DIR)]
-    pub root_ca_dir: PathBuf,
+    /// rotation [env: ROOT_CA_DIR] [default: ./etc/cacerts]
+    #[arg(long)]
+    pub root_ca_dir: Option<PathBuf>,
 
-    /// Where to write the root bundle (PEM) for clients and the harness.
-    #[arg(long, env = "CA_ROOT_CERT_OUT")]
+    /// Where to write the root bundle (PEM) for clients and the harness [env: CA_ROOT_CERT_OUT]
+    #[arg(long)]
     pub root_cert_out: Option<PathBuf>,
 
-    /// Lifetime of a new self-signed root (e.g. 87600h).
-    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", default_value = DEFAULT_SELF_SIGNED_CA_CERT_TTL, value_parser = parse_duration)]
-    pub self_signed_ca_cert_ttl: Duration,
+    /// Lifetime of a new self-signed root (e.g. 87600h) [env: CITADEL_SELF_SIGNED_CA_CERT_TTL] [default: 87600h]
+    #[arg(long)]
+    pub self_signed_ca_cert_ttl: Option<String>,
 
-    /// Workload certificate lifetime when a request asks for <= 0.
-    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
-    pub default_workload_cert_ttl: Duration,
+    /// Workload certificate lifetime when a request asks for <= 0 [env: DEFAULT_WORKLOAD_CERT_TTL] [default: 24h]
+    #[arg(long)]
+    pub default_workload_cert_ttl: Option<String>,
 
-    /// Longest workload certificate lifetime; longer requests are rejected.
-    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = DEFAULT_MAX_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
-    pub max_workload_cert_ttl: Duration,
+    /// Longest workload certificate lifetime; longer requests are rejected [env: MAX_WORKLOAD_CERT_TTL] [default: 2160h]
+    #[arg(long)]
+    pub max_workload_cert_ttl: Option<String>,
 
-    /// Accepted token audiences, comma-separated.
-    #[arg(long, env = "TOKEN_AUDIENCES", default_value = DEFAULT_TOKEN_AUDIENCE, value_delimiter = ',')]
+    /// Accepted token audiences, comma-separated [env: TOKEN_AUDIENCES] [default: istio-ca]
+    #[arg(long, value_delimiter = ',')]
     pub token_audiences: Vec<String>,
 
-    /// Required `iss` of service-account JWTs.
-    #[arg(long, env = "TOKEN_ISSUER", default_value = DEFAULT_TOKEN_ISSUER)]
-    pub token_issuer: String,
+    /// Required `iss` of service-account JWTs [env: TOKEN_ISSUER] [default: https://kubernetes.default.svc.cluster.local]
+    #[arg(long)]
+    pub token_issuer: Option<String>,
 
     /// JWKS file of the token issuer (re-read when it changes); enables JWT
-    /// authentication. Needs --registry-file to check that pods are alive.
-    #[arg(long, env = "JWKS_FILE")]
+    /// authentication. Needs --registry-file to check that pods are alive [env: JWKS_FILE]
+    #[arg(long)]
     pub jwks_file: Option<PathBuf>,
 
     /// JWKS URL of the token issuer (http:// or https://), fetched at start
-    /// and every --jwks-refresh-interval; instead of --jwks-file.
-    #[arg(long, env = "JWKS_URL")]
+    /// and every --jwks-refresh-interval; instead of --jwks-file [env: JWKS_URL]
+    #[arg(long)]
     pub jwks_url: Option<String>,
 
-    /// PEM roots that an https --jwks-url must chain to.
-    #[arg(long, env = "JWKS_URL_CA")]
+    /// PEM roots that an https --jwks-url must chain to [env: JWKS_URL_CA]
+    #[arg(long)]
     pub jwks_url_ca: Option<PathBuf>,
 
     /// How often --jwks-url is fetched again (and at once, at most every 10 s,
-    /// for a token whose key id it does not hold).
-    #[arg(long, default_value = DEFAULT_JWKS_REFRESH, value_parser = parse_duration)]
-    pub jwks_refresh_interval: Duration,
+    /// for a token whose key id it does not hold) [default: 5m]
+    #[arg(long)]
+    pub jwks_refresh_interval: Option<String>,
 
-    /// Workload registry file (pods and nodes) kept by the harness.
-    #[arg(long, env = "WORKLOAD_REGISTRY")]
+    /// Workload registry file (pods and nodes) kept by the harness [env: WORKLOAD_REGISTRY]
+    #[arg(long)]
     pub registry_file: Option<PathBuf>,
 
     /// Service accounts (ns/sa, comma-separated) allowed to impersonate
-    /// workloads of their own node.
-    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", default_value = DEFAULT_TRUSTED_NODE_ACCOUNTS, value_delimiter = ',')]
+    /// workloads of their own node [env: CA_TRUSTED_NODE_ACCOUNTS] [default: istio-system/ztunnel]
+    #[arg(long, value_delimiter = ',')]
     pub trusted_node_accounts: Vec<String>,
 
-    /// This cluster's id; a request with another non-empty `clusterid` is refused.
-    #[arg(long, env = "CLUSTER_ID", default_value = DEFAULT_CLUSTER_ID)]
-    pub cluster_id: String,
+    /// This cluster's id; a request with another non-empty `clusterid` is refused [env: CLUSTER_ID] [default: Kubernetes]
+    #[arg(long)]
+    pub cluster_id: Option<String>,
 
-    /// Extra DNS names of the serving certificate (istiod.istio-system.svc is always there).
-    #[arg(long = "server-name", env = "CA_SERVER_NAMES", value_delimiter = ',')]
+    /// Extra DNS names of the serving certificate (istiod.istio-system.svc is always there) [env: CA_SERVER_NAMES]
+    #[arg(long = "server-name", value_delimiter = ',')]
     pub server_names: Vec<String>,
 
-    /// IP addresses of the serving certificate.
-    #[arg(
-        long = "server-ip",
-        env = "CA_SERVER_IPS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1"
-    )]
+    /// IP addresses of the serving certificate [env: CA_SERVER_IPS] [default: 127.0.0.1]
+    #[arg(long = "server-ip", value_delimiter = ',')]
     pub server_ips: Vec<IpAddr>,
 
-    /// Largest accepted request message, in bytes.
-    #[arg(long, env = "CA_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
-    pub max_request_bytes: usize,
+    /// Largest accepted request message, in bytes [env: CA_MAX_REQUEST_BYTES] [default: 65536]
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
 
-    /// How often the CA directory is checked for rotation.
-    #[arg(long, default_value = DEFAULT_CA_DIR_POLL, value_parser = parse_duration)]
-    pub ca_dir_poll_interval: Duration,
+    /// How often the CA directory is checked for rotation [default: 1s]
+    #[arg(long)]
+    pub ca_dir_poll_interval: Option<String>,
 
-    /// How often the JWKS and registry files are checked for changes.
-    #[arg(long, default_value = DEFAULT_FILE_POLL, value_parser = parse_duration)]
-    pub file_poll_interval: Duration,
+    /// How often the JWKS and registry files are checked for changes [default: 500ms]
+    #[arg(long)]
+    pub file_poll_interval: Option<String>,
 
     /// Authenticate tokens with a Kubernetes TokenReview and look pods up in
-    /// the API (in-cluster config or KUBECONFIG).
+    /// the API (in-cluster config or KUBECONFIG) [env: CA_TOKEN_REVIEW]
     #[cfg(feature = "kube")]
-    #[arg(long, env = "CA_TOKEN_REVIEW")]
+    #[arg(long)]
     pub token_review: bool,
 }
 
-pub use meshid_common::config::parse_duration;
+/// The CA's settings: [`Cli`] resolved against the environment and the
+/// defaults ([`Config::resolve`]), checked by [`Config::validate`].
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub trust_domain: String,
+    pub grpc_addr: SocketAddr,
+    pub monitoring_addr: SocketAddr,
+    pub root_ca_dir: PathBuf,
+    pub root_cert_out: Option<PathBuf>,
+    #[serde(serialize_with = "serialize_duration")]
+    pub self_signed_ca_cert_ttl: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub default_workload_cert_ttl: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_workload_cert_ttl: Duration,
+    pub token_audiences: Vec<String>,
+    pub token_issuer: String,
+    pub jwks_file: Option<PathBuf>,
+    /// Printed without any user:password part.
+    #[serde(serialize_with = "serialize_url")]
+    pub jwks_url: Option<String>,
+    pub jwks_url_ca: Option<PathBuf>,
+    #[serde(serialize_with = "serialize_duration")]
+    pub jwks_refresh_interval: Duration,
+    pub registry_file: Option<PathBuf>,
+    pub trusted_node_accounts: Vec<String>,
+    pub cluster_id: String,
+    pub server_names: Vec<String>,
+    pub server_ips: Vec<IpAddr>,
+    pub max_request_bytes: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub ca_dir_poll_interval: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub file_poll_interval: Duration,
+    #[cfg(feature = "kube")]
+    pub token_review: bool,
+}
+
+use meshid_common::config::Layers;
+pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
 
 /// A trusted node account, `namespace/service_account`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,18 +197,157 @@ pub struct NodeAccount {
     pub service_account: String,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(Cli::default(), &HashMap::<String, String>::new())
+            .expect("the defaults parse")
+    }
+}
+
 impl Config {
-    /// Parses flags from `args` (the program name first), with environment
-    /// fallbacks — what `main` does; tests pass their own list.
-    pub fn from_args<I, T>(args: I) -> std::result::Result<Self, clap::Error>
+    /// Parses flags from `args` (the program name first) and resolves them
+    /// against `env` (the process environment in `main`, a map in tests).
+    pub fn from_args<I, T>(args: I, env: &dyn EnvSource) -> Result<Self>
     where
         I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
+        T: Into<OsString> + Clone,
     {
-        Config::try_parse_from(args)
+        let cli = Cli::try_parse_from(args).map_err(|e| Error::Config(e.to_string()))?;
+        Self::resolve(cli, env)
     }
 
-    /// Checks what clap cannot: called once by `App::build`.
+    /// Each setting from its flag, else its environment variable (unset and
+    /// blank are the same), else its default. Errors name the setting whose
+    /// value does not parse; [`Config::validate`] checks the rest.
+    pub fn resolve(cli: Cli, env: &dyn EnvSource) -> Result<Self> {
+        let layers = Layers::new(env);
+        let text = |flag: Option<String>, key: &str, default: &str| {
+            flag.or_else(|| layers.env(key))
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let path =
+            |flag: Option<PathBuf>, key: &str| flag.or_else(|| layers.env(key).map(PathBuf::from));
+        let duration = |flag: Option<String>, key: Option<&str>, default: &str, name: &str| {
+            let default = parse_duration(default).expect("DEFAULT_* durations parse");
+            layers
+                .duration(flag, key, default, name)
+                .map_err(|e| Error::Config(e.0))
+        };
+        // A list flag wins when given at all; else the variable, comma-separated.
+        let list = |flag: Vec<String>, key: &str, default: &str| -> Vec<String> {
+            if !flag.is_empty() {
+                return flag;
+            }
+            let value = layers.env(key).unwrap_or_else(|| default.to_owned());
+            if value.is_empty() {
+                return Vec::new();
+            }
+            value.split(',').map(|s| s.trim().to_owned()).collect()
+        };
+        let addr = |flag: Option<SocketAddr>, key: &str, default: &str| -> Result<SocketAddr> {
+            match flag {
+                Some(a) => Ok(a),
+                None => parse_env(key, layers.env(key), default),
+            }
+        };
+
+        let server_ips = if cli.server_ips.is_empty() {
+            list(Vec::new(), "CA_SERVER_IPS", DEFAULT_SERVER_IPS)
+                .iter()
+                .map(|ip| {
+                    ip.parse::<IpAddr>().map_err(|_| {
+                        Error::Config(format!("CA_SERVER_IPS: {ip:?} is not an IP address"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            cli.server_ips
+        };
+        let max_request_bytes = match cli.max_request_bytes {
+            Some(n) => n,
+            None => parse_env(
+                "CA_MAX_REQUEST_BYTES",
+                layers.env("CA_MAX_REQUEST_BYTES"),
+                &DEFAULT_MAX_REQUEST_BYTES.to_string(),
+            )?,
+        };
+
+        Ok(Config {
+            trust_domain: text(cli.trust_domain, "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
+            grpc_addr: addr(cli.grpc_addr, "CA_GRPC_ADDRESS", DEFAULT_GRPC_ADDR)?,
+            monitoring_addr: addr(
+                cli.monitoring_addr,
+                "CA_MONITORING_ADDRESS",
+                DEFAULT_MONITORING_ADDR,
+            )?,
+            root_ca_dir: path(cli.root_ca_dir, "ROOT_CA_DIR")
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT_CA_DIR)),
+            root_cert_out: path(cli.root_cert_out, "CA_ROOT_CERT_OUT"),
+            self_signed_ca_cert_ttl: duration(
+                cli.self_signed_ca_cert_ttl,
+                Some("CITADEL_SELF_SIGNED_CA_CERT_TTL"),
+                DEFAULT_SELF_SIGNED_CA_CERT_TTL,
+                "CITADEL_SELF_SIGNED_CA_CERT_TTL (--self-signed-ca-cert-ttl)",
+            )?,
+            default_workload_cert_ttl: duration(
+                cli.default_workload_cert_ttl,
+                Some("DEFAULT_WORKLOAD_CERT_TTL"),
+                DEFAULT_WORKLOAD_CERT_TTL,
+                "DEFAULT_WORKLOAD_CERT_TTL (--default-workload-cert-ttl)",
+            )?,
+            max_workload_cert_ttl: duration(
+                cli.max_workload_cert_ttl,
+                Some("MAX_WORKLOAD_CERT_TTL"),
+                DEFAULT_MAX_WORKLOAD_CERT_TTL,
+                "MAX_WORKLOAD_CERT_TTL (--max-workload-cert-ttl)",
+            )?,
+            token_audiences: list(
+                cli.token_audiences,
+                "TOKEN_AUDIENCES",
+                DEFAULT_TOKEN_AUDIENCE,
+            ),
+            token_issuer: text(cli.token_issuer, "TOKEN_ISSUER", DEFAULT_TOKEN_ISSUER),
+            jwks_file: path(cli.jwks_file, "JWKS_FILE"),
+            jwks_url: cli.jwks_url.or_else(|| layers.env("JWKS_URL")),
+            jwks_url_ca: path(cli.jwks_url_ca, "JWKS_URL_CA"),
+            jwks_refresh_interval: duration(
+                cli.jwks_refresh_interval,
+                None,
+                DEFAULT_JWKS_REFRESH,
+                "--jwks-refresh-interval",
+            )?,
+            registry_file: path(cli.registry_file, "WORKLOAD_REGISTRY"),
+            trusted_node_accounts: list(
+                cli.trusted_node_accounts,
+                "CA_TRUSTED_NODE_ACCOUNTS",
+                DEFAULT_TRUSTED_NODE_ACCOUNTS,
+            ),
+            cluster_id: text(cli.cluster_id, "CLUSTER_ID", DEFAULT_CLUSTER_ID),
+            server_names: list(cli.server_names, "CA_SERVER_NAMES", ""),
+            server_ips,
+            max_request_bytes,
+            ca_dir_poll_interval: duration(
+                cli.ca_dir_poll_interval,
+                None,
+                DEFAULT_CA_DIR_POLL,
+                "--ca-dir-poll-interval",
+            )?,
+            file_poll_interval: duration(
+                cli.file_poll_interval,
+                None,
+                DEFAULT_FILE_POLL,
+                "--file-poll-interval",
+            )?,
+            #[cfg(feature = "kube")]
+            token_review: cli.token_review
+                || match layers.env("CA_TOKEN_REVIEW") {
+                    Some(v) => parse_bool("CA_TOKEN_REVIEW", &v)?,
+                    None => false,
+                },
+        })
+    }
+
+    /// Checks the settings make sense together: called once by `App::build`.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if let Err(e) = TrustDomain::new(&self.trust_domain) {
@@ -277,57 +460,75 @@ impl Config {
             false
         }
     }
+}
 
-    /// One line per setting, printed at start.
-    pub fn describe(&self) -> String {
-        let mut out = String::new();
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "-".into())
-        };
-        let _ = writeln!(out, "trust_domain: {}", self.trust_domain);
-        let _ = writeln!(out, "grpc_addr: {}", self.grpc_addr);
-        let _ = writeln!(out, "monitoring_addr: {}", self.monitoring_addr);
-        let _ = writeln!(out, "root_ca_dir: {}", self.root_ca_dir.display());
-        let _ = writeln!(out, "root_cert_out: {}", path(&self.root_cert_out));
-        let _ = writeln!(
-            out,
-            "self_signed_ca_cert_ttl: {}s",
-            self.self_signed_ca_cert_ttl.as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "default_workload_cert_ttl: {}s",
-            self.default_workload_cert_ttl.as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "max_workload_cert_ttl: {}s",
-            self.max_workload_cert_ttl.as_secs()
-        );
-        let _ = writeln!(out, "token_audiences: {:?}", self.audiences());
-        let _ = writeln!(out, "token_issuer: {}", self.token_issuer);
-        let _ = writeln!(out, "jwks_file: {}", path(&self.jwks_file));
-        let _ = writeln!(out, "jwks_url: {}", self.jwks_url.as_deref().unwrap_or("-"));
-        let _ = writeln!(out, "registry_file: {}", path(&self.registry_file));
-        let _ = writeln!(
-            out,
-            "trusted_node_accounts: {:?}",
-            self.trusted_node_accounts
-        );
-        let _ = writeln!(out, "cluster_id: {}", self.cluster_id);
-        let _ = writeln!(out, "serving_dns_names: {:?}", self.serving_dns_names());
-        let _ = writeln!(out, "serving_ips: {:?}", self.server_ips);
-        let _ = writeln!(out, "max_request_bytes: {}", self.max_request_bytes);
-        let _ = write!(out, "token_review: {}", self.kube_enabled());
-        out
+/// A URL with its credentials (`user:password@`), if any, replaced.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://[redacted]{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+fn serialize_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&without_userinfo(u)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `value` (from `key`) parsed, else `default` parsed; the error names `key`.
+fn parse_env<T: FromStr>(key: &str, value: Option<String>, default: &str) -> Result<T> {
+    match value {
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Config(format!("{key}: {v:?} cannot be parsed"))),
+        None => Ok(default.parse().ok().expect("DEFAULT_* values parse")),
+    }
+}
+
+/// `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, any case.
+#[cfg(feature = "kube")]
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(Error::Config(format!(
+            "{key}: {value:?} is not true or false"
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn args(flags: &[&str]) -> Vec<String> {
+        std::iter::once("meshid-ca")
+            .chain(flags.iter().copied())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Parses `flags` against an empty environment.
+    fn flags(flags: &[&str]) -> Config {
+        Config::from_args(args(flags), &env(&[])).unwrap()
+    }
 
     #[test]
     fn durations() {
@@ -346,13 +547,26 @@ mod tests {
 
     #[test]
     fn defaults_are_istios() {
-        let c = Config::from_args(["meshid-ca"]).unwrap();
+        let c = flags(&[]);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.grpc_addr.port(), 15012);
         assert_eq!(c.monitoring_addr.port(), 15014);
+        assert_eq!(c.root_ca_dir, PathBuf::from("./etc/cacerts"));
+        assert_eq!(
+            c.self_signed_ca_cert_ttl,
+            Duration::from_secs(87_600 * 3600)
+        );
         assert_eq!(c.default_workload_cert_ttl, Duration::from_secs(86_400));
         assert_eq!(c.max_workload_cert_ttl, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.jwks_refresh_interval, Duration::from_secs(300));
         assert_eq!(c.audiences(), ["istio-ca"]);
+        assert_eq!(c.token_issuer, DEFAULT_TOKEN_ISSUER);
+        assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(c.server_names, Vec::<String>::new());
+        assert_eq!(c.server_ips, [IpAddr::from([127, 0, 0, 1])]);
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(c.ca_dir_poll_interval, Duration::from_secs(1));
+        assert_eq!(c.file_poll_interval, Duration::from_millis(500));
         assert_eq!(
             c.node_accounts().unwrap(),
             [NodeAccount {
@@ -361,46 +575,249 @@ mod tests {
             }]
         );
         c.validate().unwrap();
-        assert!(c.describe().contains("trust_domain: cluster.local"));
+        assert!(!c.kube_enabled());
+    }
+
+    #[test]
+    fn the_environment_fills_in_what_no_flag_sets() {
+        let e = env(&[
+            ("TRUST_DOMAIN", "example.org"),
+            ("CA_GRPC_ADDRESS", "127.0.0.1:9012"),
+            ("CA_MONITORING_ADDRESS", "127.0.0.1:9014"),
+            ("ROOT_CA_DIR", "/etc/ca"),
+            ("CA_ROOT_CERT_OUT", "/out/root.pem"),
+            ("CITADEL_SELF_SIGNED_CA_CERT_TTL", "48h"),
+            ("DEFAULT_WORKLOAD_CERT_TTL", "1h"),
+            ("MAX_WORKLOAD_CERT_TTL", "2h"),
+            ("TOKEN_AUDIENCES", "istio-ca, other"),
+            ("TOKEN_ISSUER", "https://issuer"),
+            ("JWKS_FILE", "/jwks.json"),
+            ("WORKLOAD_REGISTRY", "/registry.json"),
+            (
+                "CA_TRUSTED_NODE_ACCOUNTS",
+                "kube-system/node,istio-system/ztunnel",
+            ),
+            ("CLUSTER_ID", "east"),
+            ("CA_SERVER_NAMES", "ca.example,ca2.example"),
+            ("CA_SERVER_IPS", "10.0.0.1, ::1"),
+            ("CA_MAX_REQUEST_BYTES", "8192"),
+        ]);
+        let c = Config::from_args(args(&[]), &e).unwrap();
+        assert_eq!(c.trust_domain, "example.org");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:9012");
+        assert_eq!(c.monitoring_addr.to_string(), "127.0.0.1:9014");
+        assert_eq!(c.root_ca_dir, PathBuf::from("/etc/ca"));
+        assert_eq!(c.root_cert_out, Some(PathBuf::from("/out/root.pem")));
+        assert_eq!(c.self_signed_ca_cert_ttl, Duration::from_secs(48 * 3600));
+        assert_eq!(c.default_workload_cert_ttl, Duration::from_secs(3600));
+        assert_eq!(c.max_workload_cert_ttl, Duration::from_secs(7200));
+        assert_eq!(c.audiences(), ["istio-ca", "other"]);
+        assert_eq!(c.token_issuer, "https://issuer");
+        assert_eq!(c.jwks_file, Some(PathBuf::from("/jwks.json")));
+        assert_eq!(c.registry_file, Some(PathBuf::from("/registry.json")));
+        assert_eq!(c.node_accounts().unwrap().len(), 2);
+        assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.server_names, ["ca.example", "ca2.example"]);
+        assert_eq!(
+            c.server_ips,
+            [
+                IpAddr::from([10, 0, 0, 1]),
+                "::1".parse::<IpAddr>().unwrap()
+            ]
+        );
+        assert_eq!(c.max_request_bytes, 8192);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_environment_which_wins_over_the_default() {
+        let e = env(&[
+            ("TRUST_DOMAIN", "env.example"),
+            ("DEFAULT_WORKLOAD_CERT_TTL", "2h"),
+            ("TOKEN_AUDIENCES", "from-env"),
+            ("CA_SERVER_IPS", "10.0.0.1"),
+            ("CA_GRPC_ADDRESS", "127.0.0.1:1"),
+            ("CA_MAX_REQUEST_BYTES", "8192"),
+            // Blank is unset: the default applies.
+            ("CLUSTER_ID", "  "),
+        ]);
+        let c = Config::from_args(
+            args(&[
+                "--trust-domain",
+                "flag.example",
+                "--default-workload-cert-ttl",
+                "30m",
+                "--token-audiences",
+                "a,b",
+                "--server-ip",
+                "10.0.0.2",
+                "--grpc-addr",
+                "127.0.0.1:2",
+                "--max-request-bytes",
+                "4096",
+            ]),
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain, "flag.example");
+        assert_eq!(c.default_workload_cert_ttl, Duration::from_secs(1800));
+        assert_eq!(c.audiences(), ["a", "b"]);
+        assert_eq!(c.server_ips, [IpAddr::from([10, 0, 0, 2])]);
+        assert_eq!(c.grpc_addr.port(), 2);
+        assert_eq!(c.max_request_bytes, 4096);
+        assert_eq!(c.cluster_id, DEFAULT_CLUSTER_ID);
+
+        let c = Config::from_args(args(&[]), &e).unwrap();
+        assert_eq!(c.trust_domain, "env.example");
+        assert_eq!(c.default_workload_cert_ttl, Duration::from_secs(7200));
+        assert_eq!(c.audiences(), ["from-env"]);
+        assert_eq!(c.server_ips, [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(c.grpc_addr.port(), 1);
+        assert_eq!(c.max_request_bytes, 8192);
+    }
+
+    #[test]
+    fn unparseable_values_name_their_setting() {
+        for (vars, needle) in [
+            (&[("CA_GRPC_ADDRESS", "nowhere")][..], "CA_GRPC_ADDRESS"),
+            (
+                &[("MAX_WORKLOAD_CERT_TTL", "soon")],
+                "MAX_WORKLOAD_CERT_TTL",
+            ),
+            (&[("CA_SERVER_IPS", "10.0.0.300")], "CA_SERVER_IPS"),
+            (&[("CA_MAX_REQUEST_BYTES", "lots")], "CA_MAX_REQUEST_BYTES"),
+        ] {
+            let err = Config::from_args(args(&[]), &env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{vars:?}: {err}");
+        }
+        let err = Config::from_args(args(&["--file-poll-interval", "often"]), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--file-poll-interval"), "{err}");
+        let err = Config::from_args(args(&["--grpc-addr", "x"]), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--grpc-addr"), "{err}");
+    }
+
+    #[cfg(feature = "kube")]
+    #[test]
+    fn token_review_comes_from_the_flag_or_the_variable() {
+        assert!(!flags(&[]).token_review);
+        assert!(flags(&["--token-review"]).token_review);
+        let on = |v: &str| Config::from_args(args(&[]), &env(&[("CA_TOKEN_REVIEW", v)]));
+        assert!(on("true").unwrap().token_review);
+        assert!(!on("0").unwrap().token_review);
+        let err = on("maybe").unwrap_err().to_string();
+        assert!(err.contains("CA_TOKEN_REVIEW"), "{err}");
     }
 
     #[test]
     fn help_documents_every_istio_variable() {
         use clap::CommandFactory;
-        let help = Config::command().render_long_help().to_string();
+        let help = Cli::command().render_long_help().to_string();
         for env in [
             "TRUST_DOMAIN",
+            "CA_GRPC_ADDRESS",
+            "CA_MONITORING_ADDRESS",
             "ROOT_CA_DIR",
+            "CA_ROOT_CERT_OUT",
             "TOKEN_AUDIENCES",
+            "TOKEN_ISSUER",
+            "JWKS_FILE",
+            "JWKS_URL",
+            "JWKS_URL_CA",
+            "WORKLOAD_REGISTRY",
             "CA_TRUSTED_NODE_ACCOUNTS",
+            "CLUSTER_ID",
+            "CA_SERVER_NAMES",
+            "CA_SERVER_IPS",
+            "CA_MAX_REQUEST_BYTES",
             "DEFAULT_WORKLOAD_CERT_TTL",
             "MAX_WORKLOAD_CERT_TTL",
             "CITADEL_SELF_SIGNED_CA_CERT_TTL",
         ] {
             assert!(
-                help.contains(&format!("env: {env}")),
+                help.contains(&format!("[env: {env}]")),
                 "{env} missing from --help"
             );
         }
     }
 
     #[test]
+    fn printed_config_is_yaml_with_every_setting_and_no_credentials() {
+        let c = flags(&[
+            "--jwks-url",
+            "https://user:s3cret@issuer.example/jwks",
+            "--registry-file",
+            "/r",
+        ]);
+        let yaml = meshid_common::config::to_yaml(&c);
+        for line in [
+            "trust_domain: cluster.local",
+            "grpc_addr: 0.0.0.0:15012",
+            "default_workload_cert_ttl: 24h0m0s",
+            "max_workload_cert_ttl: 2160h0m0s",
+            "jwks_url: https://[redacted]@issuer.example/jwks",
+            "- istio-system/ztunnel",
+            "cluster_id: Kubernetes",
+        ] {
+            assert!(yaml.contains(line), "{line:?} missing from\n{yaml}");
+        }
+        assert!(!yaml.contains("s3cret"), "{yaml}");
+        assert_eq!(
+            without_userinfo("http://issuer:8080/a@b"),
+            "http://issuer:8080/a@b"
+        );
+    }
+
+    /// docs/configuration.md is written from `--help`: every flag and
+    /// variable of the help is in the CA's table there.
+    #[test]
+    fn the_configuration_doc_lists_every_flag_and_variable() {
+        use clap::CommandFactory;
+        let doc = include_str!("../../../docs/configuration.md");
+        let table = doc
+            .split("## CA (`meshid-ca`)")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/configuration.md has a CA section");
+        for arg in Cli::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version", "token-review"].contains(&long) {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let env = help
+                .split("[env: ")
+                .nth(1)
+                .and_then(|e| e.split(']').next())
+                .map(|e| format!("`{e}`"))
+                .unwrap_or_default();
+            let row = format!("| `--{long}` | {env} |");
+            assert!(table.contains(&row), "docs/configuration.md lacks {row}");
+        }
+    }
+
+    #[test]
     fn bad_settings_are_named() {
-        let c = Config::from_args(["meshid-ca", "--trust-domain", "Bad.Domain"]).unwrap();
+        let c = flags(&["--trust-domain", "Bad.Domain"]);
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("--trust-domain")
         );
-        let c = Config::from_args(["meshid-ca", "--trusted-node-accounts", "ztunnel"]).unwrap();
+        let c = flags(&["--trusted-node-accounts", "ztunnel"]);
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("\"ztunnel\"")
         );
-        let c = Config::from_args(["meshid-ca", "--jwks-file", "/x"]).unwrap();
+        let c = flags(&["--jwks-file", "/x"]);
         assert!(
             c.validate()
                 .unwrap_err()
@@ -408,15 +825,14 @@ mod tests {
                 .contains("--registry-file")
         );
         let url = |u: &str| {
-            Config::from_args(["meshid-ca", "--jwks-url", u, "--registry-file", "/r"])
-                .unwrap()
+            flags(&["--jwks-url", u, "--registry-file", "/r"])
                 .validate()
                 .unwrap_err()
                 .to_string()
         };
         assert!(url("https://issuer.example/jwks").contains("--jwks-url-ca"));
         assert!(url("ftp://issuer.example/jwks").contains("http://"));
-        let c = Config::from_args(["meshid-ca", "--default-workload-cert-ttl", "100d"]).unwrap();
+        let c = flags(&["--default-workload-cert-ttl", "100d"]);
         assert!(c.validate().is_err());
     }
 }

@@ -2,6 +2,8 @@
 //! through [`EnvSource`] (the process, or a map in tests, so tests never
 //! mutate the process environment) and durations written the way Istio and
 //! Go write them (`24h`, `1h30m`, `250ms`, `1.5s`; a bare number is seconds).
+//! Every component prints its resolved configuration at start the same way:
+//! as YAML, through [`log_config`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -91,6 +93,47 @@ impl<'a> Layers<'a> {
     }
 }
 
+/// `config` as YAML: the one start-up format of every component. A config
+/// holds paths and names, never key material or tokens (each component's
+/// `Serialize` leaves them out).
+pub fn to_yaml<T: serde::Serialize + ?Sized>(config: &T) -> String {
+    serde_yaml_ng::to_string(config)
+        .unwrap_or_else(|e| format!("<the configuration cannot be printed: {e}>"))
+}
+
+/// Logs `component`'s configuration at start, as YAML ([`to_yaml`]).
+pub fn log_config<T: serde::Serialize + ?Sized>(component: &str, config: &T) {
+    tracing::info!("{component} configuration:\n{}", to_yaml(config));
+}
+
+/// `1h30m0s`, `90s`, `250ms`: short and readable, parseable by
+/// [`parse_duration`].
+pub fn format_duration(d: Duration) -> String {
+    let total_ms = d.as_millis();
+    if total_ms < 1000 && !d.is_zero() {
+        return format!("{total_ms}ms");
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let ms = d.subsec_millis();
+    let s_part = if ms > 0 {
+        format!("{s}.{ms:03}s")
+    } else {
+        format!("{s}s")
+    };
+    match (h, m) {
+        (0, 0) => s_part,
+        (0, m) => format!("{m}m{s_part}"),
+        (h, m) => format!("{h}h{m}m{s_part}"),
+    }
+}
+
+/// Serializes a duration as [`format_duration`] writes it, for
+/// `#[serde(serialize_with = "...")]`.
+pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
 /// Parses a duration: number-unit pairs (units `ns`, `us`/`µs`, `ms`, `s`,
 /// `m`, `h`, `d`; numbers may have a fraction), or a bare whole number of
 /// seconds. The error says what is wrong, for a config error or clap.
@@ -173,6 +216,42 @@ mod tests {
                 Err(e) => assert!(e.contains(why), "{s:?}: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn formatted_durations_parse_back() {
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "24h0m0s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+        for d in [
+            Duration::from_secs(86_400),
+            Duration::from_millis(250),
+            Duration::from_millis(90_500),
+            Duration::from_secs(61),
+            Duration::ZERO,
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn configs_print_as_yaml() {
+        #[derive(serde::Serialize)]
+        struct Demo {
+            trust_domain: &'static str,
+            #[serde(serialize_with = "serialize_duration")]
+            ttl: Duration,
+            audiences: Vec<&'static str>,
+        }
+        let yaml = to_yaml(&Demo {
+            trust_domain: "cluster.local",
+            ttl: Duration::from_secs(5400),
+            audiences: vec!["istio-ca"],
+        });
+        assert_eq!(
+            yaml,
+            "trust_domain: cluster.local\nttl: 1h30m0s\naudiences:\n- istio-ca\n"
+        );
     }
 
     #[test]

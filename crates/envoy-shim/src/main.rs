@@ -35,10 +35,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: meshid_envoy_shim::Config) -> anyhow::Result<()> {
     tls::install_crypto_provider();
-    tracing::info!(
-        config = %serde_yaml_ng::to_string(&config).unwrap_or_default(),
-        "meshid-envoy-shim configuration"
-    );
+    meshid_common::config::log_config("meshid-envoy-shim", &config);
     let app = App::build(config).await.context("starting the proxy")?;
     meshid_common::signal::serve_until_shutdown(|| app.shutdown())
         .await

@@ -237,21 +237,24 @@ async fn warmup_ca() {
     TokenIssuer::write_jwks(&p("jwks.json"), &[&issuer]).unwrap();
     let s = |path: &Path| path.display().to_string();
     let ca = meshid_ca::App::build(
-        meshid_ca::Config::from_args([
-            "meshid-ca".to_string(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--monitoring-addr".into(),
-            "127.0.0.1:0".into(),
-            "--root-ca-dir".into(),
-            s(&p("cacerts")),
-            "--root-cert-out".into(),
-            s(&p("root-cert.pem")),
-            "--jwks-file".into(),
-            s(&p("jwks.json")),
-            "--registry-file".into(),
-            s(&p("registry.json")),
-        ])
+        meshid_ca::Config::from_args(
+            [
+                "meshid-ca".to_string(),
+                "--grpc-addr".into(),
+                "127.0.0.1:0".into(),
+                "--monitoring-addr".into(),
+                "127.0.0.1:0".into(),
+                "--root-ca-dir".into(),
+                s(&p("cacerts")),
+                "--root-cert-out".into(),
+                s(&p("root-cert.pem")),
+                "--jwks-file".into(),
+                s(&p("jwks.json")),
+                "--registry-file".into(),
+                s(&p("registry.json")),
+            ],
+            &std::collections::HashMap::<String, String>::new(),
+        )
         .unwrap(),
     )
     .await

@@ -67,25 +67,28 @@ async fn cluster() -> Cluster {
     let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).unwrap();
     TokenIssuer::write_jwks(&p("jwks.json"), &[&issuer]).unwrap();
     let s = |path: &Path| path.display().to_string();
-    let ca_config = meshid_ca::Config::from_args([
-        "meshid-ca".to_string(),
-        "--trust-domain".into(),
-        TD.into(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--monitoring-addr".into(),
-        "127.0.0.1:0".into(),
-        "--root-ca-dir".into(),
-        s(&p("cacerts")),
-        "--root-cert-out".into(),
-        s(&p("root-cert.pem")),
-        "--jwks-file".into(),
-        s(&p("jwks.json")),
-        "--registry-file".into(),
-        s(&p("registry.json")),
-        "--file-poll-interval".into(),
-        "50ms".into(),
-    ])
+    let ca_config = meshid_ca::Config::from_args(
+        [
+            "meshid-ca".to_string(),
+            "--trust-domain".into(),
+            TD.into(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--monitoring-addr".into(),
+            "127.0.0.1:0".into(),
+            "--root-ca-dir".into(),
+            s(&p("cacerts")),
+            "--root-cert-out".into(),
+            s(&p("root-cert.pem")),
+            "--jwks-file".into(),
+            s(&p("jwks.json")),
+            "--registry-file".into(),
+            s(&p("registry.json")),
+            "--file-poll-interval".into(),
+            "50ms".into(),
+        ],
+        &std::collections::HashMap::<String, String>::new(),
+    )
     .unwrap();
     let ca = meshid_ca::App::build(ca_config).await.unwrap();
     let mut configs = Vec::new();

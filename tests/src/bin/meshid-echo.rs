@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use meshid_tests::docker::forward::{Forward, Relay};
+use meshid_tests::backend::docker::forward::{Forward, Relay};
 use meshid_tests::echo::Echo;
 
 #[derive(Debug, Parser)]

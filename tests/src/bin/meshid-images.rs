@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshid_tests::docker::image;
+use meshid_tests::backend::docker::image;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -96,7 +96,7 @@ async fn the_binary_serves_sds_and_stops_cleanly_on_sigterm() {
         .unwrap();
     let out = out.replace('\u{1b}', "");
     assert!(out.contains("configuration:"), "{out}");
-    assert!(out.contains("\"service_account\": \"web\""), "{out}");
+    assert!(out.contains("\nservice_account: web\n"), "{out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(!out.contains("PRIVATE KEY"), "{out}");
     ca.app.shutdown().await;

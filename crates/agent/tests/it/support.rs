@@ -224,7 +224,9 @@ impl RealCa {
             p("jwks.json").display().to_string(),
         ])
         .collect();
-        let config = meshid_ca::Config::from_args(args).unwrap();
+        let config =
+            meshid_ca::Config::from_args(args, &std::collections::HashMap::<String, String>::new())
+                .unwrap();
         let app = meshid_ca::App::build(config).await.expect("the CA starts");
         RealCa {
             tmp,

@@ -144,7 +144,7 @@ impl Fixture {
             args.extend(["--jwks-file".into(), dir(&self.path("jwks.json"))]);
         }
         args.extend(self.extra_args.iter().cloned());
-        Config::from_args(args).unwrap()
+        Config::from_args(args, &std::collections::HashMap::<String, String>::new()).unwrap()
     }
 
     /// (Re)starts the CA on the same directory.
