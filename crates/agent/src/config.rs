@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 pub use meshid_common::identity::{
     DEFAULT_CA_ROOT_CA, DEFAULT_CA_TIMEOUT, DEFAULT_CLUSTER_ID, DEFAULT_GRACE_PERIOD_RATIO,
     DEFAULT_GRACE_PERIOD_RATIO_JITTER, DEFAULT_INITIAL_BACKOFF, DEFAULT_KEY_TYPE,
-    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL, format_duration,
+    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL,
 };
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "istio-ca";
 pub const DEFAULT_SOCKET_DIR: &str = "./var/run/secrets/workload-spiffe-uds";
@@ -39,7 +39,7 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_FIRST_FETCH_DELAY: Duration = Duration::from_secs(1);
 
 use meshid_common::config::Layers;
-pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
+pub use meshid_common::config::{EnvSource, ProcessEnv, format_duration, parse_duration};
 
 /// meshid-agent: the per-pod identity agent (Istio's pilot-agent SDS role).
 ///
@@ -101,12 +101,8 @@ pub struct Config {
     pub service_account: String,
     pub admin_addr: SocketAddr,
     pub output_certs: Option<PathBuf>,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "meshid_common::config::serialize_duration")]
     pub first_fetch_delay: Duration,
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&format_duration(*d))
 }
 
 impl Default for Config {
@@ -230,11 +226,6 @@ impl Config {
             &self.namespace,
             &self.service_account,
         )?)
-    }
-
-    /// The config as pretty JSON, for the start-up log.
-    pub fn to_pretty_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<{e}>"))
     }
 }
 
@@ -390,10 +381,11 @@ mod tests {
 
     #[test]
     fn printed_config_has_every_setting_and_no_secrets() {
-        let json = Config::default().to_pretty_json();
-        for key in ["address", "ttl", "sds_socket", "cluster_id"] {
-            assert!(json.contains(key), "{json}");
+        let yaml = meshid_common::config::to_yaml(&Config::default());
+        for key in ["address:", "sds_socket:", "cluster_id: Kubernetes"] {
+            assert!(yaml.contains(key), "{yaml}");
         }
-        assert!(json.contains("\"24h0m0s\""), "{json}");
+        assert!(yaml.contains("ttl: 24h0m0s"), "{yaml}");
+        assert!(yaml.contains("grace_period_ratio: 0.5"), "{yaml}");
     }
 }

@@ -22,7 +22,7 @@ use crate::policy::{PolicyRule, load_policy_file};
 pub use meshid_common::identity::{
     DEFAULT_CA_ROOT_CA, DEFAULT_CA_TIMEOUT, DEFAULT_GRACE_PERIOD_RATIO,
     DEFAULT_GRACE_PERIOD_RATIO_JITTER, DEFAULT_INITIAL_BACKOFF, DEFAULT_KEY_TYPE,
-    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL, format_duration,
+    DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL,
 };
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_NAME: &str = "node-a";
@@ -43,7 +43,7 @@ pub const DEFAULT_CERT_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 use meshid_common::config::Layers;
-pub use meshid_common::config::{EnvSource, ProcessEnv, parse_duration};
+pub use meshid_common::config::{EnvSource, ProcessEnv, format_duration, parse_duration};
 
 /// meshid-ztunnel: ambient mode's node proxy.
 ///
@@ -185,7 +185,7 @@ pub struct Config {
     pub node_name: String,
     pub registry_source: RegistrySource,
     pub registry_file: PathBuf,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "meshid_common::config::serialize_duration")]
     pub registry_poll: Duration,
     pub hbone_addr: SocketAddr,
     pub inbound_plaintext_addr: Option<SocketAddr>,
@@ -197,14 +197,10 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     pub policies: Vec<PolicyRule>,
     pub max_concurrent_fetches: usize,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "meshid_common::config::serialize_duration")]
     pub cert_wait: Duration,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "meshid_common::config::serialize_duration")]
     pub connect_timeout: Duration,
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&format_duration(*d))
 }
 
 impl Default for Config {
@@ -365,11 +361,6 @@ impl Config {
     pub fn peer_address(&self, node: &str) -> Option<SocketAddr> {
         self.peers.iter().find(|(n, _)| n == node).map(|(_, a)| *a)
     }
-
-    /// The config as pretty JSON, for the start-up log.
-    pub fn to_pretty_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<{e}>"))
-    }
 }
 
 #[cfg(test)]
@@ -397,7 +388,12 @@ mod tests {
         assert_eq!(c.outbound_capture_addr.unwrap().port(), 15001);
         assert_eq!(c.ca.policy.grace_period_ratio, 0.5);
         assert_eq!(c.ca.ttl, Duration::from_secs(86_400));
-        assert!(c.to_pretty_json().contains("\"node_name\": \"node-a\""));
+        let yaml = meshid_common::config::to_yaml(&c);
+        assert!(yaml.contains("node_name: node-a"), "{yaml}");
+        assert!(
+            yaml.contains("token_path: ./var/run/secrets/tokens/istio-token"),
+            "{yaml}"
+        );
     }
 
     #[test]

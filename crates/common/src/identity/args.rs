@@ -11,7 +11,7 @@ use super::RenewalPolicy;
 use crate::ca_client::{
     CaClientConfig, DEFAULT_CA_ADDRESS, DEFAULT_CA_SERVER_NAME, DEFAULT_CONNECT_TIMEOUT,
 };
-use crate::config::{EnvSource, Layers, SettingError};
+use crate::config::{EnvSource, Layers, SettingError, format_duration, serialize_duration};
 use crate::error::{Error, Result};
 use crate::keys::KeyType;
 
@@ -85,14 +85,14 @@ pub struct CaClientSettings {
     pub server_name: String,
     pub token_path: PathBuf,
     pub cluster_id: String,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "serialize_duration")]
     pub ttl: Duration,
     pub key_type: KeyType,
     #[serde(flatten)]
     pub policy: RenewalPolicy,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "serialize_duration")]
     pub ca_timeout: Duration,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
 }
 
@@ -258,35 +258,6 @@ impl CaClientSettings {
     }
 }
 
-pub(crate) fn ser_duration<S: serde::Serializer>(
-    d: &Duration,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&format_duration(*d))
-}
-
-/// `1h30m0s`, `90s`, `250ms`: short and readable, parseable by
-/// [`parse_duration`](crate::config::parse_duration).
-pub fn format_duration(d: Duration) -> String {
-    let total_ms = d.as_millis();
-    if total_ms < 1000 && !d.is_zero() {
-        return format!("{total_ms}ms");
-    }
-    let secs = d.as_secs();
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let ms = d.subsec_millis();
-    let s_part = if ms > 0 {
-        format!("{s}.{ms:03}s")
-    } else {
-        format!("{s}s")
-    };
-    match (h, m) {
-        (0, 0) => s_part,
-        (0, m) => format!("{m}m{s_part}"),
-        (h, m) => format!("{h}h{m}m{s_part}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,12 +329,5 @@ mod tests {
             ..CaClientArgs::default()
         };
         assert!(resolve(args, &[]).unwrap_err().0.contains("backoff"));
-    }
-
-    #[test]
-    fn durations_print_short() {
-        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m0s");
-        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
-        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
     }
 }

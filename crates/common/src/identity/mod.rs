@@ -28,7 +28,6 @@ pub use args::{
     CaClientArgs, CaClientSettings, DEFAULT_CA_ROOT_CA, DEFAULT_CA_TIMEOUT, DEFAULT_CLUSTER_ID,
     DEFAULT_GRACE_PERIOD_RATIO, DEFAULT_GRACE_PERIOD_RATIO_JITTER, DEFAULT_INITIAL_BACKOFF,
     DEFAULT_KEY_TYPE, DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL,
-    format_duration,
 };
 pub use limiter::{FetchLimiter, Permit};
 pub use source::{CaSource, CertificateSource, SignRequest};
@@ -53,9 +52,9 @@ pub struct RenewalPolicy {
     /// `SECRET_GRACE_PERIOD_RATIO_JITTER`: ± on the ratio, drawn per certificate.
     pub grace_period_ratio_jitter: f64,
     /// First retry delay after a failure; doubles up to `max_backoff`.
-    #[serde(serialize_with = "args::ser_duration")]
+    #[serde(serialize_with = "crate::config::serialize_duration")]
     pub initial_backoff: Duration,
-    #[serde(serialize_with = "args::ser_duration")]
+    #[serde(serialize_with = "crate::config::serialize_duration")]
     pub max_backoff: Duration,
 }
 
