@@ -61,6 +61,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// An HBONE connection dialled an address that names no workload of
+    /// this node, and its SNI (if any) named no hosted identity either.
+    #[error("HBONE connection from {peer} to {dialled}: {why}")]
+    NoHostedDestination {
+        peer: SocketAddr,
+        dialled: String,
+        why: String,
+    },
+
     #[error("HTTP/2 with {addr}: {reason}")]
     Http { addr: SocketAddr, reason: String },
 
@@ -83,6 +92,28 @@ pub enum Error {
 
     #[error(transparent)]
     Common(#[from] meshid_common::Error),
+}
+
+/// Every value of [`Error::handshake_failure_reason`].
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 5] = [
+    "unknown_destination",
+    "timeout",
+    "tls",
+    "no_certificate",
+    "other",
+];
+
+impl Error {
+    /// The `reason` label of `ztunnel_hbone_handshake_failures`.
+    pub fn handshake_failure_reason(&self) -> &'static str {
+        match self {
+            Error::NoHostedDestination { .. } => "unknown_destination",
+            Error::Timeout { .. } => "timeout",
+            Error::Tls { .. } => "tls",
+            Error::NotHosted(_) | Error::CertUnavailable { .. } => "no_certificate",
+            _ => "other",
+        }
+    }
 }
 
 /// Shorthand used throughout the crate.

@@ -1,11 +1,17 @@
 //! Inbound: the HBONE server (:15008) and the plaintext listener (:15006).
 //!
-//! HBONE: the server reads the ClientHello, maps its SNI to a hosted identity
-//! and finishes the handshake with that identity's certificate (waiting for
-//! it, with priority, if it is not fetched yet); the client must present a
-//! chain that verifies to the bundle and names an identity of our trust
-//! domain; the session must be TLS 1.3 with `h2`. Each HTTP/2 request then
-//! gets:
+//! HBONE: the server picks the identity to present as the real ztunnel does,
+//! by the address the client dialled (DESIGN §2.5; a real ztunnel sends no
+//! SNI): the connection's `SO_ORIGINAL_DST` when iptables redirected it,
+//! else its local address. When that IP is the address of exactly one
+//! workload this node serves, that workload's identity is presented, whatever
+//! the SNI says. Otherwise (process mode: the node's own address, or several
+//! workloads sharing one loopback IP) the SNI, if the client sent one, is a
+//! hint naming a hosted identity ([`meshid_common::tls::sni_for`]). The
+//! handshake then finishes with that identity's certificate (waiting for it,
+//! with priority, if it is not fetched yet); the client must present a chain
+//! that verifies to the bundle and names an identity of our trust domain; the
+//! session must be TLS 1.3 with `h2`. Each HTTP/2 request then gets:
 //!
 //! | answer | when |
 //! |---|---|
@@ -15,9 +21,11 @@
 //! | 503 | the workload does not accept the TCP connection |
 //! | 200 | otherwise; bytes flow both ways until either side closes |
 //!
-//! A connection with no SNI, an SNI naming no identity of this node, no TLS
-//! at all, or a client certificate that does not verify is closed during the
-//! handshake.
+//! A connection to an address that names no single served workload and
+//! carries no SNI naming a hosted identity, no TLS at all, or a client
+//! certificate that does not verify is closed during the handshake, logged
+//! with the dialled address and counted in
+//! `ztunnel_hbone_handshake_failures{reason}`.
 //!
 //! Plaintext: the destination is the connection's `SO_ORIGINAL_DST` when
 //! iptables redirected it here; otherwise (process mode) the client sends a
@@ -45,7 +53,7 @@ use crate::connlog::{ConnLog, ConnRecord};
 use crate::directory::{Directory, WorkloadInfo};
 use crate::error::{Error, Result};
 use crate::h2io::H2Stream;
-use crate::metrics::{CodeLabels, Direction, Metrics};
+use crate::metrics::{CodeLabels, Direction, Metrics, ReasonLabels};
 use crate::policy::{Mode, Policies};
 
 /// Buffer size of each direction of a proxied connection: each write becomes
@@ -82,7 +90,7 @@ struct Accepted {
 #[derive(Clone, Debug)]
 struct ConnInfo {
     peer_addr: SocketAddr,
-    /// The identity we presented (chosen by SNI).
+    /// The identity we presented (chosen by the dialled address, or SNI).
     local_id: SpiffeId,
     /// The client's identity, from its verified certificate.
     peer_id: SpiffeId,
@@ -109,8 +117,14 @@ impl Inbound {
         let conn = match self.handshake(stream, peer).await {
             Ok(c) => c,
             Err(e) => {
-                self.metrics.hbone_handshake_failures.inc();
-                tracing::warn!(peer.addr = %peer, error = %e, "HBONE handshake refused");
+                let reason = e.handshake_failure_reason();
+                self.metrics
+                    .hbone_handshake_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    })
+                    .inc();
+                tracing::warn!(peer.addr = %peer, reason, error = %e, "HBONE handshake refused");
                 return;
             }
         };
@@ -169,6 +183,12 @@ impl Inbound {
             reason,
         };
         let timeout = self.connect_timeout;
+        // Where the client meant to go: the pod IP before an iptables
+        // REDIRECT, else the address it connected to.
+        let dialled = crate::capture::original_dst(&stream)
+            .ok()
+            .flatten()
+            .or_else(|| stream.local_addr().ok());
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let start = tokio::time::timeout(timeout, acceptor)
@@ -178,22 +198,8 @@ impl Inbound {
                 after: timeout,
             })?
             .map_err(|e| tls_err("client", format!("not a TLS ClientHello: {e}")))?;
-        let sni = start
-            .client_hello()
-            .server_name()
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                tls_err(
-                    "client",
-                    "no SNI: cannot tell which workload is dialled".into(),
-                )
-            })?;
-        let local_id = self.certs.identity_for_sni(&sni).ok_or_else(|| {
-            tls_err(
-                "client",
-                format!("SNI {sni:?} names no identity hosted on this node"),
-            )
-        })?;
+        let sni = start.client_hello().server_name().map(str::to_owned);
+        let local_id = self.identity_to_present(peer, dialled, sni.as_deref())?;
         let (entry, _) = self.certs.wait_for(&local_id).await?;
         let config = crate::tls::server_config(&entry, &self.trust_domain)?;
         let tls = tokio::time::timeout(timeout, start.into_stream(config))
@@ -223,6 +229,50 @@ impl Inbound {
                 peer_not_after: leaf.not_after,
             },
         ))
+    }
+
+    /// The hosted identity a connection from `peer` to `dialled` is for:
+    /// the served workload whose IP was dialled; else the one `sni` names.
+    fn identity_to_present(
+        &self,
+        peer: SocketAddr,
+        dialled: Option<SocketAddr>,
+        sni: Option<&str>,
+    ) -> Result<SpiffeId> {
+        if let Some(addr) = dialled
+            && let Some(w) = self.directory.borrow().local_by_ip(addr.ip())
+        {
+            if let Some(hint) = sni
+                && self.certs.identity_for_sni(hint).as_ref() != Some(&w.identity)
+            {
+                // A real ztunnel goes by the address too.
+                tracing::debug!(
+                    peer.addr = %peer,
+                    dst.addr = %addr,
+                    sni = hint,
+                    dst.identity = %w.identity,
+                    "SNI ignored: the dialled address names the workload"
+                );
+            }
+            return Ok(w.identity.clone());
+        }
+        let dialled_str =
+            dialled.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+        let refuse = |why: String| Error::NoHostedDestination {
+            peer,
+            dialled: dialled_str.clone(),
+            why,
+        };
+        match sni {
+            Some(hint) => self.certs.identity_for_sni(hint).ok_or_else(|| {
+                refuse(format!(
+                    "no single workload of this node has that IP, and SNI {hint:?} names no identity hosted here"
+                ))
+            }),
+            None => Err(refuse(
+                "no single workload of this node has that IP (and no SNI hint): refused".into(),
+            )),
+        }
     }
 
     async fn handle_stream(

@@ -42,6 +42,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
@@ -64,8 +69,9 @@ pub struct Metrics {
     pub hbone_pool_connections: Counter,
     /// Outbound connections that could not be tunnelled.
     pub outbound_failures: Counter,
-    /// TLS handshakes refused on the HBONE port.
-    pub hbone_handshake_failures: Counter,
+    /// TLS handshakes refused on the HBONE port, by reason
+    /// ([`crate::error::Error::handshake_failure_reason`]).
+    pub hbone_handshake_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,7 +95,7 @@ impl Metrics {
             hbone_responses: Family::default(),
             hbone_pool_connections: Counter::default(),
             outbound_failures: Counter::default(),
-            hbone_handshake_failures: Counter::default(),
+            hbone_handshake_failures: Family::default(),
         };
         registry.register(
             "istio_tcp_connections_opened",
@@ -143,7 +149,7 @@ impl Metrics {
         );
         registry.register(
             "ztunnel_hbone_handshake_failures",
-            "TLS handshakes refused on the HBONE port",
+            "TLS handshakes refused on the HBONE port, by reason",
             m.hbone_handshake_failures.clone(),
         );
         Metrics { registry, ..m }
@@ -153,6 +159,23 @@ impl Metrics {
         RequestLabels {
             request_type: "csr".into(),
         }
+    }
+
+    /// HBONE handshakes refused for `reason`.
+    pub fn hbone_handshake_failures_for(&self, reason: &str) -> u64 {
+        self.hbone_handshake_failures
+            .get(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// HBONE handshakes refused, whatever the reason.
+    pub fn hbone_handshake_failures_total(&self) -> u64 {
+        crate::error::HANDSHAKE_FAILURE_REASONS
+            .iter()
+            .map(|r| self.hbone_handshake_failures_for(r))
+            .sum()
     }
 
     pub fn dir(direction: Direction) -> DirectionLabels {

@@ -241,10 +241,16 @@ async fn bad_input_is_refused_with_the_right_answer() {
         }
     };
     assert!(!err.is_empty());
-    let failures = m.b.metrics().hbone_handshake_failures.get();
-    assert!(
-        failures >= 3,
-        "plaintext, foreign domain, unhosted: {failures}"
+    // The server counts a refusal after the client has seen it.
+    wait_until("plaintext, foreign domain, unhosted to be counted", || {
+        m.b.metrics().hbone_handshake_failures_total() >= 3
+    })
+    .await;
+    // 127.0.0.2 is shared by node-b's workloads, and web's SNI names none.
+    assert_eq!(
+        m.b.metrics()
+            .hbone_handshake_failures_for("unknown_destination"),
+        1
     );
     let metrics = m.b.metrics().render();
     for code in ["400", "404", "401", "503"] {
@@ -431,4 +437,163 @@ async fn megabytes_flow_both_ways_under_http2_flow_control() {
     writer.await.unwrap();
     assert_eq!(back.len(), SIZE);
     assert!(back.chunks(65_536).all(|c| c[250] == 250 && c[251] == 0));
+}
+
+/// A log sink for one test: what the ztunnel logs on this thread.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A real ztunnel sends no SNI: it dials `<pod ip>:15008` and expects the
+/// server to present the identity of the workload at that address. node-b
+/// listens on 0.0.0.0 and hosts db-0 (127.0.0.12) and api-0 (127.0.0.13).
+#[tokio::test]
+async fn the_server_picks_its_certificate_by_the_dialled_address_without_sni() {
+    let logs = LogBuffer::default();
+    let sink = logs.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish(),
+    );
+    meshid_common::tls::install_crypto_provider();
+    let web = echo_server("127.0.0.11").await;
+    let db = echo_server("127.0.0.12").await;
+    let api = echo_server("127.0.0.13").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    registry.upsert_workload(pod("api-0", "api", "node-b", api));
+    let pki = std::sync::Arc::new(
+        meshid_common::testing::TestPki::new(TD)
+            .unwrap()
+            .with_intermediate()
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let registry_path = dir.path().join("registry.json");
+    registry.write_atomic(&registry_path).unwrap();
+    let ttl = Duration::from_secs(3600);
+    let b = meshid_ztunnel::App::build_with_source(
+        meshid_ztunnel::Config {
+            hbone_addr: "0.0.0.0:0".parse().unwrap(),
+            ..config("node-b", "127.0.0.2", &registry_path)
+        },
+        test_ca(&pki, ttl),
+    )
+    .await
+    .unwrap();
+    let a = meshid_ztunnel::App::build_with_source(
+        meshid_ztunnel::Config {
+            peers: vec![("node-b".into(), b.hbone_addr())],
+            ..config("node-a", "127.0.0.1", &registry_path)
+        },
+        test_ca(&pki, ttl),
+    )
+    .await
+    .unwrap();
+    b.wait_ready(Duration::from_secs(20)).await.unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let port = b.hbone_addr().port();
+    let at = |ip: std::net::SocketAddr| std::net::SocketAddr::new(ip.ip(), port);
+    let id = |sa: &str| pki.id("default", sa);
+    let web_svid = || pki.svid("default", "web").unwrap();
+
+    // No SNI: the dialled address alone names the workload.
+    for (addr, sa) in [(db, "db"), (api, "api")] {
+        let mut h = raw_hbone_sni(&pki, web_svid(), &id(sa), at(addr), None)
+            .await
+            .unwrap_or_else(|e| panic!("no-SNI handshake to {sa} at {}: {e}", at(addr)));
+        assert_eq!(
+            status_of(&mut h, Method::CONNECT, &addr.to_string()).await,
+            200
+        );
+    }
+
+    // SNI is a hint only: the address wins (as in istio/ztunnel), so a
+    // client dialling db's IP with api's SNI still gets db...
+    let mut h = raw_hbone_sni(&pki, web_svid(), &id("db"), at(db), Some(&id("api")))
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &db.to_string()).await,
+        200
+    );
+    // ...and one that insists on api there fails its own SAN check.
+    assert!(
+        raw_hbone_sni(&pki, web_svid(), &id("api"), at(db), Some(&id("api")))
+            .await
+            .is_err(),
+        "db's address must present db's certificate"
+    );
+
+    // An address node-b does not host, no SNI: refused in the handshake,
+    // counted and logged with the address.
+    let unhosted: std::net::SocketAddr = format!("127.0.0.99:{port}").parse().unwrap();
+    let refused = match raw_hbone_sni(&pki, web_svid(), &id("db"), unhosted, None).await {
+        Err(_) => true,
+        Ok(mut h) => {
+            let req = http::Request::builder()
+                .method(Method::CONNECT)
+                .uri(db.to_string())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            h.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused, "an unhosted address must not get a tunnel");
+    wait_until("the refusal to be counted", || {
+        b.metrics()
+            .hbone_handshake_failures_for("unknown_destination")
+            == 1
+    })
+    .await;
+    assert!(
+        b.metrics()
+            .render()
+            .contains("ztunnel_hbone_handshake_failures_total{reason=\"unknown_destination\"} 1"),
+        "{}",
+        b.metrics().render()
+    );
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("HBONE handshake refused") && l.contains(&unhosted.to_string())),
+        "the refusal log names the dialled address: {text}"
+    );
+
+    // node-a's client dials db's IP on node-b's HBONE port, without SNI.
+    let route = a
+        .add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/web-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: db,
+        })
+        .await
+        .unwrap();
+    assert_eq!(echo_through(route, b"hi db").await.unwrap(), b"hi db");
+    wait_until("the inbound record", || {
+        b.recent_connections().iter().any(|c| {
+            c.src_identity.as_deref() == Some(id("web").as_str())
+                && c.dst_identity == id("db").as_str()
+        })
+    })
+    .await;
 }

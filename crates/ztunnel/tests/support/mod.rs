@@ -192,12 +192,25 @@ impl Mesh {
     }
 }
 
-/// An HBONE client built by hand (tests of the server's answers).
+/// An HBONE client built by hand (tests of the server's answers), sending
+/// the SNI of `server_id` as a hint.
 pub async fn raw_hbone(
     pki: &TestPki,
     client: Svid,
     server_id: &SpiffeId,
     addr: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, String> {
+    raw_hbone_sni(pki, client, server_id, addr, Some(server_id)).await
+}
+
+/// An HBONE client built by hand that accepts only `server_id` and sends the
+/// SNI of `sni`, or none (as a real ztunnel) when `None`.
+pub async fn raw_hbone_sni(
+    pki: &TestPki,
+    client: Svid,
+    server_id: &SpiffeId,
+    addr: SocketAddr,
+    sni: Option<&SpiffeId>,
 ) -> Result<SendRequest<Empty<Bytes>>, String> {
     // A receiver still reads the last value after its sender is gone.
     let (_tx, rx) = tokio::sync::watch::channel(Some(Credentials {
@@ -208,9 +221,10 @@ pub async fn raw_hbone(
         meshid_common::tls::client_config(rx, meshid_common::PeerMatcher::Exact(server_id.clone()))
             .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = sni.is_some();
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(meshid_common::tls::sni_for(server_id), tcp)
+        .connect(meshid_common::tls::sni_for(sni.unwrap_or(server_id)), tcp)
         .await
         .map_err(|e| e.to_string())?;
     let (sender, conn) =
