@@ -3,7 +3,7 @@
 //! [`App::shutdown`] stops accepting and drains connections.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,15 +196,6 @@ impl App {
         });
         admin.clone().router().serve(admin_listener, &drain);
 
-        let local_hbone = match hbone_addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), hbone_addr.port())
-            }
-            IpAddr::V6(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), hbone_addr.port())
-            }
-            _ => hbone_addr,
-        };
         let outbound = Arc::new(Outbound {
             node: config.node_name.clone(),
             directory: directory.clone(),
@@ -212,7 +203,7 @@ impl App {
             pool: Pool::new(config.connect_timeout, metrics.clone()),
             metrics: metrics.clone(),
             connlog: connlog.clone(),
-            local_hbone,
+            local_hbone: hbone_addr,
             peers: std::sync::RwLock::new(config.peers.clone()),
             default_hbone_port: DEFAULT_HBONE_PORT,
         });

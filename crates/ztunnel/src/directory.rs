@@ -40,6 +40,8 @@ pub struct Directory {
     /// Served local workloads by IP: the source of a captured connection.
     local_by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
     local_identities: HashSet<SpiffeId>,
+    /// How many workloads (any node, any mode) have each IP.
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Directory {
@@ -77,6 +79,9 @@ impl Directory {
                 {
                     shared_ips.insert(ip);
                 }
+            }
+            if let Some(ip) = w.ip() {
+                *d.per_ip.entry(ip).or_default() += 1;
             }
             if let Some(sa) = w.socket_addr() {
                 d.by_addr.insert(sa, info.clone());
@@ -126,6 +131,12 @@ impl Directory {
     /// served workload, or more than one, has that IP.
     pub fn local_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
         self.local_by_ip.get(&ip)
+    }
+
+    /// Whether `ip` is the address of exactly one workload of the registry:
+    /// then an HBONE server hosting it knows it by the dialled IP alone.
+    pub fn alone_at_ip(&self, ip: IpAddr) -> bool {
+        self.per_ip.get(&ip) == Some(&1)
     }
 
     /// Identities of the workloads running on this node.
@@ -210,5 +221,11 @@ mod tests {
             "node-b"
         );
         assert_eq!(d.local_workloads().count(), 1);
+        assert!(d.alone_at_ip("127.0.0.2".parse().unwrap()));
+        assert!(
+            !d.alone_at_ip("127.0.0.1".parse().unwrap()),
+            "web and legacy"
+        );
+        assert!(!d2.alone_at_ip("127.0.0.99".parse().unwrap()));
     }
 }

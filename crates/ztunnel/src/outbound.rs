@@ -56,18 +56,26 @@ pub struct Route {
 }
 
 impl Outbound {
-    /// Where the ztunnel of `node` listens for HBONE, to reach `dest`.
+    /// Where the ztunnel of `node` listens for HBONE, to reach `dest`. As
+    /// a real ztunnel, `<dest ip>:<HBONE port>` — unless the node's HBONE
+    /// address is configured with a specific IP (process mode), which is
+    /// then dialled instead.
     pub fn hbone_address(&self, node: &str, dest: SocketAddr) -> SocketAddr {
-        if node == self.node {
-            return self.local_hbone;
+        let configured = if node == self.node {
+            Some(self.local_hbone)
+        } else {
+            self.peers
+                .read()
+                .expect("peers lock")
+                .iter()
+                .find(|(n, _)| n == node)
+                .map(|(_, a)| *a)
+        };
+        match configured {
+            Some(a) if !a.ip().is_unspecified() => a,
+            Some(a) => SocketAddr::new(dest.ip(), a.port()),
+            None => SocketAddr::new(dest.ip(), self.default_hbone_port),
         }
-        self.peers
-            .read()
-            .expect("peers lock")
-            .iter()
-            .find(|(n, _)| n == node)
-            .map(|(_, a)| *a)
-            .unwrap_or_else(|| SocketAddr::new(dest.ip(), self.default_hbone_port))
     }
 
     /// Accepts connections on `listener`, all bound for `route`, on `drain`
@@ -204,7 +212,7 @@ impl Outbound {
         meshid_common::SpiffeId,
         meshid_common::SpiffeId,
     )> {
-        let (src, dst) = {
+        let (src, dst, alone_at_ip) = {
             let dir = self.directory.borrow();
             let src = dir
                 .local_by_name(&route.namespace, &route.pod)
@@ -216,7 +224,8 @@ impl Outbound {
                 .lookup(route.destination)
                 .cloned()
                 .ok_or(Error::UnknownDestination(route.destination))?;
-            (src, dst)
+            let alone = dir.alone_at_ip(route.destination.ip());
+            (src, dst, alone)
         };
         let span = tracing::Span::current();
         span.record("src.identity", tracing::field::display(&src.identity));
@@ -237,6 +246,9 @@ impl Outbound {
             authority: route.destination,
             source_ip,
             node: dst.workload.node.clone(),
+            // The server knows the workload by the dialled IP when it is
+            // the workload's own; SNI is only a hint for when it is not.
+            send_sni: !(node_addr.ip() == route.destination.ip() && alone_at_ip),
         };
         let tunnel = self.pool.connect(&key, &entry.credentials(), &req).await?;
         Ok((tunnel, src.identity.clone(), dst.identity.clone()))

@@ -59,6 +59,9 @@ pub struct ConnectRequest {
     pub source_ip: std::net::IpAddr,
     /// The destination node, for error messages.
     pub node: String,
+    /// Send SNI as a hint: the dialled IP does not name the destination
+    /// workload by itself (a real ztunnel never needs to).
+    pub send_sni: bool,
 }
 
 /// A pooled connection and when it stops taking new streams: the earlier
@@ -234,7 +237,8 @@ impl Pool {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let config = crate::tls::client_config(source_creds.clone(), &key.destination)?;
+        let config =
+            crate::tls::client_config(source_creds.clone(), &key.destination, req.send_sni)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tls = tokio::time::timeout(
             timeout,

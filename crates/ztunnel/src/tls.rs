@@ -3,13 +3,17 @@
 //!
 //! - Server: one config per hosted identity, presenting that identity's
 //!   certificate and demanding a client certificate of the trust domain. The
-//!   HBONE server reads the ClientHello first and picks the config whose
-//!   identity's [`sni_for`](meshid_common::tls::sni_for) matches the SNI, so
-//!   it always presents the certificate of the workload being dialled, and
-//!   can wait (with priority) for a certificate not fetched yet.
+//!   HBONE server reads the ClientHello first and picks the config of the
+//!   workload at the dialled address (or, failing that, the one whose
+//!   [`sni_for`](meshid_common::tls::sni_for) matches the SNI), so it always
+//!   presents the certificate of the workload being dialled, and can wait
+//!   (with priority) for a certificate not fetched yet.
 //! - Client: one config per (source identity, destination identity),
 //!   presenting the source workload's certificate and accepting only a server
-//!   whose SAN is the destination workload's identity.
+//!   whose SAN is the destination workload's identity. Like the real
+//!   ztunnel it sends no SNI when it dials the destination workload's own
+//!   IP; it sends one only as a hint where that IP cannot name the workload
+//!   (process mode: a node address, or a loopback IP shared by workloads).
 //!
 //! Both offer TLS 1.3 only, so an older peer fails in the handshake, and set
 //! ALPN `h2`; [`check_session`] still refuses, on both sides, any session
@@ -43,10 +47,11 @@ pub fn server_config(entry: &Entry, trust_domain: &str) -> Result<Arc<rustls::Se
 }
 
 /// An HBONE client config presenting `source`'s certificate to a server that
-/// must be `destination`.
+/// must be `destination`, sending SNI only when `send_sni`.
 pub fn client_config(
     source: CredentialsRx,
     destination: &SpiffeId,
+    send_sni: bool,
 ) -> Result<rustls::ClientConfig> {
     let mut config = meshid_common::tls::client_config_for(
         source,
@@ -54,6 +59,7 @@ pub fn client_config(
         TlsVersions::Tls13Only,
     )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = send_sni;
     Ok(config)
 }
 

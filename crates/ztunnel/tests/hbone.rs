@@ -597,3 +597,55 @@ async fn the_server_picks_its_certificate_by_the_dialled_address_without_sni() {
     })
     .await;
 }
+
+/// The client side: dialling a destination workload's own IP, the ztunnel
+/// sends no SNI (as istio/ztunnel, whose ClientHello names nothing). A fake
+/// HBONE server at db's IP records the ClientHello.
+#[tokio::test]
+async fn the_client_sends_no_sni_when_it_dials_the_workloads_ip() {
+    meshid_common::tls::install_crypto_provider();
+    let web = echo_server("127.0.0.21").await;
+    let fake = tokio::net::TcpListener::bind("127.0.0.22:0").await.unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    // db-0 is registered on its own IP; node-b's "ztunnel" listens there.
+    let db: std::net::SocketAddr = "127.0.0.22:8080".parse().unwrap();
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    let pki = std::sync::Arc::new(meshid_common::testing::TestPki::new(TD).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let registry_path = dir.path().join("registry.json");
+    registry.write_atomic(&registry_path).unwrap();
+    let a = meshid_ztunnel::App::build_with_source(
+        meshid_ztunnel::Config {
+            peers: vec![("node-b".into(), fake_addr)],
+            ..config("node-a", "127.0.0.1", &registry_path)
+        },
+        test_ca(&pki, Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let hello = tokio::spawn(async move {
+        let (tcp, _) = fake.accept().await.unwrap();
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .unwrap();
+        start.client_hello().server_name().map(str::to_owned)
+    });
+    let route = a
+        .add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/web-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: db,
+        })
+        .await
+        .unwrap();
+    // The fake server never answers: the connection fails, the hello is read.
+    let _ = tokio::time::timeout(Duration::from_secs(5), echo_through(route, b"x")).await;
+    let sni = tokio::time::timeout(Duration::from_secs(10), hello)
+        .await
+        .expect("the client dialled db's IP")
+        .unwrap();
+    assert_eq!(sni, None, "no SNI when the dialled IP is the workload's");
+}
