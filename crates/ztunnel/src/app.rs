@@ -173,6 +173,7 @@ impl App {
             metrics: metrics.clone(),
             connlog: connlog.clone(),
             connect_timeout: config.connect_timeout,
+            node_hbone_ip: Some(hbone_addr.ip()).filter(|ip| !ip.is_unspecified()),
         });
         inbound.clone().serve_hbone(hbone, &drain);
         let plaintext_addr = match config.inbound_plaintext_addr {

@@ -7,7 +7,10 @@
 //! workload this node serves, that workload's identity is presented, whatever
 //! the SNI says. Otherwise (process mode: the node's own address, or several
 //! workloads sharing one loopback IP) the SNI, if the client sent one, is a
-//! hint naming a hosted identity ([`meshid_common::tls::sni_for`]). The
+//! hint naming a hosted identity ([`meshid_common::tls::sni_for`]). The one
+//! exception: a listener bound to one IP (not `0.0.0.0`) is the node's
+//! address, so a connection made straight to it lets a hosted identity in
+//! the SNI win over a workload that happens to share the node's IP. The
 //! handshake then finishes with that identity's certificate (waiting for it,
 //! with priority, if it is not fetched yet); the client must present a chain
 //! that verifies to the bundle and names an identity of our trust domain; the
@@ -75,6 +78,10 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     pub connlog: Arc<ConnLog>,
     pub connect_timeout: Duration,
+    /// The IP the HBONE listener is bound to, unless it listens on all
+    /// addresses: a connection that came straight to it dialled the node,
+    /// not a pod (process mode).
+    pub node_hbone_ip: Option<std::net::IpAddr>,
 }
 
 /// An accepted CONNECT: the workload's connection and what the log needs.
@@ -239,6 +246,13 @@ impl Inbound {
         dialled: Option<SocketAddr>,
         sni: Option<&str>,
     ) -> Result<SpiffeId> {
+        // Process mode: the client dialled the node's own HBONE address, so
+        // the IP names the node; a hosted identity in the SNI says which
+        // workload (even when one local workload shares the node's IP).
+        let dialled_node = dialled.is_some_and(|a| Some(a.ip()) == self.node_hbone_ip);
+        if dialled_node && let Some(id) = sni.and_then(|hint| self.certs.identity_for_sni(hint)) {
+            return Ok(id);
+        }
         if let Some(addr) = dialled
             && let Some(w) = self.directory.borrow().local_by_ip(addr.ip())
         {

@@ -649,3 +649,69 @@ async fn the_client_sends_no_sni_when_it_dials_the_workloads_ip() {
         .unwrap();
     assert_eq!(sni, None, "no SNI when the dialled IP is the workload's");
 }
+
+/// Process mode: node-b's HBONE listener is bound to the node's address
+/// (127.0.0.32), which db-0 happens to share, while api-0 has its own IP.
+/// A client dialling the node address with api's SNI must get api, not db;
+/// one that sends no SNI gets the workload at the address.
+#[tokio::test]
+async fn a_node_address_shared_with_one_workload_still_honours_the_sni() {
+    meshid_common::tls::install_crypto_provider();
+    let web = echo_server("127.0.0.31").await;
+    let db = echo_server("127.0.0.32").await;
+    let api = echo_server("127.0.0.33").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("web-0", "web", "node-a", web));
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    registry.upsert_workload(pod("api-0", "api", "node-b", api));
+    let pki = std::sync::Arc::new(meshid_common::testing::TestPki::new(TD).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let registry_path = dir.path().join("registry.json");
+    registry.write_atomic(&registry_path).unwrap();
+    let ttl = Duration::from_secs(3600);
+    let b = meshid_ztunnel::App::build_with_source(
+        config("node-b", "127.0.0.32", &registry_path),
+        test_ca(&pki, ttl),
+    )
+    .await
+    .unwrap();
+    let a = meshid_ztunnel::App::build_with_source(
+        meshid_ztunnel::Config {
+            peers: vec![("node-b".into(), b.hbone_addr())],
+            ..config("node-a", "127.0.0.1", &registry_path)
+        },
+        test_ca(&pki, ttl),
+    )
+    .await
+    .unwrap();
+    b.wait_ready(Duration::from_secs(20)).await.unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let id = |sa: &str| pki.id("default", sa);
+    let web_svid = || pki.svid("default", "web").unwrap();
+    let node_b = b.hbone_addr();
+
+    let mut h = raw_hbone_sni(&pki, web_svid(), &id("api"), node_b, Some(&id("api")))
+        .await
+        .expect("api's SNI at the node address gets api's certificate");
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &api.to_string()).await,
+        200
+    );
+    let mut h = raw_hbone_sni(&pki, web_svid(), &id("db"), node_b, None)
+        .await
+        .expect("no SNI at db's address gets db's certificate");
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &db.to_string()).await,
+        200
+    );
+    // node-a dials node-b's configured address for api, with api's SNI.
+    let route = a
+        .add_outbound(&meshid_ztunnel::config::OutboundRoute {
+            source: "default/web-0".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            destination: api,
+        })
+        .await
+        .unwrap();
+    assert_eq!(echo_through(route, b"hi api").await.unwrap(), b"hi api");
+}
