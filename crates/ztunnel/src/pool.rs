@@ -66,18 +66,36 @@ pub struct ConnectRequest {
 
 /// A pooled connection and when it stops taking new streams: the earlier
 /// expiry of the two certificates of its handshake, so no stream is opened
-/// on the authority of an expired certificate (revocation by TTL).
+/// on the authority of an expired certificate (revocation by TTL), and as
+/// soon as the source workload's certificate has been renewed, so new
+/// streams ride on the new certificate while the old one still has half
+/// its life (a stream sent just before the old one expires could reach a
+/// slow peer after it).
 struct Pooled {
     sender: SendRequest<Bytes>,
     /// Cancelled when the connection task ends.
     closed: CancellationToken,
     usable_until: SystemTime,
+    /// Serial of the source certificate offered in the handshake.
+    client_serial: Option<String>,
 }
 
 impl Pooled {
     fn usable(&self, now: SystemTime) -> bool {
         !self.closed.is_cancelled() && now < self.usable_until
     }
+
+    /// Usable, and still on the source's current certificate.
+    fn usable_with(&self, now: SystemTime, source_creds: &CredentialsRx) -> bool {
+        self.usable(now) && self.client_serial == current_serial(source_creds)
+    }
+}
+
+fn current_serial(source_creds: &CredentialsRx) -> Option<String> {
+    source_creds
+        .borrow()
+        .as_ref()
+        .map(|c| c.svid.leaf().serial.clone())
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
@@ -205,7 +223,7 @@ impl Pool {
     ) -> Result<SendRequest<Bytes>> {
         let mut guard = slot.lock().await;
         if let Some(p) = guard.as_ref()
-            && p.usable(SystemTime::now())
+            && p.usable_with(SystemTime::now(), source_creds)
         {
             return Ok(p.sender.clone());
         }
@@ -237,6 +255,12 @@ impl Pool {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        // The source certificate this handshake will offer (read before it).
+        let client_before = source_creds
+            .borrow()
+            .as_ref()
+            .map(|c| (c.svid.leaf().serial.clone(), c.svid.leaf().not_after))
+            .unzip();
         let config =
             crate::tls::client_config(source_creds.clone(), &key.destination, req.send_sni)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -263,10 +287,15 @@ impl Pool {
             .and_then(|c| c.first())
             .and_then(|leaf| meshid_common::CertInfo::from_der(leaf).ok())
             .map(|l| l.not_after);
+        // The client certificate is read again after the handshake: a
+        // renewal during it must shorten, never lengthen, the connection's use.
         let client_not_after = source_creds
             .borrow()
             .as_ref()
-            .map(|c| c.svid.leaf().not_after);
+            .map(|c| c.svid.leaf().not_after)
+            .into_iter()
+            .chain(client_before.1)
+            .min();
         let usable_until = server_not_after
             .into_iter()
             .chain(client_not_after)
@@ -317,6 +346,7 @@ impl Pool {
             sender,
             closed,
             usable_until,
+            client_serial: client_before.0,
         })
     }
 }

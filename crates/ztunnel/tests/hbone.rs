@@ -715,3 +715,38 @@ async fn a_node_address_shared_with_one_workload_still_honours_the_sni() {
         .unwrap();
     assert_eq!(echo_through(route, b"hi api").await.unwrap(), b"hi api");
 }
+
+#[tokio::test]
+async fn a_renewed_source_certificate_moves_new_streams_to_a_new_connection() {
+    let t = topology().await;
+    let m = &t.mesh;
+    let route = m.route_a("web-0", t.db).await;
+    let opened = || m.a.metrics().hbone_pool_connections.get();
+    assert_eq!(echo_through(route, b"one").await.unwrap(), b"one");
+    assert_eq!(echo_through(route, b"two").await.unwrap(), b"two");
+    let before = opened();
+    assert!(before >= 1, "the first stream dialled");
+
+    // web's certificate is renewed long before it expires: the pooled
+    // connection still offers the old one, so the next stream dials anew.
+    let web = m.id("web");
+    let worker = m.a.certs().entry(&web).unwrap().worker().clone();
+    let old = worker.current().unwrap().svid.leaf().serial.clone();
+    let mut creds = worker.credentials();
+    worker.refresh_now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        creds.wait_for(|c| c.as_ref().is_some_and(|c| c.svid.leaf().serial != old)),
+    )
+    .await
+    .expect("renewed")
+    .unwrap();
+    assert_eq!(echo_through(route, b"three").await.unwrap(), b"three");
+    assert_eq!(
+        opened(),
+        before + 1,
+        "a new connection for the new certificate"
+    );
+    assert_eq!(echo_through(route, b"four").await.unwrap(), b"four");
+    assert_eq!(opened(), before + 1, "and it is pooled in turn");
+}
