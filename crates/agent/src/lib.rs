@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authority;
 pub mod config;
 pub mod error;
 pub mod metrics;
