@@ -18,6 +18,7 @@ pub mod error;
 pub mod metrics;
 pub mod output;
 pub mod sds;
+pub mod sds_files;
 pub mod uds;
 pub mod workload;
 
