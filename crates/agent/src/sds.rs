@@ -1,13 +1,18 @@
 //! Envoy's Secret Discovery Service over the agent's Unix socket (DESIGN
 //! §2.3): `StreamSecrets` (state of the world) and `FetchSecrets`.
 //!
-//! Two resources: `default`, the workload chain and key ([`TlsCertificate`]
-//! with inline PEM), and `ROOTCA`, the trust bundle
-//! ([`CertificateValidationContext`] with inline PEM roots). Each stream
+//! The names pilot-agent serves: `default`, the workload chain and key
+//! (`TlsCertificate` with inline PEM); `ROOTCA`, the trust bundle
+//! (`CertificateValidationContext` with inline PEM roots); `file-root:`,
+//! `file-cert:` and `file-root:system`, read from files ([`crate::sds_files`]),
+//! polled and re-pushed on change. Any other name gets the workload
+//! certificate under that name, as pilot-agent's secret cache does. A file
+//! secret that cannot be served (outside `--sds-file-allow`, unreadable, not
+//! PEM) is logged and left out of the response; the stream stays open and
+//! the secret is sent once the file is there. Each stream
 //! task follows one client: the first request must name its node; a request
 //! with the last nonce and no error is an ACK (no reply), with an error a
-//! NACK (logged, no reply); an older nonce is stale and ignored; a name the
-//! agent does not serve ends that stream with an error naming it. When the
+//! NACK (logged, no reply); an older nonce is stale and ignored. When the
 //! credentials change, every stream whose resources changed version gets a
 //! new response. Versions are content-derived (the leaf serial, the root
 //! serials), so a reconnecting client sees the same version for the same
@@ -35,6 +40,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::sds_files::{FILE_POLL, FileAllow, FileError, FileResource};
 use meshid_common::identity::Worker;
 
 /// The two resource names (`default`, `ROOTCA`), as `meshid_common::sds`
@@ -52,6 +58,7 @@ pub struct SdsServer {
     cancel: CancellationToken,
     next_stream: AtomicU64,
     cache: Arc<RenderCache>,
+    allow: FileAllow,
 }
 
 impl SdsServer {
@@ -62,7 +69,14 @@ impl SdsServer {
             cancel,
             next_stream: AtomicU64::new(1),
             cache: Arc::default(),
+            allow: FileAllow::default(),
         }
+    }
+
+    /// The directories `file-root:` / `file-cert:` secrets may be read from.
+    pub fn with_file_allow(mut self, allow: FileAllow) -> Self {
+        self.allow = allow;
+        self
     }
 
     pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
@@ -95,6 +109,9 @@ impl SecretDiscoveryService for SdsServer {
             metrics: self.metrics.clone(),
             creds: self.manager.credentials(),
             cache: self.cache.clone(),
+            allow: self.allow.clone(),
+            files: BTreeMap::new(),
+            file_errors: BTreeMap::new(),
             parent,
             pending: None,
             stream_id,
@@ -127,15 +144,23 @@ impl SecretDiscoveryService for SdsServer {
             .and_then(|r| r.ok())
             .and_then(|c| c.clone())
             .ok_or_else(|| Error::NotReady.to_status())?;
-        let rendered = self.cache.get(&current);
-        let versions = rendered.versions(&req.resource_names);
+        let rendered = (self.cache.get(&current), current);
+        let mut files = BTreeMap::new();
+        let mut out = BTreeMap::new();
         for name in &req.resource_names {
+            match resource(name, Some(&rendered), &self.allow, &mut files) {
+                Ok(Some(r)) => {
+                    out.insert(name.clone(), r);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Status::not_found(e.to_string())),
+            }
             self.metrics
                 .sds_pushes
                 .get_or_create(&Metrics::resource(name))
                 .inc();
         }
-        Ok(Response::new(rendered.response(&versions, "fetch".into())))
+        Ok(Response::new(response(&out, "fetch".into())))
     }
 }
 
@@ -147,14 +172,58 @@ fn check_request(req: &DiscoveryRequest, need_node: bool) -> Result<(), Status> 
     if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
         return Err(Error::WrongTypeUrl(req.type_url.clone()).to_status());
     }
-    if let Some(name) = req
-        .resource_names
-        .iter()
-        .find(|n| *n != WORKLOAD_RESOURCE && *n != ROOT_RESOURCE)
-    {
+    if let Some(name) = req.resource_names.iter().find(|n| n.is_empty()) {
         return Err(Error::UnknownResource { name: name.clone() }.to_status());
     }
     Ok(())
+}
+
+/// One secret ready to send: its version and its encoding.
+type Served = (String, prost_types::Any);
+
+/// The version and encoding of resource `name`: from the credentials
+/// (`Ok(None)` while there are none), or from files (`files` caches the
+/// encodings by name, re-read when a file's version moves).
+fn resource(
+    name: &str,
+    creds: Option<&(Arc<Rendered>, Credentials)>,
+    allow: &FileAllow,
+    files: &mut BTreeMap<String, Served>,
+) -> Result<Option<Served>, FileError> {
+    let Some(file) = FileResource::parse(name) else {
+        let Some((rendered, creds)) = creds else {
+            return Ok(None);
+        };
+        return Ok(Some(match name {
+            WORKLOAD_RESOURCE => rendered.default.clone(),
+            ROOT_RESOURCE => rendered.root.clone(),
+            // pilot-agent answers any other name with the workload
+            // certificate, named as asked.
+            _ => (
+                version(WORKLOAD_RESOURCE, creds),
+                meshid_common::sds::to_any(meshid_common::sds::tls_certificate(name, &creds.svid)),
+            ),
+        }));
+    };
+    let v = format!("file.{}", crate::sds_files::version(name, &file, allow)?);
+    if let Some(hit) = files.get(name).filter(|(old, _)| *old == v) {
+        return Ok(Some(hit.clone()));
+    }
+    let any = crate::sds_files::load(name, &file, allow)?;
+    files.insert(name.to_owned(), (v.clone(), any.clone()));
+    Ok(Some((v, any)))
+}
+
+/// A response carrying `out`, its version naming each resource's.
+fn response(out: &BTreeMap<String, Served>, nonce: String) -> DiscoveryResponse {
+    meshid_common::sds::response(
+        out.iter()
+            .map(|(n, (v, _))| format!("{n}:{v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        out.values().map(|(_, any)| any.clone()).collect(),
+        nonce,
+    )
 }
 
 /// The version of resource `name` in `creds`: the leaf serial, or the root serials.
@@ -201,33 +270,6 @@ impl Rendered {
     fn is_for(&self, creds: &Credentials) -> bool {
         Arc::ptr_eq(&self.svid, &creds.svid) && Arc::ptr_eq(&self.bundle, &creds.bundle)
     }
-
-    fn get(&self, name: &str) -> &(String, prost_types::Any) {
-        if name == WORKLOAD_RESOURCE {
-            &self.default
-        } else {
-            &self.root
-        }
-    }
-
-    fn versions(&self, names: &[String]) -> BTreeMap<String, String> {
-        names
-            .iter()
-            .map(|n| (n.clone(), self.get(n).0.clone()))
-            .collect()
-    }
-
-    fn response(&self, versions: &BTreeMap<String, String>, nonce: String) -> DiscoveryResponse {
-        meshid_common::sds::response(
-            versions
-                .iter()
-                .map(|(n, v)| format!("{n}:{v}"))
-                .collect::<Vec<_>>()
-                .join(","),
-            versions.keys().map(|n| self.get(n).1.clone()).collect(),
-            nonce,
-        )
-    }
 }
 
 /// The latest [`Rendered`].
@@ -256,6 +298,11 @@ struct StreamTask {
     metrics: Arc<Metrics>,
     creds: CredentialsRx,
     cache: Arc<RenderCache>,
+    allow: FileAllow,
+    /// File secrets last read, by name.
+    files: BTreeMap<String, Served>,
+    /// The last error logged per file secret, so a missing file logs once.
+    file_errors: BTreeMap<String, String>,
     /// The client's trace (the stream's `traceparent`), continued by each
     /// subscription's span.
     parent: opentelemetry::Context,
@@ -283,9 +330,13 @@ impl StreamTask {
         cancel: CancellationToken,
     ) {
         self.metrics.sds_connected_streams.inc();
+        let mut poll = tokio::time::interval(FILE_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            let watching = self.names.iter().any(|n| FileResource::parse(n).is_some());
             let out = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = poll.tick(), if watching => self.push(false),
                 _ = tx.closed() => break,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => match self.on_request(req) {
@@ -396,18 +447,47 @@ impl StreamTask {
 
     /// A response if a subscribed resource's version moved (or `force`).
     fn push(&mut self, force: bool) -> Option<DiscoveryResponse> {
-        let creds = self.creds.borrow_and_update().clone()?;
+        let creds = self.creds.borrow_and_update().clone();
         if self.names.is_empty() {
             return None;
         }
-        let rendered = self.cache.get(&creds);
-        let versions = rendered.versions(&self.names);
+        let rendered = creds.map(|c| (self.cache.get(&c), c));
+        let mut out = BTreeMap::new();
+        for name in &self.names {
+            match resource(name, rendered.as_ref(), &self.allow, &mut self.files) {
+                Ok(Some(r)) => {
+                    if self.file_errors.remove(name).is_some() {
+                        info!(resource = %name, "SDS file secret readable again");
+                    }
+                    out.insert(name.clone(), r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.file_errors.get(name) != Some(&msg) {
+                        warn!(
+                            resource = %name,
+                            error = %msg,
+                            "SDS secret not served; the stream stays open and the file is watched"
+                        );
+                        self.file_errors.insert(name.clone(), msg);
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            return None;
+        }
+        let versions: BTreeMap<String, String> = out
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), v.clone()))
+            .collect();
         if !force && versions == self.sent {
             return None;
         }
         self.seq += 1;
         let nonce = format!("{}-{}", self.stream_id, self.seq);
-        let resp = rendered.response(&versions, nonce.clone());
+        let resp = response(&out, nonce.clone());
         for name in versions.keys() {
             self.metrics
                 .sds_pushes

@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use futures::Stream;
 use meshid_common::serve::Drain;
+use tokio::io::DuplexStream;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
+use crate::authority::any_authority;
 use crate::error::{Error, Result};
 
 /// A bound socket and who may connect to it.
@@ -90,26 +92,28 @@ impl UdsListener {
 
     /// Accepted connections whose peer passes the policy, accepted on
     /// `drain`'s loop until it stops. Refused peers are logged and dropped,
-    /// never handed to the server.
+    /// never handed to the server. Each accepted connection goes through
+    /// [`any_authority`], so gRPC C-core clients are served too.
     pub fn incoming(
         self,
         what: &'static str,
         drain: &Drain,
-    ) -> impl Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+    ) -> impl Stream<Item = std::io::Result<DuplexStream>> + Send + 'static {
         let policy = self.policy;
         let path = Arc::new(self.path);
         drain.incoming(what, self.listener, move |stream: UnixStream, _| {
             let path = path.clone();
             async move {
                 match stream.peer_cred() {
-                    Ok(cred) if policy.allows(cred.uid(), cred.gid()) => Some(stream),
+                    Ok(cred) if policy.allows(cred.uid(), cred.gid()) => Some(any_authority(stream)),
                     Ok(cred) => {
                         warn!(
                             socket = %path.display(),
                             peer.uid = cred.uid(),
                             peer.gid = cred.gid(),
                             peer.pid = cred.pid(),
-                            "{what}: refused a connection from another user"
+                            "{}",
+                            refusal(what, cred.uid(), cred.gid(), &policy)
                         );
                         None
                     }
@@ -121,6 +125,20 @@ impl UdsListener {
             }
         })
     }
+}
+
+/// The log line for a refused peer: who it was, who may connect, and the
+/// way to let another uid in (Istio's proxy runs as uid 1337).
+pub fn refusal(what: &str, uid: u32, gid: u32, policy: &PeerPolicy) -> String {
+    let allowed = match policy.group {
+        Some(g) => format!("uid {} or gid {g}", policy.owner_uid),
+        None => format!("uid {} only", policy.owner_uid),
+    };
+    format!(
+        "{what}: refused a connection from uid {uid} gid {gid} (allowed: {allowed}); \
+         to let a proxy running as another user connect (Istio's runs as uid 1337), \
+         start the agent with --socket-group <a gid that proxy runs with>"
+    )
 }
 
 #[cfg(test)]
@@ -143,6 +161,18 @@ mod tests {
         };
         assert!(g.allows(1000, 2000));
         assert!(!g.allows(1000, 1000));
+    }
+
+    #[test]
+    fn a_refusal_names_the_uid_and_points_at_socket_group() {
+        let p = PeerPolicy {
+            owner_uid: 0,
+            group: None,
+        };
+        let line = refusal("SDS", 1337, 1337, &p);
+        assert!(line.contains("uid 1337 gid 1337"), "{line}");
+        assert!(line.contains("uid 0 only"), "{line}");
+        assert!(line.contains("--socket-group"), "{line}");
     }
 
     #[tokio::test]

@@ -29,6 +29,41 @@ pub const WORKLOAD_SECRET: &str = "default";
 /// The secret holding the trust bundle.
 pub const ROOT_SECRET: &str = "ROOTCA";
 
+/// Prefix of a trust bundle read from a file (`file-root:<path>`), as
+/// pilot-agent serves it.
+pub const FILE_ROOT_PREFIX: &str = "file-root:";
+
+/// Prefix of a key and chain read from files (`file-cert:<cert>~<key>`).
+pub const FILE_CERT_PREFIX: &str = "file-cert:";
+
+/// The OS trust store; istiod asks for it for every SIMPLE-TLS
+/// DestinationRule without `caCertificates`.
+pub const FILE_ROOT_SYSTEM: &str = "file-root:system";
+
+/// A `tls_certificate` secret from PEM bytes as read from files (the
+/// chain and the key, inline). The caller's key buffer is not kept.
+pub fn tls_certificate_pem(name: &str, chain_pem: &[u8], key_pem: &[u8]) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain_pem.to_vec()),
+            private_key: inline(key_pem.to_vec()),
+        })),
+    }
+}
+
+/// A `validation_context` secret from PEM roots as read from a file.
+pub fn validation_context_pem(name: &str, roots_pem: &[u8]) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(roots_pem.to_vec()),
+            },
+        )),
+    }
+}
+
 fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     Some(DataSource {
         specifier: Some(Specifier::InlineBytes(bytes)),

@@ -65,9 +65,31 @@ fn sds_config() -> serde_json::Value {
     })
 }
 
+/// `sds_config` with Envoy's gRPC C-core client (`google_grpc`) dialling
+/// the socket itself: it sends its own `:authority` (break 5).
+fn google_grpc_sds_config(sds_socket: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "resource_api_version": "V3",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": true,
+            "grpc_services": [{"google_grpc": {
+                "target_uri": format!("unix://{}", sds_socket.display()),
+                "stat_prefix": "sdsstat"
+            }}]
+        }
+    })
+}
+
 /// The bootstrap of DESIGN §2.3: SDS over the agent's socket, an mTLS
 /// listener that requires client certificates, a TCP proxy to the backend.
 fn bootstrap(sds_socket: &Path, backend: SocketAddr) -> String {
+    bootstrap_with(sds_socket, backend, sds_config())
+}
+
+/// [`bootstrap`] with the listener's secrets fetched through `sds`.
+fn bootstrap_with(sds_socket: &Path, backend: SocketAddr, sds: serde_json::Value) -> String {
     let doc = serde_json::json!({
         "node": {"id": "sidecar~127.0.0.1~web.default~default.svc.cluster.local", "cluster": "web.default"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -90,8 +112,8 @@ fn bootstrap(sds_socket: &Path, backend: SocketAddr) -> String {
                             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                             "require_client_certificate": true,
                             "common_tls_context": {
-                                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds_config()}],
-                                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds_config()}
+                                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds.clone()}],
+                                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds}
                             }
                         }
                     }
@@ -418,4 +440,129 @@ async fn envoy_with_certificates_from_the_real_ca() {
     assert_eq!(body, "hello from backend");
     drop(tx);
     app.shutdown().await;
+}
+
+/// Break 5 with a real Envoy: its SDS source is `google_grpc` (gRPC C-core
+/// dialling `unix:///…` with its own `:authority`), and it still gets its
+/// `default` secret from the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_with_a_google_grpc_sds_source_gets_its_certificate() {
+    let agent = AgentBuilder::default().start().await;
+    let serial = agent.ready().await;
+    let backend = backend().await;
+    let sds = google_grpc_sds_config(agent.app.sds_socket());
+    let inner = envoy::Envoy::start(
+        &bootstrap_with(agent.app.sds_socket(), backend, sds),
+        agent.dir.path(),
+        1,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    let listen = inner
+        .listener_addr("inbound-mtls", Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("Envoy listens: {e}"));
+    let envoy = Envoy { inner, listen };
+    assert!(
+        envoy.wait_serving_any(Duration::from_secs(15)).await,
+        "Envoy (google_grpc SDS) never loaded a certificate:\n{}\n/certs: {}",
+        envoy.log_tail(),
+        envoy.raw_certs().await
+    );
+    assert!(envoy.served_serials().await.contains(&serial));
+    agent.app.shutdown().await;
+}
+
+/// Break 2 with a real Envoy: an upstream cluster in SIMPLE TLS whose
+/// validation context is `file-root:system`, as istiod writes it for a
+/// DestinationRule without `caCertificates`. The secret must go active
+/// (on the old agent the stream was refused and the cluster kept warming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_simple_tls_cluster_with_file_root_system_goes_live() {
+    let agent = AgentBuilder::default().start().await;
+    agent.ready().await;
+    let doc = serde_json::json!({
+        "node": {"id": "sidecar~127.0.0.1~web.default~default.svc.cluster.local", "cluster": "web.default"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "sds-grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}}
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "sds-grpc",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": agent.app.sds_socket().display().to_string()}}}}]}]
+                    }
+                },
+                {
+                    "name": "outbound|443||api.example.com",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "outbound|443||api.example.com",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}}}]}]
+                    },
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                            "sni": "api.example.com",
+                            "common_tls_context": {
+                                "combined_validation_context": {
+                                    "default_validation_context": {
+                                        "match_subject_alt_names": [{"exact": "api.example.com"}]
+                                    },
+                                    "validation_context_sds_secret_config": {
+                                        "name": "file-root:system",
+                                        "sds_config": sds_config()
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            ]
+        }
+    });
+    let config = serde_json::to_string_pretty(&doc).unwrap();
+    let envoy = envoy::Envoy::start(&config, agent.dir.path(), 1)
+        .await
+        .unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok((200, body)) =
+            http_get(envoy.admin, "/config_dump?resource=dynamic_active_secrets").await
+        {
+            if body.contains("file-root:system") {
+                last = body;
+                break;
+            }
+            last = body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        last.contains("file-root:system"),
+        "file-root:system never went active in Envoy: {last}\n{}",
+        envoy.log_tail()
+    );
+    // The cluster is initialised (not warming) and its CA is the OS store.
+    let (_, stats) = http_get(envoy.admin, "/stats?filter=cluster_manager")
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("cluster_manager.warming_clusters: 0"),
+        "{stats}"
+    );
+    let (_, certs) = http_get(envoy.admin, "/certs").await.unwrap();
+    assert!(certs.contains("ca_cert"), "{certs}");
+    agent.app.shutdown().await;
 }

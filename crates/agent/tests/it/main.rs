@@ -4,6 +4,7 @@ mod admin;
 mod binary;
 mod ca_wire;
 mod envoy;
+mod grpcio;
 mod hygiene;
 mod real_ca;
 mod sds;

@@ -172,34 +172,176 @@ async fn a_stream_without_node_id_is_invalid_argument() {
 }
 
 #[tokio::test]
-async fn an_unknown_resource_ends_only_that_stream_and_names_it() {
+async fn an_unknown_name_gets_the_workload_certificate_under_that_name() {
+    // pilot-agent's secret cache answers any name that is neither ROOTCA
+    // nor a file name with the workload certificate, named as asked.
     let a = agent().await;
-    let first = a.ready().await;
+    let serial = a.ready().await;
     let mut client = a.sds().await;
-    let mut good = SdsStream::open(&mut client, request(Some("n"), &["default"]))
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["kubernetes://other"]))
         .await
         .unwrap();
-    let r = good.expect_response().await;
-    good.ack(&r, &["default"]).await;
+    let r = s.expect_response().await;
+    let got = secrets(&r);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].name, "kubernetes://other");
+    let (chain, _key) = tls_certificate(&got[0]);
+    let leaf = CertInfo::from_der(&parse_pem_certs(&chain).unwrap()[0]).unwrap();
+    assert_eq!(leaf.serial, serial);
+    a.app.shutdown().await;
+}
 
-    let mut bad = SdsStream::open(&mut client, request(Some("n"), &["default", "file-cert:x"]))
+/// An agent allowed to read files under `<its dir>/allowed`.
+async fn file_agent() -> (TestAgent, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let a = AgentBuilder {
+        extra_args: vec!["--sds-file-allow".into(), allowed.display().to_string()],
+        ..AgentBuilder::default()
+    }
+    .start()
+    .await;
+    // Keep the directory alive as long as the agent.
+    std::mem::forget(dir);
+    (a, allowed)
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn file_root_is_served_and_re_pushed_when_the_file_changes() {
+    let (a, allowed) = file_agent().await;
+    let one = meshid_common::testing::TestPki::new("one.example").unwrap();
+    let two = meshid_common::testing::TestPki::new("two.example").unwrap();
+    let path = allowed.join("root.pem");
+    write_atomically(&path, &one.bundle().to_pem());
+    let name = format!("file-root:{}", path.display());
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &[&name]))
         .await
         .unwrap();
-    match bad.next_within(Duration::from_secs(5)).await {
-        Some(Err(status)) => {
-            assert_eq!(status.code(), tonic::Code::InvalidArgument);
-            assert!(
-                status.message().contains("file-cert:x"),
-                "{}",
-                status.message()
-            );
+    let r = s.expect_response().await;
+    let got = secrets(&r);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].name, name);
+    assert_eq!(
+        TrustBundle::from_pem(&trusted_ca(&got[0])).unwrap(),
+        one.bundle()
+    );
+    s.ack(&r, &[&name]).await;
+    assert!(s.next_within(QUIET).await.is_none(), "no change, no push");
+
+    write_atomically(&path, &two.bundle().to_pem());
+    let r2 = s.expect_response().await;
+    assert_ne!(r2.version_info, r.version_info);
+    let got = secrets(&r2);
+    assert_eq!(
+        TrustBundle::from_pem(&trusted_ca(&got[0])).unwrap(),
+        two.bundle()
+    );
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_cert_is_served_and_re_pushed_when_the_files_change() {
+    let (a, allowed) = file_agent().await;
+    let pki = meshid_common::testing::TestPki::new("cluster.local").unwrap();
+    let cert = allowed.join("cert.pem");
+    let key = allowed.join("key.pem");
+    let write = |svid: &meshid_common::Svid| {
+        write_atomically(&key, svid.key().to_pkcs8_pem().as_str());
+        write_atomically(&cert, &meshid_common::cert::certs_to_pem(svid.chain()));
+    };
+    let first = pki.svid("default", "gw").unwrap();
+    write(&first);
+    let name = format!("file-cert:{}~{}", cert.display(), key.display());
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &[&name]))
+        .await
+        .unwrap();
+    let r = s.expect_response().await;
+    let got = secrets(&r);
+    assert_eq!(got[0].name, name);
+    let (chain, key_pem) = tls_certificate(&got[0]);
+    let leaf = CertInfo::from_der(&parse_pem_certs(&chain).unwrap()[0]).unwrap();
+    assert_eq!(leaf.serial, first.leaf().serial);
+    assert_eq!(key_pem, first.key().to_pkcs8_pem().as_str());
+    s.ack(&r, &[&name]).await;
+
+    let second = pki.svid("default", "gw").unwrap();
+    write(&second);
+    let serial = eventually_serial(&mut s, &second.leaf().serial).await;
+    assert_eq!(serial, second.leaf().serial);
+    a.app.shutdown().await;
+}
+
+/// Reads pushes until one carries `want`'s leaf; returns that serial.
+async fn eventually_serial(s: &mut SdsStream, want: &str) -> String {
+    for _ in 0..5 {
+        let r = s.expect_response().await;
+        let (chain, _) = tls_certificate(&secrets(&r)[0]);
+        let serial = CertInfo::from_der(&parse_pem_certs(&chain).unwrap()[0])
+            .unwrap()
+            .serial;
+        if serial == want {
+            return serial;
         }
-        other => panic!("expected an error naming the resource, got {other:?}"),
     }
-    // The other stream still works.
-    let second = a.rotate(&first).await;
-    let r = good.expect_response().await;
-    assert!(r.version_info.contains(&second));
+    panic!("never saw {want}")
+}
+
+#[tokio::test]
+async fn a_file_outside_the_allow_list_is_refused_and_the_stream_stays_alive() {
+    let (a, allowed) = file_agent().await;
+    let pki = meshid_common::testing::TestPki::new("cluster.local").unwrap();
+    // Readable, but outside the allowed directory.
+    let outside = allowed.parent().unwrap().join("root.pem");
+    std::fs::write(&outside, pki.bundle().to_pem()).unwrap();
+    let refused = format!("file-root:{}", outside.display());
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &[&refused]))
+        .await
+        .unwrap();
+    assert!(
+        s.next_within(Duration::from_secs(1)).await.is_none(),
+        "nothing is served for a refused path, and the stream is not ended"
+    );
+    // The same stream still serves: a missing file inside the allowed
+    // directory is sent once it appears.
+    let later = allowed.join("later.pem");
+    let name = format!("file-root:{}", later.display());
+    s.send(request(None, &[&name])).await;
+    assert!(s.next_within(Duration::from_secs(1)).await.is_none());
+    write_atomically(&later, &pki.bundle().to_pem());
+    let r = s.expect_response().await;
+    assert_eq!(secrets(&r)[0].name, name);
+    a.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_root_system_is_the_os_trust_store() {
+    let Some(path) = meshid_agent::sds_files::system_roots_path() else {
+        panic!(
+            "no OS trust bundle at any of {:?}: install the ca-certificates package",
+            meshid_agent::sds_files::SYSTEM_ROOT_PATHS
+        )
+    };
+    let a = agent().await;
+    let mut client = a.sds().await;
+    let mut s = SdsStream::open(&mut client, request(Some("n"), &["file-root:system"]))
+        .await
+        .unwrap();
+    let r = s.expect_response().await;
+    let got = secrets(&r);
+    assert_eq!(got[0].name, "file-root:system");
+    let pem = trusted_ca(&got[0]);
+    assert_eq!(pem, std::fs::read_to_string(&path).unwrap());
+    assert!(parse_pem_certs(&pem).unwrap().len() > 10, "a real store");
     a.app.shutdown().await;
 }
 
