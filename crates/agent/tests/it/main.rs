@@ -5,6 +5,7 @@ mod binary;
 mod ca_wire;
 mod envoy;
 mod hygiene;
+mod jwt_svid;
 mod real_ca;
 mod sds;
 mod support;
