@@ -4,13 +4,14 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use meshid_common::Error as CommonError;
 use meshid_common::ca_client::{CallOptions, JwtBundle, MintedJwt};
 use meshid_common::proto::jwt_svid::MintJwtSvidRequest;
 use meshid_common::proto::jwt_svid::jwt_svid_service_client::JwtSvidServiceClient;
-use meshid_common::{PrivateKey, SpiffeId};
+use meshid_common::{CaOptions, CertificateAuthority, PrivateKey, SpiffeId};
 use support::Fixture;
 use tonic::Code;
 
@@ -269,4 +270,82 @@ async fn a_client_certificate_authenticates_a_mint() {
         .await
         .unwrap();
     assert_eq!(by_cert.spiffe_id, WEB);
+}
+
+fn ca_pair(name: &str) -> (CertificateAuthority, CertificateAuthority) {
+    let root = CertificateAuthority::self_signed_root(&CaOptions::new(
+        name,
+        Duration::from_secs(86_400 * 30),
+    ))
+    .unwrap();
+    let inter = root
+        .issue_intermediate(&CaOptions {
+            common_name: Some(format!("{name} intermediate")),
+            ..CaOptions::new(name, Duration::from_secs(86_400 * 7))
+        })
+        .unwrap();
+    (root, inter)
+}
+
+fn plug(dir: &Path, root: &CertificateAuthority, inter: &CertificateAuthority, roots_pem: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, body: &str| {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    };
+    write("ca-key.pem", &inter.key().to_pkcs8_pem());
+    write(
+        "cert-chain.pem",
+        &format!("{}{}", inter.cert_pem(), root.cert_pem()),
+    );
+    write("root-cert.pem", roots_pem);
+    write("ca-cert.pem", &inter.cert_pem());
+}
+
+fn kids(bundle: &JwtBundle) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(&bundle.jwks).unwrap();
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_jwt_key_rotates_with_the_ca_and_the_old_one_stays_published() {
+    let (root_a, inter_a) = ca_pair("root-a");
+    let (root_b, inter_b) = ca_pair("root-b");
+    let mut fx = Fixture::start().await;
+    fx.app.take().unwrap().shutdown().await;
+    std::fs::remove_dir_all(fx.ca_dir()).unwrap();
+    plug(&fx.ca_dir(), &root_a, &inter_a, &root_a.cert_pem());
+    fx.restart().await;
+
+    let token = fx.token("default", "web-0");
+    let before = mint(&fx, &token, &["x"]).await.unwrap();
+    let old_kid = fx.app().jwt_authority().current_kid();
+
+    let both = format!("{}{}", root_a.cert_pem(), root_b.cert_pem());
+    plug(&fx.ca_dir(), &root_b, &inter_b, &both);
+    support::eventually(10, "the JWT key rotates with the CA", || {
+        fx.app().jwt_authority().current_kid() != old_kid
+    })
+    .await;
+    let new_kid = fx.app().jwt_authority().current_kid();
+    support::eventually(5, "the published roots", || {
+        meshid_common::TrustBundle::from_pem(&fx.roots_pem())
+            .map(|b| b.roots().len() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+
+    let bundle = fx.client().jwt_bundle(opts(&token)).await.unwrap();
+    assert_eq!(kids(&bundle), vec![old_kid, new_kid.clone()]);
+    verify(&bundle, &before.token, "x");
+    let after = mint(&fx, &token, &["x"]).await.unwrap();
+    let header = jsonwebtoken::decode_header(&after.token).unwrap();
+    assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
+    verify(&bundle, &after.token, "x");
 }
