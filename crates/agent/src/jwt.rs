@@ -342,3 +342,103 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
 pub fn bundle_key(trust_domain: &str) -> String {
     format!("spiffe://{trust_domain}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use meshid_common::identity::SignRequest;
+
+    /// Answers the JWT bundle it holds now, and counts mints.
+    #[derive(Debug, Default)]
+    struct Bundles {
+        jwks: Mutex<Vec<u8>>,
+        mints: Mutex<u32>,
+    }
+
+    impl CertificateSource for Bundles {
+        fn sign(&self, _req: SignRequest) -> BoxFuture<'_, meshid_common::Result<Vec<String>>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn mint_jwt(&self, req: JwtRequest) -> BoxFuture<'_, meshid_common::Result<MintedJwt>> {
+            let mut n = self.mints.lock().unwrap();
+            *n += 1;
+            let minted = MintedJwt {
+                token: format!("token-{n}-{}", req.audience.join(",")),
+                spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+                expires_at: SystemTime::now() + Duration::from_secs(300),
+            };
+            Box::pin(async move { Ok(minted) })
+        }
+
+        fn jwt_bundle(
+            &self,
+            _token: meshid_common::identity::Token,
+        ) -> BoxFuture<'_, meshid_common::Result<JwtBundle>> {
+            let jwks = self.jwks.lock().unwrap().clone();
+            Box::pin(async move {
+                Ok(JwtBundle {
+                    trust_domain: "cluster.local".into(),
+                    jwks,
+                })
+            })
+        }
+    }
+
+    fn setup() -> (
+        Arc<Bundles>,
+        Arc<JwtSvids>,
+        watch::Sender<Option<meshid_common::Credentials>>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t").unwrap();
+        let source = Arc::new(Bundles::default());
+        *source.jwks.lock().unwrap() = b"{\"keys\":[1]}".to_vec();
+        let (tx, rx) = watch::channel(None);
+        let jwt = JwtSvids::new(
+            SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap(),
+            source.clone(),
+            TokenFile::new(dir.path().join("token")),
+            rx,
+            CancellationToken::new(),
+        );
+        (source, jwt, tx, dir)
+    }
+
+    #[tokio::test]
+    async fn the_bundle_is_pushed_again_when_the_x509_credentials_rotate() {
+        let (source, jwt, creds, _dir) = setup();
+        let mut rx = jwt.bundles();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert_eq!(first.jwks, b"{\"keys\":[1]}");
+        *source.jwks.lock().unwrap() = b"{\"keys\":[1,2]}".to_vec();
+        creds.send_replace(None);
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("a push after the rotation")
+            .unwrap();
+        let second = rx.borrow().clone().unwrap();
+        assert_eq!(second.jwks, b"{\"keys\":[1,2]}");
+    }
+
+    #[tokio::test]
+    async fn tokens_are_cached_per_audience_set() {
+        let (source, jwt, _creds, _dir) = setup();
+        let a = jwt.fetch(&["b".into(), "a".into()], "").await.unwrap();
+        let again = jwt
+            .fetch(&["a".into(), "b".into(), "a".into()], "")
+            .await
+            .unwrap();
+        assert_eq!(a, again);
+        let other = jwt.fetch(&["c".into()], "").await.unwrap();
+        assert_ne!(a, other);
+        assert_eq!(*source.mints.lock().unwrap(), 2);
+    }
+}
