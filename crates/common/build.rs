@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "envoy/service/secret/v3/sds.proto",
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "spiffe/workload.proto",
+    "meshid/v1/jwt_svid.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::jwt::JwtSvids;
 use crate::metrics::Metrics;
 use crate::output;
 use crate::sds::SdsServer;
@@ -73,6 +74,7 @@ impl App {
     pub async fn build_with(config: Config, parts: Parts) -> Result<App> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
+        let jwt_source = parts.source.clone();
         let manager = Worker::new(
             WorkerConfig {
                 id: config.spiffe_id()?,
@@ -130,8 +132,15 @@ impl App {
             tonic::service::Routes::new(sds),
             &drain,
         ));
-        let api =
-            WorkloadApiServer::new(manager.clone(), metrics.clone(), cancel.clone()).into_service();
+        let jwt = JwtSvids::new(
+            manager.id().clone(),
+            jwt_source,
+            TokenFile::new(&config.ca.token_path),
+            manager.credentials(),
+            cancel.clone(),
+        );
+        let api = WorkloadApiServer::new(manager.clone(), jwt, metrics.clone(), cancel.clone())
+            .into_service();
         drain.spawn(serve_uds(
             "the SPIFFE Workload API",
             api_listener,

@@ -4,7 +4,7 @@
 //! Istio CA sign it, checks the answer and keeps the certificate fresh: one
 //! worker of the shared renewal engine, `meshid_common::identity`. It hands the certificate and
 //! trust bundle to Envoy over SDS ([`sds`]) and to any SPIFFE client over
-//! the Workload API ([`workload`]), both on Unix sockets that only the pod's
+//! the Workload API ([`workload`], JWT-SVIDs in [`jwt`]), both on Unix sockets that only the pod's
 //! own user may use ([`uds`]), and reports readiness, certificates and
 //! metrics on a local admin port ([`admin`], [`metrics`]). Keys never touch
 //! the disk unless `--output-certs` asks for it ([`output`]). [`app::App`]
@@ -15,6 +15,7 @@ pub mod app;
 pub mod authority;
 pub mod config;
 pub mod error;
+pub mod jwt;
 pub mod metrics;
 pub mod output;
 pub mod sds;

@@ -2,7 +2,8 @@
 //! `FetchX509Bundles` stream the full state in every message, the first one
 //! as soon as a certificate is held, then one per change. Every call must
 //! carry `workload.spiffe.io: true` (else `INVALID_ARGUMENT`). The JWT calls
-//! answer `UNIMPLEMENTED`: this agent issues X.509-SVIDs only.
+//! (`FetchJWTSVID`, `FetchJWTBundles`, `ValidateJWTSVID`) are served by
+//! [`crate::jwt`] with JWT-SVIDs the CA mints.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -14,16 +15,18 @@ use meshid_common::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use meshid_common::proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use meshid_common::telemetry::extract_grpc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::Error;
+use crate::jwt::JwtSvids;
 use crate::metrics::Metrics;
 use meshid_common::identity::Worker;
 
@@ -34,14 +37,21 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 #[derive(Debug)]
 pub struct WorkloadApiServer {
     manager: Arc<Worker>,
+    jwt: Arc<JwtSvids>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
 
 impl WorkloadApiServer {
-    pub fn new(manager: Arc<Worker>, metrics: Arc<Metrics>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        manager: Arc<Worker>,
+        jwt: Arc<JwtSvids>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
         WorkloadApiServer {
             manager,
+            jwt,
             metrics,
             cancel,
         }
@@ -145,10 +155,6 @@ fn x509_bundles_response(creds: &Credentials) -> X509BundlesResponse {
     }
 }
 
-fn jwt_unimplemented() -> Status {
-    Status::unimplemented("JWT-SVIDs are not issued by this agent; use the X.509 calls")
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -182,7 +188,26 @@ impl SpiffeWorkloadApi for WorkloadApiServer {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(request.metadata())?;
-        Err(jwt_unimplemented())
+        let span = tracing::info_span!("agent.jwt_fetch", spiffe.id = self.manager.id().as_str());
+        meshid_common::telemetry::set_remote_parent(&span, extract_grpc(request.metadata()));
+        let body = request.into_inner();
+        let token = self
+            .jwt
+            .fetch(&body.audience, &body.spiffe_id)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|s| {
+                span.in_scope(
+                    || tracing::warn!(code = ?s.code(), error = s.message(), "JWT-SVID refused"),
+                )
+            })?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: self.manager.id().to_string(),
+                svid: token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -190,7 +215,37 @@ impl SpiffeWorkloadApi for WorkloadApiServer {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(request.metadata())?;
-        Err(jwt_unimplemented())
+        let rx = self.jwt.bundles();
+        let guard = StreamGuard::new(self.metrics.clone());
+        let state = (rx, self.cancel.clone(), guard, false);
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            |(mut rx, cancel, guard, sent)| async move {
+                if sent {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        changed = rx.changed() => changed.ok()?,
+                    }
+                }
+                loop {
+                    let current = rx.borrow_and_update().clone();
+                    if let Some(bundle) = current {
+                        guard.metrics.workload_api_pushes.inc();
+                        let response = JwtBundlesResponse {
+                            bundles: HashMap::from([(
+                                crate::jwt::bundle_key(&bundle.trust_domain),
+                                bundle.jwks,
+                            )]),
+                        };
+                        return Some((Ok(response), (rx, cancel, guard, true)));
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        changed = rx.changed() => changed.ok()?,
+                    }
+                }
+            },
+        ))))
     }
 
     async fn validate_jwtsvid(
@@ -198,6 +253,22 @@ impl SpiffeWorkloadApi for WorkloadApiServer {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(request.metadata())?;
-        Err(jwt_unimplemented())
+        let span = tracing::info_span!("agent.jwt_validate");
+        meshid_common::telemetry::set_remote_parent(&span, extract_grpc(request.metadata()));
+        let body = request.into_inner();
+        let (id, claims) = self
+            .jwt
+            .validate(&body.audience, &body.svid)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|s| {
+                span.in_scope(
+                    || tracing::info!(code = ?s.code(), error = s.message(), "JWT-SVID not valid"),
+                )
+            })?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(crate::jwt::to_struct(claims)),
+        }))
     }
 }

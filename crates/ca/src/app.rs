@@ -20,6 +20,7 @@ use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::directory::{PodDirectory, RegistryDirectory};
 use crate::error::{Error, Result};
+use crate::jwt_svid::{JwtAuthority, JwtSvidServer};
 use crate::metrics::Metrics;
 use crate::monitoring::{self, Monitor};
 use crate::server::{CaCore, CaService, tls_incoming};
@@ -37,6 +38,7 @@ pub struct App {
     grpc_addr: SocketAddr,
     monitoring_addr: SocketAddr,
     signer: Arc<Signer>,
+    jwt_authority: Arc<JwtAuthority>,
     metrics: Arc<Metrics>,
     drain: Drain,
 }
@@ -175,6 +177,21 @@ impl App {
             metrics: metrics.clone(),
         });
 
+        let jwt_authority = Arc::new({
+            let dir = config.root_ca_dir.clone();
+            let td = config.trust_domain.clone();
+            tokio::task::spawn_blocking(move || JwtAuthority::open(&dir, &td))
+                .await
+                .map_err(|e| Error::Config(format!("JWT key start-up panicked: {e}")))??
+        });
+        drain.spawn(jwt_authority.clone().follow(
+            signer.clone(),
+            config.root_ca_dir.clone(),
+            cancel.clone(),
+        ));
+        let jwt_service = JwtSvidServer::new(core.clone(), jwt_authority.clone())
+            .into_server(config.max_request_bytes);
+
         let serving = Arc::new(ServingCert::new(
             &signer.current(),
             config.serving_dns_names(),
@@ -217,6 +234,7 @@ impl App {
                 .timeout(REQUEST_TIMEOUT)
                 .add_service(health_service)
                 .add_service(service)
+                .add_service(jwt_service)
                 .serve_with_incoming_shutdown(incoming, grpc_cancel.cancelled())
                 .await;
             grpc_monitor.set_serving(false);
@@ -230,6 +248,7 @@ impl App {
             grpc_addr,
             monitoring_addr,
             signer,
+            jwt_authority,
             metrics,
             drain: drain.clone(),
         })
@@ -250,6 +269,11 @@ impl App {
 
     pub fn signer(&self) -> &Arc<Signer> {
         &self.signer
+    }
+
+    /// The trust domain's JWT-SVID signing keys.
+    pub fn jwt_authority(&self) -> &Arc<JwtAuthority> {
+        &self.jwt_authority
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -59,6 +59,12 @@ pub enum Error {
     #[error("signing failed: {0}")]
     Signing(#[source] meshid_common::Error),
 
+    #[error("invalid JWT-SVID request: {0}")]
+    JwtRequest(String),
+
+    #[error("JWT-SVID signing failed: {0}")]
+    JwtSigning(String),
+
     // ---- configuration and start-up ---------------------------------------
     #[error("configuration: {0}")]
     Config(String),
@@ -145,7 +151,8 @@ impl Error {
             | Error::CsrUriSans { .. }
             | Error::CsrTrustDomain { .. }
             | Error::CsrUri { .. }
-            | Error::TtlTooLong { .. } => Code::InvalidArgument,
+            | Error::TtlTooLong { .. }
+            | Error::JwtRequest(_) => Code::InvalidArgument,
             _ => Code::Internal,
         }
     }
@@ -162,7 +169,8 @@ impl Error {
             | Error::CsrUri { .. } => "csr_identity",
             Error::TtlTooLong { .. } => "ttl",
             Error::SignerExpired { .. } => "signer_expired",
-            Error::Signing(_) => "sign",
+            Error::Signing(_) | Error::JwtSigning(_) => "sign",
+            Error::JwtRequest(_) => "jwt_request",
             _ => "internal",
         }
     }

@@ -16,6 +16,7 @@ pub mod authz;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod jwt_svid;
 pub mod metrics;
 pub mod monitoring;
 pub mod server;

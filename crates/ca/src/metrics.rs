@@ -61,6 +61,7 @@ pub struct Metrics {
     root_expiry_timestamp: Gauge<f64, AtomicU64>,
     chain_expiry: Gauge<f64, AtomicU64>,
     latency: Histogram,
+    jwt_svids: Family<ErrorLabels, prometheus_client::metrics::counter::Counter>,
 }
 
 impl Default for Metrics {
@@ -122,7 +123,15 @@ impl Metrics {
             "Time to answer a CreateCertificate call, from receipt to response.",
             latency.clone(),
         );
+        let jwt_svids =
+            Family::<ErrorLabels, prometheus_client::metrics::counter::Counter>::default();
+        registry.register(
+            "meshid_ca_jwt_svids",
+            "JWT-SVID requests by result: issued, or the refusal's error label.",
+            jwt_svids.clone(),
+        );
         Metrics {
+            jwt_svids,
             registry,
             csr_count,
             success_count,
@@ -139,6 +148,13 @@ impl Metrics {
     pub fn sign_error(&self, label: &'static str) {
         self.sign_errors
             .get_or_create(&vec![("error", label)])
+            .inc();
+    }
+
+    /// Counts a JWT-SVID request by result.
+    pub fn jwt_svid(&self, result: &'static str) {
+        self.jwt_svids
+            .get_or_create(&vec![("result", result)])
             .inc();
     }
 

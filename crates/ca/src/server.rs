@@ -278,32 +278,42 @@ impl CaCore {
         }
     }
 
-    async fn issue(
-        &self,
-        request: &Request<IstioCertificateRequest>,
-    ) -> Result<(Caller, SpiffeId, Issued)> {
+    /// Who is calling: the `clusterid` check and the authenticator chain,
+    /// the same for every CA service (CreateCertificate, JWT-SVIDs).
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
         let metadata = request.metadata();
         self.check_cluster(metadata)?;
         let peer_certs = request
             .extensions()
             .get::<ConnInfo>()
             .and_then(|c| c.peer_certs.clone());
-        let caller = self
-            .authn
+        self.authn
             .authenticate(metadata, peer_certs.as_deref().map(Vec::as_slice))
             .instrument(tracing::info_span!("ca.authenticate"))
-            .await?;
+            .await
+    }
+
+    /// The identity `caller` gets: its own, or `target` when it may
+    /// impersonate (DESIGN §2.1).
+    pub async fn authorize(&self, caller: &Caller, target: Option<&str>) -> Result<SpiffeId> {
+        self.authz
+            .authorize(caller, target)
+            .instrument(tracing::info_span!(
+                "ca.authorize",
+                caller = %caller.id,
+                method = caller.method
+            ))
+            .await
+    }
+
+    async fn issue(
+        &self,
+        request: &Request<IstioCertificateRequest>,
+    ) -> Result<(Caller, SpiffeId, Issued)> {
+        let caller = self.authenticate(request).await?;
         let body = request.get_ref();
-        let identity = async {
-            let target = impersonated_identity(body.metadata.as_ref())?;
-            self.authz.authorize(&caller, target.as_deref()).await
-        }
-        .instrument(tracing::info_span!(
-            "ca.authorize",
-            caller = %caller.id,
-            method = caller.method
-        ))
-        .await?;
+        let target = impersonated_identity(body.metadata.as_ref())?;
+        let identity = self.authorize(&caller, target.as_deref()).await?;
         let issued = tracing::info_span!("ca.sign", spiffe.id = %identity).in_scope(|| {
             let ttl = self.ttl(body.validity_duration)?;
             let csr = parse_csr_pem(&body.csr).map_err(Error::Csr)?;

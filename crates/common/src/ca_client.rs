@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 use crate::keys::PrivateKey;
 use crate::proto::istio_ca::IstioCertificateRequest;
 use crate::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::proto::jwt_svid::jwt_svid_service_client::JwtSvidServiceClient;
+use crate::proto::jwt_svid::{JwtBundleRequest, MintJwtSvidRequest};
 use crate::spiffe::SpiffeId;
 use crate::tls::Svid;
 
@@ -103,7 +105,36 @@ impl fmt::Debug for CallOptions<'_> {
 #[derive(Clone)]
 pub struct CaClient {
     client: IstioCertificateServiceClient<Channel>,
+    jwt: JwtSvidServiceClient<Channel>,
     config: CaClientConfig,
+}
+
+/// A JWT-SVID as the CA minted it (unchecked: the agent verifies it against
+/// the JWT bundle before handing it out).
+#[derive(Clone)]
+pub struct MintedJwt {
+    pub token: String,
+    pub spiffe_id: String,
+    /// The `exp` claim.
+    pub expires_at: SystemTime,
+}
+
+impl fmt::Debug for MintedJwt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MintedJwt")
+            .field("token", &"[redacted]")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// The trust domain's JWT authorities, as the CA publishes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtBundle {
+    pub trust_domain: String,
+    /// JWKS JSON (`use: jwt-svid` keys with `kid`).
+    pub jwks: Vec<u8>,
 }
 
 impl fmt::Debug for CaClient {
@@ -158,7 +189,8 @@ impl CaClient {
             .timeout(config.call_timeout)
             .connect_lazy();
         Ok(CaClient {
-            client: IstioCertificateServiceClient::new(channel),
+            client: IstioCertificateServiceClient::new(channel.clone()),
+            jwt: JwtSvidServiceClient::new(channel),
             config,
         })
     }
@@ -171,6 +203,87 @@ impl CaClient {
     /// need to send requests this API would not build.
     pub fn raw(&self) -> IstioCertificateServiceClient<Channel> {
         self.client.clone()
+    }
+
+    /// The headers every call carries: bearer token, `clusterid`, trace
+    /// context.
+    fn prepare<T>(&self, message: T, token: Option<&str>) -> Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(message);
+        let md = request.metadata_mut();
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::CaResponse("the token is not a valid header value".into()))?;
+            md.insert("authorization", value);
+        }
+        if let Some(cluster) = &self.config.cluster_id {
+            let value = cluster.parse().map_err(|_| Error::CaConnect {
+                address: self.config.address.clone(),
+                reason: format!("cluster id {cluster:?} is not a valid header value"),
+            })?;
+            md.insert("clusterid", value);
+        }
+        crate::telemetry::inject_grpc(md);
+        Ok(request)
+    }
+
+    /// Asks the CA's `meshid.v1.JwtSvidService/Mint` for a JWT-SVID for
+    /// `audience`: the caller's own identity, or `options.impersonate`'s.
+    /// `ttl` zero asks for the CA's default.
+    pub async fn mint_jwt(
+        &self,
+        audience: &[String],
+        ttl: Duration,
+        options: CallOptions<'_>,
+    ) -> Result<MintedJwt> {
+        let request = self.prepare(
+            MintJwtSvidRequest {
+                audience: audience.to_vec(),
+                spiffe_id: options
+                    .impersonate
+                    .map(SpiffeId::to_string)
+                    .unwrap_or_default(),
+                ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            },
+            options.token,
+        )?;
+        let answer = self
+            .jwt
+            .clone()
+            .mint(request)
+            .await
+            .map_err(|status| Error::Ca {
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?
+            .into_inner();
+        let expires_at = u64::try_from(answer.expires_at)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+            .map_err(|_| Error::CaResponse(format!("negative expiry {}", answer.expires_at)))?;
+        Ok(MintedJwt {
+            token: answer.token,
+            spiffe_id: answer.spiffe_id,
+            expires_at,
+        })
+    }
+
+    /// The trust domain's JWT bundle (`meshid.v1.JwtSvidService/Bundle`).
+    pub async fn jwt_bundle(&self, options: CallOptions<'_>) -> Result<JwtBundle> {
+        let request = self.prepare(JwtBundleRequest {}, options.token)?;
+        let answer = self
+            .jwt
+            .clone()
+            .bundle(request)
+            .await
+            .map_err(|status| Error::Ca {
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?
+            .into_inner();
+        Ok(JwtBundle {
+            trust_domain: answer.trust_domain,
+            jwks: answer.jwks,
+        })
     }
 
     /// Sends a CSR and returns the certificate chain as the CA answered it,
@@ -193,26 +306,14 @@ impl CaClient {
                 .into(),
             });
         }
-        let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr: csr_pem.to_owned(),
-            validity_duration: i64::try_from(validity.as_secs()).unwrap_or(i64::MAX),
-            metadata: metadata_struct,
-        });
-        let md = request.metadata_mut();
-        if let Some(token) = options.token {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Error::CaResponse("the token is not a valid header value".into()))?;
-            md.insert("authorization", value);
-        }
-        if let Some(cluster) = &self.config.cluster_id {
-            let value = cluster.parse().map_err(|_| Error::CaConnect {
-                address: self.config.address.clone(),
-                reason: format!("cluster id {cluster:?} is not a valid header value"),
-            })?;
-            md.insert("clusterid", value);
-        }
-        crate::telemetry::inject_grpc(md);
+        let request = self.prepare(
+            IstioCertificateRequest {
+                csr: csr_pem.to_owned(),
+                validity_duration: i64::try_from(validity.as_secs()).unwrap_or(i64::MAX),
+                metadata: metadata_struct,
+            },
+            options.token,
+        )?;
         let response = self
             .client
             .clone()

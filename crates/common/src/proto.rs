@@ -49,6 +49,12 @@ pub mod envoy {
     }
 }
 
+pub mod meshid {
+    pub mod v1 {
+        tonic::include_proto!("meshid.v1");
+    }
+}
+
 /// The SPIFFE Workload API (no proto package).
 pub mod workload {
     tonic::include_proto!("_");
@@ -64,3 +70,5 @@ pub use envoy::service::discovery::v3 as discovery;
 pub use envoy::service::secret::v3 as sds;
 /// `istio.v1.auth`: the Istio certificate service.
 pub use istio::v1::auth as istio_ca;
+/// `meshid.v1`: the CA's JWT-SVID service.
+pub use meshid::v1 as jwt_svid;

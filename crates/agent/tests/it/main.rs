@@ -6,6 +6,7 @@ mod ca_wire;
 mod envoy;
 mod grpcio;
 mod hygiene;
+mod jwt_svid;
 mod real_ca;
 mod sds;
 mod support;

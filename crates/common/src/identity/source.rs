@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 
 use super::args::CaClientSettings;
 use super::token::Token;
-use crate::ca_client::{CaClient, CallOptions, RootsFileCaClient};
-use crate::error::Result;
+use crate::ca_client::{CaClient, CallOptions, JwtBundle, MintedJwt, RootsFileCaClient};
+use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
 
 /// One certificate request, as a worker hands it to a source.
@@ -39,6 +39,38 @@ pub trait CertificateSource: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Ca`](crate::Error::Ca) with their code, so that
     /// [`classify`](super::classify) can tell a refusal from an outage.
     fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<Vec<String>>>;
+
+    /// Mints a JWT-SVID for `audience` through the CA
+    /// (`meshid.v1.JwtSvidService/Mint`), authenticated by `token`. A source
+    /// without JWT-SVIDs answers `UNIMPLEMENTED`.
+    fn mint_jwt(&self, req: JwtRequest) -> BoxFuture<'_, Result<MintedJwt>> {
+        let _ = req;
+        Box::pin(async { Err(jwt_unsupported()) })
+    }
+
+    /// The trust domain's JWT bundle from the CA.
+    fn jwt_bundle(&self, token: Token) -> BoxFuture<'_, Result<JwtBundle>> {
+        let _ = token;
+        Box::pin(async { Err(jwt_unsupported()) })
+    }
+}
+
+/// One JWT-SVID request, as the agent hands it to a source.
+#[derive(Debug)]
+pub struct JwtRequest {
+    pub audience: Vec<String>,
+    /// Ask for this identity on behalf of a workload (node agents only).
+    pub impersonate: Option<SpiffeId>,
+    /// Zero: the CA's default.
+    pub ttl: Duration,
+    pub token: Token,
+}
+
+fn jwt_unsupported() -> Error {
+    Error::Ca {
+        code: tonic::Code::Unimplemented,
+        message: "this certificate source issues no JWT-SVIDs".into(),
+    }
 }
 
 /// The Istio CA at `CA_ADDRESS`, trusted through the roots in `CA_ROOT_CA`
@@ -75,6 +107,29 @@ impl CertificateSource for CaSource {
                 .current()
                 .create_certificate(&req.csr_pem, req.ttl, options)
                 .await
+        })
+    }
+
+    fn mint_jwt(&self, req: JwtRequest) -> BoxFuture<'_, Result<MintedJwt>> {
+        Box::pin(async move {
+            let options = CallOptions {
+                token: Some(req.token.expose()),
+                impersonate: req.impersonate.as_ref(),
+            };
+            self.client
+                .current()
+                .mint_jwt(&req.audience, req.ttl, options)
+                .await
+        })
+    }
+
+    fn jwt_bundle(&self, token: Token) -> BoxFuture<'_, Result<JwtBundle>> {
+        Box::pin(async move {
+            let options = CallOptions {
+                token: Some(token.expose()),
+                impersonate: None,
+            };
+            self.client.current().jwt_bundle(options).await
         })
     }
 }
