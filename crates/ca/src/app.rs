@@ -170,7 +170,8 @@ impl App {
                 config.trust_domain.clone(),
                 config.node_accounts()?,
                 directory.clone(),
-            ),
+            )
+            .with_trust_domain_aliases(config.trust_domain_aliases.clone()),
             signer: signer.clone(),
             metrics: metrics.clone(),
         });

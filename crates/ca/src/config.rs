@@ -52,6 +52,13 @@ pub struct Cli {
     #[arg(long)]
     pub trust_domain: Option<String>,
 
+    /// Other trust domains that mean this one (Istio's meshConfig
+    /// `trustDomainAliases`, comma-separated): a CSR naming the caller's
+    /// identity in an alias is issued in the primary trust domain
+    /// [env: TRUST_DOMAIN_ALIASES]
+    #[arg(long, value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
+
     /// Address of the IstioCertificateService (gRPC over TLS) [env: CA_GRPC_ADDRESS] [default: 0.0.0.0:15012]
     #[arg(long)]
     pub grpc_addr: Option<SocketAddr>,
@@ -154,6 +161,7 @@ pub struct Cli {
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
     pub grpc_addr: SocketAddr,
     pub monitoring_addr: SocketAddr,
     pub root_ca_dir: PathBuf,
@@ -274,6 +282,10 @@ impl Config {
 
         Ok(Config {
             trust_domain: text(cli.trust_domain, "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
+            trust_domain_aliases: list(cli.trust_domain_aliases, "TRUST_DOMAIN_ALIASES", "")
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             grpc_addr: addr(cli.grpc_addr, "CA_GRPC_ADDRESS", DEFAULT_GRPC_ADDR)?,
             monitoring_addr: addr(
                 cli.monitoring_addr,
@@ -352,6 +364,11 @@ impl Config {
         let bad = |m: String| Err(Error::Config(m));
         if let Err(e) = TrustDomain::new(&self.trust_domain) {
             return bad(format!("--trust-domain: {e}"));
+        }
+        for alias in &self.trust_domain_aliases {
+            if let Err(e) = TrustDomain::new(alias) {
+                return bad(format!("--trust-domain-aliases {alias:?}: {e}"));
+            }
         }
         if self.audiences().is_empty() {
             return bad("--token-audiences: at least one audience is needed".into());
@@ -582,6 +599,7 @@ mod tests {
     fn the_environment_fills_in_what_no_flag_sets() {
         let e = env(&[
             ("TRUST_DOMAIN", "example.org"),
+            ("TRUST_DOMAIN_ALIASES", "old.example, older.example"),
             ("CA_GRPC_ADDRESS", "127.0.0.1:9012"),
             ("CA_MONITORING_ADDRESS", "127.0.0.1:9014"),
             ("ROOT_CA_DIR", "/etc/ca"),
@@ -604,6 +622,7 @@ mod tests {
         ]);
         let c = Config::from_args(args(&[]), &e).unwrap();
         assert_eq!(c.trust_domain, "example.org");
+        assert_eq!(c.trust_domain_aliases, ["old.example", "older.example"]);
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:9012");
         assert_eq!(c.monitoring_addr.to_string(), "127.0.0.1:9014");
         assert_eq!(c.root_ca_dir, PathBuf::from("/etc/ca"));

@@ -259,14 +259,16 @@ impl CaCore {
                     uri: uri.chars().take(256).collect(),
                     reason: e.to_string(),
                 })?;
-                if !requested.is_member_of(&self.trust_domain) {
+                // A trust domain alias names the same identity (Istio's
+                // trustDomainAliases): compare in the primary trust domain.
+                let Some(primary) = self.authz.in_primary_trust_domain(&requested) else {
                     return Err(Error::CsrTrustDomain {
                         requested: requested.to_string(),
                         requested_td: requested.trust_domain().to_owned(),
                         trust_domain: self.trust_domain.clone(),
                     });
-                }
-                if &requested != identity {
+                };
+                if &primary != identity {
                     return Err(Error::CsrIdentity {
                         requested: requested.to_string(),
                         allowed: identity.to_string(),

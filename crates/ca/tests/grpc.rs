@@ -369,6 +369,43 @@ async fn bad_csrs_are_invalid_argument_and_say_why() {
     fx.call(&good, max, Some(&auth), |_| {}).await.unwrap();
 }
 
+/// pilot-agent writes its own `TRUST_DOMAIN` into the CSR: one in a
+/// `--trust-domain-aliases` entry is the caller's identity, issued in the
+/// primary trust domain; another workload's identity stays refused, in an
+/// alias too, and an alias that is not configured stays refused.
+#[tokio::test]
+async fn a_csr_in_a_trust_domain_alias_is_issued_in_the_primary() {
+    let fx = Fixture::start_with(
+        TokenAlgorithm::Es256,
+        &["--trust-domain-aliases", "old.example,older.example"],
+    )
+    .await;
+    let token = fx.token("default", "web-0");
+    let auth = bearer(&token);
+    let k = key();
+    for alias in ["old.example", "older.example"] {
+        let csr = csr_with_uris(&k, &[&format!("spiffe://{alias}/ns/default/sa/web")]);
+        let chain = fx.call(&csr, 600, Some(&auth), |_| {}).await.unwrap();
+        validate_response(&chain, &k, &id("default", "web"), SystemTime::now()).unwrap();
+        assert_eq!(leaf_of(&chain).uri_sans, [id("default", "web").to_string()]);
+    }
+
+    let other = csr_with_uris(&k, &["spiffe://old.example/ns/default/sa/db"]);
+    refused(
+        fx.call(&other, 60, Some(&auth), |_| {}).await,
+        Code::InvalidArgument,
+        "asks for spiffe://old.example/ns/default/sa/db but the caller may only get spiffe://cluster.local/ns/default/sa/web",
+        &[&token],
+    );
+    let unknown = csr_with_uris(&k, &["spiffe://evil.example/ns/default/sa/web"]);
+    refused(
+        fx.call(&unknown, 60, Some(&auth), |_| {}).await,
+        Code::InvalidArgument,
+        "trust domain \"evil.example\"",
+        &[&token],
+    );
+}
+
 #[tokio::test]
 async fn a_2mib_request_is_refused_and_the_server_carries_on() {
     let fx = Fixture::start().await;
