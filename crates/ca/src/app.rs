@@ -156,7 +156,11 @@ impl App {
                 ),
             ));
         }
-        let authn = Authn::new(chain);
+        let authn = Authn::new(chain).with_clusters(
+            std::iter::once(config.cluster_id.clone())
+                .chain(config.cluster_aliases.iter().cloned())
+                .collect(),
+        );
         tracing::info!(authenticators = ?authn.names(), "authentication chain");
 
         let metrics = Arc::new(Metrics::new());

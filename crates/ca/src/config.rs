@@ -125,9 +125,13 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub trusted_node_accounts: Vec<String>,
 
-    /// This cluster's id; a request with another non-empty `clusterid` is refused [env: CLUSTER_ID] [default: Kubernetes]
+    /// This cluster's id; a token caller naming another non-empty `clusterid` is refused (client-cert callers never are) [env: CLUSTER_ID] [default: Kubernetes]
     #[arg(long)]
     pub cluster_id: Option<String>,
+
+    /// Other cluster ids that name this cluster (istiod's `--clusterAliases`), comma-separated [env: CLUSTER_ALIASES]
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_aliases: Vec<String>,
 
     /// Extra DNS names of the serving certificate (istiod.istio-system.svc is always there) [env: CA_SERVER_NAMES]
     #[arg(long = "server-name", value_delimiter = ',')]
@@ -184,6 +188,7 @@ pub struct Config {
     pub registry_file: Option<PathBuf>,
     pub trusted_node_accounts: Vec<String>,
     pub cluster_id: String,
+    pub cluster_aliases: Vec<String>,
     pub server_names: Vec<String>,
     pub server_ips: Vec<IpAddr>,
     pub max_request_bytes: usize,
@@ -335,6 +340,10 @@ impl Config {
                 DEFAULT_TRUSTED_NODE_ACCOUNTS,
             ),
             cluster_id: text(cli.cluster_id, "CLUSTER_ID", DEFAULT_CLUSTER_ID),
+            cluster_aliases: list(cli.cluster_aliases, "CLUSTER_ALIASES", "")
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             server_names: list(cli.server_names, "CA_SERVER_NAMES", ""),
             server_ips,
             max_request_bytes,
@@ -616,6 +625,7 @@ mod tests {
                 "kube-system/node,istio-system/ztunnel",
             ),
             ("CLUSTER_ID", "east"),
+            ("CLUSTER_ALIASES", "east-old"),
             ("CA_SERVER_NAMES", "ca.example,ca2.example"),
             ("CA_SERVER_IPS", "10.0.0.1, ::1"),
             ("CA_MAX_REQUEST_BYTES", "8192"),
@@ -636,6 +646,7 @@ mod tests {
         assert_eq!(c.registry_file, Some(PathBuf::from("/registry.json")));
         assert_eq!(c.node_accounts().unwrap().len(), 2);
         assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.cluster_aliases, ["east-old"]);
         assert_eq!(c.server_names, ["ca.example", "ca2.example"]);
         assert_eq!(
             c.server_ips,

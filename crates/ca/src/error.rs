@@ -15,9 +15,6 @@ pub enum Error {
     #[error("authentication failed: {}", join(.reasons))]
     Authentication { reasons: Vec<AuthError> },
 
-    #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
-    UnknownCluster { got: String, expected: String },
-
     #[error("impersonation of {target:?} by {caller} refused: {reason}")]
     Impersonation {
         caller: String,
@@ -137,9 +134,7 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::Authentication { .. }
-            | Error::UnknownCluster { .. }
-            | Error::Impersonation { .. } => Code::Unauthenticated,
+            Error::Authentication { .. } | Error::Impersonation { .. } => Code::Unauthenticated,
             Error::Csr(_)
             | Error::CsrIdentity { .. }
             | Error::CsrUriSans { .. }
@@ -153,7 +148,7 @@ impl Error {
     /// A short label for `citadel_server_csr_sign_err_count{error}` and logs.
     pub fn label(&self) -> &'static str {
         match self {
-            Error::Authentication { .. } | Error::UnknownCluster { .. } => "authentication",
+            Error::Authentication { .. } => "authentication",
             Error::Impersonation { .. } => "impersonation",
             Error::Csr(_) => "csr_parse",
             Error::CsrIdentity { .. }

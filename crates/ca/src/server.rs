@@ -220,21 +220,6 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 }
 
 impl CaCore {
-    fn check_cluster(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
-        let Some(value) = metadata.get("clusterid") else {
-            return Ok(());
-        };
-        let got = value.to_str().unwrap_or("<non-ASCII>");
-        if got.is_empty() || got == self.cluster_id {
-            Ok(())
-        } else {
-            Err(Error::UnknownCluster {
-                got: got.chars().take(128).collect(),
-                expected: self.cluster_id.clone(),
-            })
-        }
-    }
-
     fn ttl(&self, validity_duration: i64) -> Result<Duration> {
         if validity_duration <= 0 {
             return Ok(self.default_ttl);
@@ -285,7 +270,6 @@ impl CaCore {
         request: &Request<IstioCertificateRequest>,
     ) -> Result<(Caller, SpiffeId, Issued)> {
         let metadata = request.metadata();
-        self.check_cluster(metadata)?;
         let peer_certs = request
             .extensions()
             .get::<ConnInfo>()

@@ -729,6 +729,50 @@ async fn an_unknown_clusterid_is_unauthenticated() {
     }
 }
 
+/// istiod reads `clusterid` in its Kubernetes JWT authenticator only: a
+/// workload renewing with its current certificate is never refused for it,
+/// and a configured cluster alias is this cluster.
+#[tokio::test]
+async fn clusterid_binds_tokens_only_and_accepts_aliases() {
+    let fx = Fixture::start_with(TokenAlgorithm::Es256, &["--cluster-aliases", "old-name"]).await;
+    let token = fx.token("default", "web-0");
+    let web = id("default", "web");
+    let csr = key().csr_for(&web).unwrap();
+    fx.call(&csr, 60, Some(&bearer(&token)), |r| {
+        r.metadata_mut()
+            .insert("clusterid", "old-name".parse().unwrap());
+    })
+    .await
+    .unwrap();
+
+    let (svid, _) = fx
+        .client()
+        .sign(
+            key(),
+            &web,
+            Duration::from_secs(600),
+            CallOptions {
+                token: Some(&token),
+                impersonate: None,
+            },
+        )
+        .await
+        .unwrap();
+    let mut config = fx.client().config().clone();
+    config.cluster_id = Some("cluster-2".into());
+    let by_cert = CaClient::with_client_certificate(config, &svid).unwrap();
+    let (renewed, _) = by_cert
+        .sign(
+            key(),
+            &web,
+            Duration::from_secs(600),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.id(), &web);
+}
+
 // ---------------------------------------------------------------- logs, metrics, health
 
 #[tokio::test]
