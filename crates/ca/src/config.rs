@@ -31,6 +31,11 @@ pub const DEFAULT_TRUSTED_NODE_ACCOUNTS: &str = "istio-system/ztunnel";
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// Always in the serving certificate, whatever else is configured.
 pub const CA_SERVICE_NAME: &str = "istiod.istio-system.svc";
+/// The Services istiod's certificate names besides `istiod` (and
+/// `istiod-<revision>` for a revision), in istio-system, as istiod does.
+pub const KNOWN_SERVICE_HOSTS: [&str; 3] = ["istiod", "istiod-remote", "istio-pilot"];
+/// The namespace of those Services.
+pub const CA_NAMESPACE: &str = "istio-system";
 /// A CSR is about a kilobyte: anything this big is refused before decoding.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CA_DIR_POLL: &str = "1s";
@@ -133,6 +138,11 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub cluster_aliases: Vec<String>,
 
+    /// The control-plane revision: the serving certificate also names
+    /// `istiod-<revision>.istio-system.svc` [env: REVISION]
+    #[arg(long)]
+    pub revision: Option<String>,
+
     /// Extra DNS names of the serving certificate (istiod.istio-system.svc is always there) [env: CA_SERVER_NAMES]
     #[arg(long = "server-name", value_delimiter = ',')]
     pub server_names: Vec<String>,
@@ -189,6 +199,7 @@ pub struct Config {
     pub trusted_node_accounts: Vec<String>,
     pub cluster_id: String,
     pub cluster_aliases: Vec<String>,
+    pub revision: Option<String>,
     pub server_names: Vec<String>,
     pub server_ips: Vec<IpAddr>,
     pub max_request_bytes: usize,
@@ -344,6 +355,10 @@ impl Config {
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect(),
+            revision: cli
+                .revision
+                .or_else(|| layers.env("REVISION"))
+                .filter(|r| !r.is_empty()),
             server_names: list(cli.server_names, "CA_SERVER_NAMES", ""),
             server_ips,
             max_request_bytes,
@@ -428,6 +443,12 @@ impl Config {
         if self.max_request_bytes < 4096 {
             return bad("--max-request-bytes must be at least 4096".into());
         }
+        if let Some(rev) = &self.revision {
+            let name = format!("istiod-{rev}.{CA_NAMESPACE}.svc");
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return bad(format!("--revision {rev:?} does not make a DNS name"));
+            }
+        }
         for name in &self.server_names {
             if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
                 return bad(format!("--server-name {name:?} is not a DNS name"));
@@ -465,9 +486,28 @@ impl Config {
             .collect()
     }
 
-    /// DNS names of the serving certificate.
+    /// DNS names of the serving certificate: the names real clients dial
+    /// (istiod's Services `istiod`, `istiod-remote`, `istio-pilot` and
+    /// `istiod-<revision>` in istio-system, short `.svc` and full
+    /// `.svc.cluster.local`; `localhost`, ztunnel's default CA address
+    /// outside a cluster), then the configured ones.
     pub fn serving_dns_names(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = KNOWN_SERVICE_HOSTS.iter().map(|h| h.to_string()).collect();
+        if let Some(rev) = self.revision.as_deref().filter(|r| *r != "default") {
+            hosts.push(format!("istiod-{rev}"));
+        }
         let mut names = vec![CA_SERVICE_NAME.to_owned()];
+        for host in &hosts {
+            for name in [
+                format!("{host}.{CA_NAMESPACE}.svc"),
+                format!("{host}.{CA_NAMESPACE}.svc.cluster.local"),
+            ] {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names.push("localhost".to_owned());
         for n in &self.server_names {
             if !names.contains(n) {
                 names.push(n.clone());

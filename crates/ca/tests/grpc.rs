@@ -878,23 +878,39 @@ async fn ready_metrics_and_grpc_health() {
 
 #[tokio::test]
 async fn the_serving_certificate_names_istiod_and_configured_hosts() {
-    let fx = Fixture::start_with(TokenAlgorithm::Es256, &["--server-name", "ca.meshid.test"]).await;
+    let fx = Fixture::start_with(
+        TokenAlgorithm::Es256,
+        &["--server-name", "ca.meshid.test", "--revision", "canary"],
+    )
+    .await;
     let mut config = fx.client().config().clone();
-    config.server_name = "ca.meshid.test".into();
     let token = fx.token("default", "web-0");
-    CaClient::new(config.clone())
-        .unwrap()
-        .sign(
-            key(),
-            &id("default", "web"),
-            Duration::from_secs(60),
-            CallOptions {
-                token: Some(&token),
-                impersonate: None,
-            },
-        )
-        .await
-        .unwrap();
+    // The names real clients dial, as istiod's certificate has them.
+    for name in [
+        "ca.meshid.test",
+        "localhost",
+        "istiod.istio-system.svc",
+        "istiod.istio-system.svc.cluster.local",
+        "istiod-remote.istio-system.svc",
+        "istio-pilot.istio-system.svc",
+        "istiod-canary.istio-system.svc",
+        "istiod-canary.istio-system.svc.cluster.local",
+    ] {
+        config.server_name = name.into();
+        CaClient::new(config.clone())
+            .unwrap()
+            .sign(
+                key(),
+                &id("default", "web"),
+                Duration::from_secs(60),
+                CallOptions {
+                    token: Some(&token),
+                    impersonate: None,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
     config.server_name = "not-the-ca.example".into();
     let err = CaClient::new(config)
         .unwrap()
