@@ -145,20 +145,21 @@ impl Error {
         }
     }
 
-    /// A short label for `citadel_server_csr_sign_err_count{error}` and logs.
-    pub fn label(&self) -> &'static str {
+    /// istiod's `citadel_server_csr_sign_err_count{error}` value (its CA
+    /// error types `CA_NOT_READY`, `CSR_ERROR`, `TTL_ERROR`,
+    /// `CERT_GEN_ERROR`); `None` for refusals istiod counts elsewhere
+    /// (authentication, impersonation: `citadel_server_authentication_failure_count`).
+    pub fn sign_error_type(&self) -> Option<&'static str> {
         match self {
-            Error::Authentication { .. } => "authentication",
-            Error::Impersonation { .. } => "impersonation",
-            Error::Csr(_) => "csr_parse",
-            Error::CsrIdentity { .. }
+            Error::Authentication { .. } | Error::Impersonation { .. } => None,
+            Error::Csr(_)
+            | Error::CsrIdentity { .. }
             | Error::CsrUriSans { .. }
             | Error::CsrTrustDomain { .. }
-            | Error::CsrUri { .. } => "csr_identity",
-            Error::TtlTooLong { .. } => "ttl",
-            Error::SignerExpired { .. } => "signer_expired",
-            Error::Signing(_) => "sign",
-            _ => "internal",
+            | Error::CsrUri { .. } => Some("CSR_ERROR"),
+            Error::TtlTooLong { .. } => Some("TTL_ERROR"),
+            Error::Signing(_) => Some("CERT_GEN_ERROR"),
+            _ => Some("CA_NOT_READY"),
         }
     }
 

@@ -334,10 +334,7 @@ impl IstioCertificateService for CaService {
                 }))
             }
             Err(e) => {
-                if e.code() == tonic::Code::Unauthenticated {
-                    core.metrics.authentication_failures.inc();
-                }
-                core.metrics.sign_error(e.label());
+                core.metrics.refused(&e);
                 tracing::warn!(error = %e, code = ?e.code(), "certificate request refused");
                 Err(e.to_status())
             }

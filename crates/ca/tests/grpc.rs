@@ -829,20 +829,28 @@ async fn ready_metrics_and_grpc_health() {
         .await
         .unwrap();
     let _ = fx.call(&csr, 60, None, |_| {}).await;
+    let _ = fx.call("hello", 60, Some(&bearer(&token)), |_| {}).await;
+    let other = key().csr_for(&id("default", "db")).unwrap();
+    let _ = fx.call(&other, 60, Some(&bearer(&token)), |_| {}).await;
     eventually(5, "ready", || true).await;
     let (code, _) = http_get(mon, "/ready").await;
     assert_eq!(code, 200);
     let (code, body) = http_get(mon, "/metrics").await;
     assert_eq!(code, 200);
+    assert!(!body.contains("error=\"authentication\""), "{body}");
     for needle in [
-        "citadel_server_csr_count 2",
+        "citadel_server_csr_count 4",
         "citadel_server_success_cert_issuance_count 1",
         "citadel_server_authentication_failure_count 1",
-        "citadel_server_csr_sign_err_count{error=\"authentication\"} 1",
+        // istiod's CA error types; authentication is counted apart.
+        "citadel_server_csr_sign_err_count{error=\"CSR_ERROR\"} 2",
+        "citadel_server_csr_parsing_err_count 1",
+        "citadel_server_id_extraction_err_count 1",
         "citadel_server_root_cert_expiry_seconds",
         "citadel_server_root_cert_expiry_timestamp",
         "citadel_server_cert_chain_expiry_seconds",
-        "meshid_ca_issuance_duration_seconds_count 2",
+        "citadel_server_cert_chain_expiry_timestamp",
+        "meshid_ca_issuance_duration_seconds_count 4",
     ] {
         assert!(body.contains(needle), "{needle} missing from\n{body}");
     }
