@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use meshid_common::CertInfo;
 use meshid_common::cert::unix_secs;
-use meshid_common::serve::{AdminRouter, OPENMETRICS};
+use meshid_common::serve::{AdminRouter, PROMETHEUS_TEXT};
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ pub fn router(state: AdminState) -> AdminRouter {
             Err(format!("not ready: {}", status.reason))
         }
     })
-    .metrics(OPENMETRICS, move || {
+    .metrics(PROMETHEUS_TEXT, move || {
         update_expiry(&state);
         state.metrics.encode()
     })

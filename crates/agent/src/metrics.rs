@@ -115,12 +115,13 @@ impl Metrics {
         }
     }
 
-    /// OpenMetrics text of every metric.
+    /// Every metric in the classic Prometheus text format (what
+    /// pilot-agent serves, and what promtool checks).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        meshid_common::serve::prometheus_text(&out)
     }
 }
 
@@ -151,6 +152,19 @@ impl meshid_common::identity::RenewalEvents for Metrics {
 mod tests {
     use super::*;
 
+    /// Every metric with help text and a type promtool accepts.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        use meshid_common::identity::RenewalEvents;
+        let m = Metrics::new();
+        m.csr_sent();
+        m.csr_failed();
+        m.cert_expiry_seconds
+            .get_or_create(&Metrics::resource("default"))
+            .set(12.5);
+        meshid_common::testing::promtool::assert_clean_except(&m.encode(), &[]);
+    }
+
     #[test]
     fn istio_names_appear_in_the_text() {
         use meshid_common::identity::RenewalEvents;
@@ -167,7 +181,6 @@ mod tests {
             "num_failed_outgoing_requests_total{request_type=\"csr\"} 1",
             "cert_expiry_seconds{resource_name=\"default\"} 12.5",
             "meshid_agent_sds_connected_streams 1",
-            "# EOF",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }

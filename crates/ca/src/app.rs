@@ -158,7 +158,11 @@ impl App {
                 ),
             ));
         }
-        let authn = Authn::new(chain);
+        let authn = Authn::new(chain).with_clusters(
+            std::iter::once(config.cluster_id.clone())
+                .chain(config.cluster_aliases.iter().cloned())
+                .collect(),
+        );
         tracing::info!(authenticators = ?authn.names(), "authentication chain");
 
         let metrics = Arc::new(Metrics::new());
@@ -172,7 +176,8 @@ impl App {
                 config.trust_domain.clone(),
                 config.node_accounts()?,
                 directory.clone(),
-            ),
+            )
+            .with_trust_domain_aliases(config.trust_domain_aliases.clone()),
             signer: signer.clone(),
             metrics: metrics.clone(),
         });

@@ -18,6 +18,8 @@ pub use meshid_common::ca_client::IMPERSONATED_IDENTITY_KEY;
 #[derive(Debug, Clone)]
 pub struct Authorizer {
     trust_domain: String,
+    /// Trust domains that mean this one (Istio's `trustDomainAliases`).
+    aliases: Vec<String>,
     node_accounts: Vec<NodeAccount>,
     directory: Option<Arc<dyn PodDirectory>>,
 }
@@ -30,9 +32,29 @@ impl Authorizer {
     ) -> Self {
         Authorizer {
             trust_domain,
+            aliases: Vec::new(),
             node_accounts,
             directory,
         }
+    }
+
+    /// Trust domains accepted as this one (`--trust-domain-aliases`).
+    pub fn with_trust_domain_aliases(mut self, aliases: Vec<String>) -> Self {
+        self.aliases = aliases;
+        self
+    }
+
+    /// `id` in the primary trust domain when it is in the primary one or in
+    /// an alias (pilot-agent writes its own `TRUST_DOMAIN` into the CSR and
+    /// into `ImpersonatedIdentity`); `None` for any other trust domain.
+    pub fn in_primary_trust_domain(&self, id: &SpiffeId) -> Option<SpiffeId> {
+        if id.is_member_of(&self.trust_domain) {
+            return Some(id.clone());
+        }
+        if self.aliases.iter().any(|a| id.is_member_of(a)) {
+            return id.with_trust_domain(&self.trust_domain).ok();
+        }
+        None
     }
 
     /// The identity to issue for `caller`, who may ask for `impersonate`.
@@ -47,13 +69,14 @@ impl Authorizer {
         };
         let id =
             SpiffeId::parse(target).map_err(|e| refuse(format!("not a valid SPIFFE ID: {e}")))?;
-        if !id.is_member_of(&self.trust_domain) {
+        let Some(id) = self.in_primary_trust_domain(&id) else {
             return Err(refuse(format!(
-                "trust domain {:?} is not this CA's {:?}",
+                "trust domain {:?} is not this CA's {:?} nor one of its aliases {:?}",
                 id.trust_domain(),
-                self.trust_domain
+                self.trust_domain,
+                self.aliases
             )));
-        }
+        };
         let Some((ns, sa)) = id.service_account() else {
             return Err(refuse(
                 "not a service account identity (spiffe://<td>/ns/<ns>/sa/<sa>)".into(),
@@ -155,6 +178,22 @@ mod tests {
             a.authorize(&zt, Some(target)).await.unwrap().as_str(),
             target
         );
+    }
+
+    #[tokio::test]
+    async fn impersonation_in_an_alias_is_issued_in_the_primary_trust_domain() {
+        let a = authorizer().with_trust_domain_aliases(vec!["old.td".into()]);
+        let zt = caller("istio-system", "ztunnel", Some("node-a"));
+        let got = a
+            .authorize(&zt, Some("spiffe://old.td/ns/default/sa/web"))
+            .await
+            .unwrap();
+        assert_eq!(got.as_str(), "spiffe://cluster.local/ns/default/sa/web");
+        let err = a
+            .authorize(&zt, Some("spiffe://other.td/ns/default/sa/web"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("aliases"), "{err}");
     }
 
     #[tokio::test]

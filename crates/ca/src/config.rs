@@ -31,6 +31,11 @@ pub const DEFAULT_TRUSTED_NODE_ACCOUNTS: &str = "istio-system/ztunnel";
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// Always in the serving certificate, whatever else is configured.
 pub const CA_SERVICE_NAME: &str = "istiod.istio-system.svc";
+/// The Services istiod's certificate names besides `istiod` (and
+/// `istiod-<revision>` for a revision), in istio-system, as istiod does.
+pub const KNOWN_SERVICE_HOSTS: [&str; 3] = ["istiod", "istiod-remote", "istio-pilot"];
+/// The namespace of those Services.
+pub const CA_NAMESPACE: &str = "istio-system";
 /// A CSR is about a kilobyte: anything this big is refused before decoding.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CA_DIR_POLL: &str = "1s";
@@ -51,6 +56,13 @@ pub struct Cli {
     /// SPIFFE trust domain of every issued identity [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     pub trust_domain: Option<String>,
+
+    /// Other trust domains that mean this one (Istio's meshConfig
+    /// `trustDomainAliases`, comma-separated): a CSR naming the caller's
+    /// identity in an alias is issued in the primary trust domain
+    /// [env: TRUST_DOMAIN_ALIASES]
+    #[arg(long, value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
 
     /// Address of the IstioCertificateService (gRPC over TLS) [env: CA_GRPC_ADDRESS] [default: 0.0.0.0:15012]
     #[arg(long)]
@@ -118,9 +130,18 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub trusted_node_accounts: Vec<String>,
 
-    /// This cluster's id; a request with another non-empty `clusterid` is refused [env: CLUSTER_ID] [default: Kubernetes]
+    /// This cluster's id; a token caller naming another non-empty `clusterid` is refused (client-cert callers never are) [env: CLUSTER_ID] [default: Kubernetes]
     #[arg(long)]
     pub cluster_id: Option<String>,
+
+    /// Other cluster ids that name this cluster (istiod's `--clusterAliases`), comma-separated [env: CLUSTER_ALIASES]
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_aliases: Vec<String>,
+
+    /// The control-plane revision: the serving certificate also names
+    /// `istiod-<revision>.istio-system.svc` [env: REVISION]
+    #[arg(long)]
+    pub revision: Option<String>,
 
     /// Extra DNS names of the serving certificate (istiod.istio-system.svc is always there) [env: CA_SERVER_NAMES]
     #[arg(long = "server-name", value_delimiter = ',')]
@@ -154,6 +175,7 @@ pub struct Cli {
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
     pub grpc_addr: SocketAddr,
     pub monitoring_addr: SocketAddr,
     pub root_ca_dir: PathBuf,
@@ -176,6 +198,8 @@ pub struct Config {
     pub registry_file: Option<PathBuf>,
     pub trusted_node_accounts: Vec<String>,
     pub cluster_id: String,
+    pub cluster_aliases: Vec<String>,
+    pub revision: Option<String>,
     pub server_names: Vec<String>,
     pub server_ips: Vec<IpAddr>,
     pub max_request_bytes: usize,
@@ -274,6 +298,10 @@ impl Config {
 
         Ok(Config {
             trust_domain: text(cli.trust_domain, "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
+            trust_domain_aliases: list(cli.trust_domain_aliases, "TRUST_DOMAIN_ALIASES", "")
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             grpc_addr: addr(cli.grpc_addr, "CA_GRPC_ADDRESS", DEFAULT_GRPC_ADDR)?,
             monitoring_addr: addr(
                 cli.monitoring_addr,
@@ -323,6 +351,14 @@ impl Config {
                 DEFAULT_TRUSTED_NODE_ACCOUNTS,
             ),
             cluster_id: text(cli.cluster_id, "CLUSTER_ID", DEFAULT_CLUSTER_ID),
+            cluster_aliases: list(cli.cluster_aliases, "CLUSTER_ALIASES", "")
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            revision: cli
+                .revision
+                .or_else(|| layers.env("REVISION"))
+                .filter(|r| !r.is_empty()),
             server_names: list(cli.server_names, "CA_SERVER_NAMES", ""),
             server_ips,
             max_request_bytes,
@@ -352,6 +388,11 @@ impl Config {
         let bad = |m: String| Err(Error::Config(m));
         if let Err(e) = TrustDomain::new(&self.trust_domain) {
             return bad(format!("--trust-domain: {e}"));
+        }
+        for alias in &self.trust_domain_aliases {
+            if let Err(e) = TrustDomain::new(alias) {
+                return bad(format!("--trust-domain-aliases {alias:?}: {e}"));
+            }
         }
         if self.audiences().is_empty() {
             return bad("--token-audiences: at least one audience is needed".into());
@@ -402,6 +443,12 @@ impl Config {
         if self.max_request_bytes < 4096 {
             return bad("--max-request-bytes must be at least 4096".into());
         }
+        if let Some(rev) = &self.revision {
+            let name = format!("istiod-{rev}.{CA_NAMESPACE}.svc");
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return bad(format!("--revision {rev:?} does not make a DNS name"));
+            }
+        }
         for name in &self.server_names {
             if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
                 return bad(format!("--server-name {name:?} is not a DNS name"));
@@ -439,9 +486,28 @@ impl Config {
             .collect()
     }
 
-    /// DNS names of the serving certificate.
+    /// DNS names of the serving certificate: the names real clients dial
+    /// (istiod's Services `istiod`, `istiod-remote`, `istio-pilot` and
+    /// `istiod-<revision>` in istio-system, short `.svc` and full
+    /// `.svc.cluster.local`; `localhost`, ztunnel's default CA address
+    /// outside a cluster), then the configured ones.
     pub fn serving_dns_names(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = KNOWN_SERVICE_HOSTS.iter().map(|h| h.to_string()).collect();
+        if let Some(rev) = self.revision.as_deref().filter(|r| *r != "default") {
+            hosts.push(format!("istiod-{rev}"));
+        }
         let mut names = vec![CA_SERVICE_NAME.to_owned()];
+        for host in &hosts {
+            for name in [
+                format!("{host}.{CA_NAMESPACE}.svc"),
+                format!("{host}.{CA_NAMESPACE}.svc.cluster.local"),
+            ] {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names.push("localhost".to_owned());
         for n in &self.server_names {
             if !names.contains(n) {
                 names.push(n.clone());
@@ -582,6 +648,7 @@ mod tests {
     fn the_environment_fills_in_what_no_flag_sets() {
         let e = env(&[
             ("TRUST_DOMAIN", "example.org"),
+            ("TRUST_DOMAIN_ALIASES", "old.example, older.example"),
             ("CA_GRPC_ADDRESS", "127.0.0.1:9012"),
             ("CA_MONITORING_ADDRESS", "127.0.0.1:9014"),
             ("ROOT_CA_DIR", "/etc/ca"),
@@ -598,12 +665,14 @@ mod tests {
                 "kube-system/node,istio-system/ztunnel",
             ),
             ("CLUSTER_ID", "east"),
+            ("CLUSTER_ALIASES", "east-old"),
             ("CA_SERVER_NAMES", "ca.example,ca2.example"),
             ("CA_SERVER_IPS", "10.0.0.1, ::1"),
             ("CA_MAX_REQUEST_BYTES", "8192"),
         ]);
         let c = Config::from_args(args(&[]), &e).unwrap();
         assert_eq!(c.trust_domain, "example.org");
+        assert_eq!(c.trust_domain_aliases, ["old.example", "older.example"]);
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:9012");
         assert_eq!(c.monitoring_addr.to_string(), "127.0.0.1:9014");
         assert_eq!(c.root_ca_dir, PathBuf::from("/etc/ca"));
@@ -617,6 +686,7 @@ mod tests {
         assert_eq!(c.registry_file, Some(PathBuf::from("/registry.json")));
         assert_eq!(c.node_accounts().unwrap().len(), 2);
         assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.cluster_aliases, ["east-old"]);
         assert_eq!(c.server_names, ["ca.example", "ca2.example"]);
         assert_eq!(
             c.server_ips,

@@ -15,9 +15,6 @@ pub enum Error {
     #[error("authentication failed: {}", join(.reasons))]
     Authentication { reasons: Vec<AuthError> },
 
-    #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
-    UnknownCluster { got: String, expected: String },
-
     #[error("impersonation of {target:?} by {caller} refused: {reason}")]
     Impersonation {
         caller: String,
@@ -143,9 +140,7 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::Authentication { .. }
-            | Error::UnknownCluster { .. }
-            | Error::Impersonation { .. } => Code::Unauthenticated,
+            Error::Authentication { .. } | Error::Impersonation { .. } => Code::Unauthenticated,
             Error::Csr(_)
             | Error::CsrIdentity { .. }
             | Error::CsrUriSans { .. }
@@ -157,21 +152,23 @@ impl Error {
         }
     }
 
-    /// A short label for `citadel_server_csr_sign_err_count{error}` and logs.
-    pub fn label(&self) -> &'static str {
+    /// istiod's `citadel_server_csr_sign_err_count{error}` value (its CA
+    /// error types `CA_NOT_READY`, `CSR_ERROR`, `TTL_ERROR`,
+    /// `CERT_GEN_ERROR`); `None` for refusals istiod counts elsewhere
+    /// (authentication, impersonation: `citadel_server_authentication_failure_count`).
+    pub fn sign_error_type(&self) -> Option<&'static str> {
         match self {
-            Error::Authentication { .. } | Error::UnknownCluster { .. } => "authentication",
-            Error::Impersonation { .. } => "impersonation",
-            Error::Csr(_) => "csr_parse",
-            Error::CsrIdentity { .. }
+            Error::Authentication { .. } | Error::Impersonation { .. } => None,
+            Error::Csr(_)
+            | Error::CsrIdentity { .. }
             | Error::CsrUriSans { .. }
             | Error::CsrTrustDomain { .. }
-            | Error::CsrUri { .. } => "csr_identity",
-            Error::TtlTooLong { .. } => "ttl",
-            Error::SignerExpired { .. } => "signer_expired",
-            Error::Signing(_) | Error::JwtSigning(_) => "sign",
-            Error::JwtRequest(_) => "jwt_request",
-            _ => "internal",
+            | Error::CsrUri { .. } => Some("CSR_ERROR"),
+            Error::TtlTooLong { .. } => Some("TTL_ERROR"),
+            Error::Signing(_) | Error::JwtSigning(_) => Some("CERT_GEN_ERROR"),
+            // A bad JWT-SVID request is no CSR: counted in meshid_ca_jwt_svids_total.
+            Error::JwtRequest(_) => None,
+            _ => Some("CA_NOT_READY"),
         }
     }
 

@@ -417,7 +417,7 @@ impl JwtSvidService for JwtSvidServer {
                 if e.code() == tonic::Code::Unauthenticated {
                     metrics.authentication_failures.inc();
                 }
-                metrics.jwt_svid(e.label());
+                metrics.jwt_svid(refusal_label(&e));
                 tracing::warn!(error = %e, code = ?e.code(), "JWT-SVID request refused");
                 Err(e.to_status())
             }
@@ -445,6 +445,17 @@ impl JwtSvidService for JwtSvidServer {
             trust_domain: self.authority.trust_domain.clone(),
             jwks: self.authority.jwks(SystemTime::now()),
         }))
+    }
+}
+
+/// The `result` label of a refused JWT-SVID request.
+fn refusal_label(e: &Error) -> &'static str {
+    match e {
+        Error::Authentication { .. } => "authentication",
+        Error::Impersonation { .. } => "impersonation",
+        Error::JwtRequest(_) => "bad_request",
+        Error::JwtSigning(_) | Error::Signing(_) => "sign",
+        _ => "internal",
     }
 }
 

@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::error::Error;
 use crate::signer::Signer;
 
 /// A monotonic counter exported under its exact name (no `_total`).
@@ -56,10 +57,13 @@ pub struct Metrics {
     pub csr_count: IstioCounter,
     pub success_count: IstioCounter,
     pub authentication_failures: IstioCounter,
+    csr_parsing_errors: IstioCounter,
+    id_extraction_errors: IstioCounter,
     sign_errors: Family<ErrorLabels, IstioCounter>,
     root_expiry: Gauge<f64, AtomicU64>,
     root_expiry_timestamp: Gauge<f64, AtomicU64>,
     chain_expiry: Gauge<f64, AtomicU64>,
+    chain_expiry_timestamp: Gauge<f64, AtomicU64>,
     latency: Histogram,
     jwt_svids: Family<ErrorLabels, prometheus_client::metrics::counter::Counter>,
 }
@@ -76,6 +80,9 @@ impl Metrics {
         let csr_count = IstioCounter::default();
         let success_count = IstioCounter::default();
         let authentication_failures = IstioCounter::default();
+        let csr_parsing_errors = IstioCounter::default();
+        let id_extraction_errors = IstioCounter::default();
+        let chain_expiry_timestamp = Gauge::<f64, AtomicU64>::default();
         let sign_errors = Family::<ErrorLabels, IstioCounter>::default();
         let root_expiry = Gauge::<f64, AtomicU64>::default();
         let root_expiry_timestamp = Gauge::<f64, AtomicU64>::default();
@@ -99,6 +106,16 @@ impl Metrics {
             authentication_failures.clone(),
         );
         registry.register(
+            "citadel_server_csr_parsing_err_count",
+            "The number of errors occurred when parsing the CSR.",
+            csr_parsing_errors.clone(),
+        );
+        registry.register(
+            "citadel_server_id_extraction_err_count",
+            "The number of errors occurred when extracting the ID from CSR.",
+            id_extraction_errors.clone(),
+        );
+        registry.register(
             "citadel_server_csr_sign_err_count",
             "The number of errors occurred when signing the CSR.",
             sign_errors.clone(),
@@ -119,6 +136,11 @@ impl Metrics {
             chain_expiry.clone(),
         );
         registry.register(
+            "citadel_server_cert_chain_expiry_timestamp",
+            "The unix timestamp, in seconds, when the signing certificate expires.",
+            chain_expiry_timestamp.clone(),
+        );
+        registry.register(
             "meshid_ca_issuance_duration_seconds",
             "Time to answer a CreateCertificate call, from receipt to response.",
             latency.clone(),
@@ -136,19 +158,37 @@ impl Metrics {
             csr_count,
             success_count,
             authentication_failures,
+            csr_parsing_errors,
+            id_extraction_errors,
             sign_errors,
             root_expiry,
             root_expiry_timestamp,
             chain_expiry,
+            chain_expiry_timestamp,
             latency,
         }
     }
 
-    /// Counts a failed request under its error label.
-    pub fn sign_error(&self, label: &'static str) {
-        self.sign_errors
-            .get_or_create(&vec![("error", label)])
-            .inc();
+    /// Counts a refused request where istiod counts it: authentication
+    /// failures apart, CSR problems as parsing or ID-extraction errors, and
+    /// every failure past authentication under its istiod error type.
+    pub fn refused(&self, error: &Error) {
+        match error {
+            Error::Authentication { .. } | Error::Impersonation { .. } => {
+                self.authentication_failures.inc()
+            }
+            Error::Csr(_) => self.csr_parsing_errors.inc(),
+            Error::CsrIdentity { .. }
+            | Error::CsrUriSans { .. }
+            | Error::CsrTrustDomain { .. }
+            | Error::CsrUri { .. } => self.id_extraction_errors.inc(),
+            _ => {}
+        }
+        if let Some(label) = error.sign_error_type() {
+            self.sign_errors
+                .get_or_create(&vec![("error", label)])
+                .inc();
+        }
     }
 
     /// Counts a JWT-SVID request by result.
@@ -181,6 +221,8 @@ impl Metrics {
         self.root_expiry_timestamp
             .set(meshid_common::cert::unix_secs(earliest) as f64);
         self.chain_expiry.set(until(state.ca.info().not_after));
+        self.chain_expiry_timestamp
+            .set(meshid_common::cert::unix_secs(state.ca.info().not_after) as f64);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             out.clear();
@@ -193,17 +235,46 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// promtool's only remarks are on istiod's own names (its counters
+    /// have no `_total`, `citadel_server_csr_count` ends in `_count`).
+    #[test]
+    fn promtool_accepts_the_exposition_but_istiods_names() {
+        let m = Metrics::new();
+        m.csr_count.inc();
+        m.refused(&Error::TtlTooLong {
+            requested_secs: 1,
+            max_secs: 0,
+        });
+        m.observe_latency(Duration::from_millis(3));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &m.registry).unwrap();
+        meshid_common::testing::promtool::assert_clean_except(
+            &out,
+            &[
+                "citadel_server_csr_count",
+                "citadel_server_success_cert_issuance_count",
+                "citadel_server_authentication_failure_count",
+                "citadel_server_csr_parsing_err_count",
+                "citadel_server_id_extraction_err_count",
+                "citadel_server_csr_sign_err_count",
+            ],
+        );
+    }
+
     #[test]
     fn istiod_names_without_suffix() {
         let m = Metrics::new();
         m.csr_count.inc();
-        m.sign_error("ttl");
+        m.refused(&Error::TtlTooLong {
+            requested_secs: 1,
+            max_secs: 0,
+        });
         m.observe_latency(Duration::from_millis(3));
         let mut out = String::new();
         prometheus_client::encoding::text::encode_registry(&mut out, &m.registry).unwrap();
         assert!(out.contains("\ncitadel_server_csr_count 1\n"), "{out}");
         assert!(
-            out.contains("citadel_server_csr_sign_err_count{error=\"ttl\"} 1"),
+            out.contains("citadel_server_csr_sign_err_count{error=\"TTL_ERROR\"} 1"),
             "{out}"
         );
         assert!(

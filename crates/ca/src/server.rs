@@ -220,21 +220,6 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 }
 
 impl CaCore {
-    fn check_cluster(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
-        let Some(value) = metadata.get("clusterid") else {
-            return Ok(());
-        };
-        let got = value.to_str().unwrap_or("<non-ASCII>");
-        if got.is_empty() || got == self.cluster_id {
-            Ok(())
-        } else {
-            Err(Error::UnknownCluster {
-                got: got.chars().take(128).collect(),
-                expected: self.cluster_id.clone(),
-            })
-        }
-    }
-
     fn ttl(&self, validity_duration: i64) -> Result<Duration> {
         if validity_duration <= 0 {
             return Ok(self.default_ttl);
@@ -259,14 +244,16 @@ impl CaCore {
                     uri: uri.chars().take(256).collect(),
                     reason: e.to_string(),
                 })?;
-                if !requested.is_member_of(&self.trust_domain) {
+                // A trust domain alias names the same identity (Istio's
+                // trustDomainAliases): compare in the primary trust domain.
+                let Some(primary) = self.authz.in_primary_trust_domain(&requested) else {
                     return Err(Error::CsrTrustDomain {
                         requested: requested.to_string(),
                         requested_td: requested.trust_domain().to_owned(),
                         trust_domain: self.trust_domain.clone(),
                     });
-                }
-                if &requested != identity {
+                };
+                if &primary != identity {
                     return Err(Error::CsrIdentity {
                         requested: requested.to_string(),
                         allowed: identity.to_string(),
@@ -282,7 +269,6 @@ impl CaCore {
     /// the same for every CA service (CreateCertificate, JWT-SVIDs).
     pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
         let metadata = request.metadata();
-        self.check_cluster(metadata)?;
         let peer_certs = request
             .extensions()
             .get::<ConnInfo>()
@@ -358,10 +344,7 @@ impl IstioCertificateService for CaService {
                 }))
             }
             Err(e) => {
-                if e.code() == tonic::Code::Unauthenticated {
-                    core.metrics.authentication_failures.inc();
-                }
-                core.metrics.sign_error(e.label());
+                core.metrics.refused(&e);
                 tracing::warn!(error = %e, code = ?e.code(), "certificate request refused");
                 Err(e.to_status())
             }

@@ -369,6 +369,43 @@ async fn bad_csrs_are_invalid_argument_and_say_why() {
     fx.call(&good, max, Some(&auth), |_| {}).await.unwrap();
 }
 
+/// pilot-agent writes its own `TRUST_DOMAIN` into the CSR: one in a
+/// `--trust-domain-aliases` entry is the caller's identity, issued in the
+/// primary trust domain; another workload's identity stays refused, in an
+/// alias too, and an alias that is not configured stays refused.
+#[tokio::test]
+async fn a_csr_in_a_trust_domain_alias_is_issued_in_the_primary() {
+    let fx = Fixture::start_with(
+        TokenAlgorithm::Es256,
+        &["--trust-domain-aliases", "old.example,older.example"],
+    )
+    .await;
+    let token = fx.token("default", "web-0");
+    let auth = bearer(&token);
+    let k = key();
+    for alias in ["old.example", "older.example"] {
+        let csr = csr_with_uris(&k, &[&format!("spiffe://{alias}/ns/default/sa/web")]);
+        let chain = fx.call(&csr, 600, Some(&auth), |_| {}).await.unwrap();
+        validate_response(&chain, &k, &id("default", "web"), SystemTime::now()).unwrap();
+        assert_eq!(leaf_of(&chain).uri_sans, [id("default", "web").to_string()]);
+    }
+
+    let other = csr_with_uris(&k, &["spiffe://old.example/ns/default/sa/db"]);
+    refused(
+        fx.call(&other, 60, Some(&auth), |_| {}).await,
+        Code::InvalidArgument,
+        "asks for spiffe://old.example/ns/default/sa/db but the caller may only get spiffe://cluster.local/ns/default/sa/web",
+        &[&token],
+    );
+    let unknown = csr_with_uris(&k, &["spiffe://evil.example/ns/default/sa/web"]);
+    refused(
+        fx.call(&unknown, 60, Some(&auth), |_| {}).await,
+        Code::InvalidArgument,
+        "trust domain \"evil.example\"",
+        &[&token],
+    );
+}
+
 #[tokio::test]
 async fn a_2mib_request_is_refused_and_the_server_carries_on() {
     let fx = Fixture::start().await;
@@ -692,6 +729,50 @@ async fn an_unknown_clusterid_is_unauthenticated() {
     }
 }
 
+/// istiod reads `clusterid` in its Kubernetes JWT authenticator only: a
+/// workload renewing with its current certificate is never refused for it,
+/// and a configured cluster alias is this cluster.
+#[tokio::test]
+async fn clusterid_binds_tokens_only_and_accepts_aliases() {
+    let fx = Fixture::start_with(TokenAlgorithm::Es256, &["--cluster-aliases", "old-name"]).await;
+    let token = fx.token("default", "web-0");
+    let web = id("default", "web");
+    let csr = key().csr_for(&web).unwrap();
+    fx.call(&csr, 60, Some(&bearer(&token)), |r| {
+        r.metadata_mut()
+            .insert("clusterid", "old-name".parse().unwrap());
+    })
+    .await
+    .unwrap();
+
+    let (svid, _) = fx
+        .client()
+        .sign(
+            key(),
+            &web,
+            Duration::from_secs(600),
+            CallOptions {
+                token: Some(&token),
+                impersonate: None,
+            },
+        )
+        .await
+        .unwrap();
+    let mut config = fx.client().config().clone();
+    config.cluster_id = Some("cluster-2".into());
+    let by_cert = CaClient::with_client_certificate(config, &svid).unwrap();
+    let (renewed, _) = by_cert
+        .sign(
+            key(),
+            &web,
+            Duration::from_secs(600),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.id(), &web);
+}
+
 // ---------------------------------------------------------------- logs, metrics, health
 
 #[tokio::test]
@@ -748,20 +829,28 @@ async fn ready_metrics_and_grpc_health() {
         .await
         .unwrap();
     let _ = fx.call(&csr, 60, None, |_| {}).await;
+    let _ = fx.call("hello", 60, Some(&bearer(&token)), |_| {}).await;
+    let other = key().csr_for(&id("default", "db")).unwrap();
+    let _ = fx.call(&other, 60, Some(&bearer(&token)), |_| {}).await;
     eventually(5, "ready", || true).await;
     let (code, _) = http_get(mon, "/ready").await;
     assert_eq!(code, 200);
     let (code, body) = http_get(mon, "/metrics").await;
     assert_eq!(code, 200);
+    assert!(!body.contains("error=\"authentication\""), "{body}");
     for needle in [
-        "citadel_server_csr_count 2",
+        "citadel_server_csr_count 4",
         "citadel_server_success_cert_issuance_count 1",
         "citadel_server_authentication_failure_count 1",
-        "citadel_server_csr_sign_err_count{error=\"authentication\"} 1",
+        // istiod's CA error types; authentication is counted apart.
+        "citadel_server_csr_sign_err_count{error=\"CSR_ERROR\"} 2",
+        "citadel_server_csr_parsing_err_count 1",
+        "citadel_server_id_extraction_err_count 1",
         "citadel_server_root_cert_expiry_seconds",
         "citadel_server_root_cert_expiry_timestamp",
         "citadel_server_cert_chain_expiry_seconds",
-        "meshid_ca_issuance_duration_seconds_count 2",
+        "citadel_server_cert_chain_expiry_timestamp",
+        "meshid_ca_issuance_duration_seconds_count 4",
     ] {
         assert!(body.contains(needle), "{needle} missing from\n{body}");
     }
@@ -797,23 +886,39 @@ async fn ready_metrics_and_grpc_health() {
 
 #[tokio::test]
 async fn the_serving_certificate_names_istiod_and_configured_hosts() {
-    let fx = Fixture::start_with(TokenAlgorithm::Es256, &["--server-name", "ca.meshid.test"]).await;
+    let fx = Fixture::start_with(
+        TokenAlgorithm::Es256,
+        &["--server-name", "ca.meshid.test", "--revision", "canary"],
+    )
+    .await;
     let mut config = fx.client().config().clone();
-    config.server_name = "ca.meshid.test".into();
     let token = fx.token("default", "web-0");
-    CaClient::new(config.clone())
-        .unwrap()
-        .sign(
-            key(),
-            &id("default", "web"),
-            Duration::from_secs(60),
-            CallOptions {
-                token: Some(&token),
-                impersonate: None,
-            },
-        )
-        .await
-        .unwrap();
+    // The names real clients dial, as istiod's certificate has them.
+    for name in [
+        "ca.meshid.test",
+        "localhost",
+        "istiod.istio-system.svc",
+        "istiod.istio-system.svc.cluster.local",
+        "istiod-remote.istio-system.svc",
+        "istio-pilot.istio-system.svc",
+        "istiod-canary.istio-system.svc",
+        "istiod-canary.istio-system.svc.cluster.local",
+    ] {
+        config.server_name = name.into();
+        CaClient::new(config.clone())
+            .unwrap()
+            .sign(
+                key(),
+                &id("default", "web"),
+                Duration::from_secs(60),
+                CallOptions {
+                    token: Some(&token),
+                    impersonate: None,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
     config.server_name = "not-the-ca.example".into();
     let err = CaClient::new(config)
         .unwrap()

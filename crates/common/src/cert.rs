@@ -2,7 +2,7 @@
 //! needs, and issuing leaves, intermediates and roots.
 //!
 //! Issued leaves follow DESIGN §2.2 exactly: empty subject, one critical URI
-//! SAN, BasicConstraints cA=false, KeyUsage digitalSignature+keyEncipherment,
+//! SAN, BasicConstraints cA=false, KeyUsage digitalSignature (+keyEncipherment for RSA keys),
 //! ExtKeyUsage serverAuth+clientAuth, a random 128-bit serial, NotBefore
 //! backdated two minutes, NotAfter capped at the signer's own.
 
@@ -184,6 +184,21 @@ pub fn certs_to_pem<'a>(ders: impl IntoIterator<Item = &'a CertificateDer<'a>>) 
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(unix_secs(t))
+}
+
+/// digitalSignature always; keyEncipherment only for an RSA key: RFC 5480
+/// §3 forbids it for EC keys (pkilint reports it as an error), while
+/// istiod sets it for every key.
+fn leaf_key_usages(public_key_spki: &[u8]) -> Vec<KeyUsagePurpose> {
+    use x509_parser::x509::SubjectPublicKeyInfo;
+    let rsa = SubjectPublicKeyInfo::from_der(public_key_spki).is_ok_and(|(_, spki)| {
+        spki.algorithm.algorithm == x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
+    });
+    let mut usages = vec![KeyUsagePurpose::DigitalSignature];
+    if rsa {
+        usages.push(KeyUsagePurpose::KeyEncipherment);
+    }
+    usages
 }
 
 fn random_serial() -> Result<SerialNumber> {
@@ -421,7 +436,7 @@ impl CertificateAuthority {
         spec: &LeafSpec,
         now: SystemTime,
     ) -> Result<CertificateDer<'static>> {
-        let mut params = self.leaf_params(spec.ttl, now)?;
+        let mut params = self.leaf_params(spec.ttl, now, public_key_spki)?;
         params.extended_key_usages = [
             (spec.server_auth, ExtendedKeyUsagePurpose::ServerAuth),
             (spec.client_auth, ExtendedKeyUsagePurpose::ClientAuth),
@@ -447,7 +462,12 @@ impl CertificateAuthority {
         self.sign(&params, public_key_spki)
     }
 
-    fn leaf_params(&self, ttl: Duration, now: SystemTime) -> Result<CertificateParams> {
+    fn leaf_params(
+        &self,
+        ttl: Duration,
+        now: SystemTime,
+        public_key_spki: &[u8],
+    ) -> Result<CertificateParams> {
         if now >= self.info.not_after {
             return Err(Error::CertificateBuild(format!(
                 "signing certificate {} expired at {} (unix seconds)",
@@ -458,10 +478,7 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = leaf_key_usages(public_key_spki);
         params.serial_number = Some(random_serial()?);
         params.not_before = to_offset(now.checked_sub(CLOCK_SKEW_ALLOWANCE).unwrap_or(now));
         let wanted = now.checked_add(ttl).unwrap_or(self.info.not_after);
@@ -526,6 +543,24 @@ mod tests {
     }
 
     #[test]
+    fn an_rsa_leaf_also_gets_key_encipherment() {
+        let ca = root();
+        let key = PrivateKey::generate(KeyType::Rsa2048).unwrap();
+        let der = ca
+            .issue_leaf(
+                key.public_key_spki(),
+                &web(),
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical);
+        assert!(ku.value.digital_signature() && ku.value.key_encipherment());
+    }
+
+    #[test]
     fn leaf_follows_the_svid_profile() {
         let ca = root();
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
@@ -550,7 +585,11 @@ mod tests {
         assert!(!bc.value.ca);
         let ku = cert.key_usage().unwrap().unwrap();
         assert!(ku.critical);
-        assert!(ku.value.digital_signature() && ku.value.key_encipherment());
+        assert!(ku.value.digital_signature());
+        assert!(
+            !ku.value.key_encipherment(),
+            "keyEncipherment is for RSA keys only (RFC 5480)"
+        );
         assert!(!ku.value.key_cert_sign());
         let eku = cert.extended_key_usage().unwrap().unwrap();
         assert!(eku.value.server_auth && eku.value.client_auth);

@@ -172,6 +172,12 @@ impl SpiffeId {
     pub fn is_member_of(&self, trust_domain: &str) -> bool {
         self.trust_domain() == trust_domain
     }
+
+    /// The same path in another trust domain (how an identity in a trust
+    /// domain alias maps to the primary one, as Istio's trustDomainAliases).
+    pub fn with_trust_domain(&self, trust_domain: &str) -> Result<Self> {
+        SpiffeId::parse(&format!("{SCHEME}{trust_domain}{}", self.path()))
+    }
 }
 
 fn validate_path(path: &str) -> std::result::Result<(), &'static str> {

@@ -5,6 +5,7 @@
 //! on disk), a span recorder, and the one real-Envoy launcher ([`envoy`]).
 
 pub mod envoy;
+pub mod promtool;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -8,7 +8,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use meshid_common::cert::{CertInfo, unix_secs};
-use meshid_common::serve::{AdminRouter, JSON, OPENMETRICS, Reply, text};
+use meshid_common::serve::{AdminRouter, JSON, PROMETHEUS_TEXT, Reply, text};
 use serde_json::json;
 
 use crate::metrics::Metrics;
@@ -39,7 +39,7 @@ pub(crate) fn router(admin: Arc<Admin>) -> AdminRouter {
             ))
         }
     })
-    .metrics(OPENMETRICS, move || {
+    .metrics(PROMETHEUS_TEXT, move || {
         if let Some(c) = metrics.sds.credentials().borrow().as_ref() {
             metrics
                 .metrics

@@ -195,11 +195,32 @@ impl Metrics {
             .set(secs);
     }
 
-    /// OpenMetrics text of every metric.
+    /// Every metric in the classic Prometheus text format (as promtool
+    /// and Prometheus read it).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        meshid_common::serve::prometheus_text(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric with help text and a type promtool accepts.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let m = Metrics::new();
+        m.handshake_failure("inbound", "no_client_cert");
+        m.bytes("inbound", 10, 20);
+        m.sds_response("default", true);
+        m.policy_reload(true);
+        m.set_cert_expiry("default", SystemTime::now());
+        let _active = m.active("inbound");
+        let text = m.encode();
+        assert!(text.contains("meshid_shim_bytes_total"), "{text}");
+        meshid_common::testing::promtool::assert_clean_except(&text, &[]);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use meshid_common::serve::{AdminRouter, OPENMETRICS};
+use meshid_common::serve::{AdminRouter, PROMETHEUS_TEXT};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -63,7 +63,7 @@ impl Admin {
         let (ready, certs, workloads, conns, metrics) =
             (self.clone(), self.clone(), self.clone(), self.clone(), self);
         AdminRouter::new("meshid-ztunnel", move || ready.readiness())
-            .metrics(OPENMETRICS, move || metrics.metrics.render())
+            .metrics(PROMETHEUS_TEXT, move || metrics.metrics.render())
             .json("/debug/certs", move || {
                 serde_json::json!({
                     "node": certs.node,

@@ -188,12 +188,13 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition (classic format, as promtool and
+    /// Prometheus read it; the series keep ztunnel's `_total` names).
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        meshid_common::serve::prometheus_text(&out)
     }
 }
 
@@ -230,6 +231,20 @@ impl meshid_common::identity::RenewalEvents for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every metric with help text and a type promtool accepts.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let m = Metrics::new();
+        m.connections_opened
+            .get_or_create(&Metrics::dir(Direction::Inbound))
+            .inc();
+        m.outgoing_requests.get_or_create(&m.csr()).inc();
+        m.workload_certs
+            .get_or_create(&Metrics::state("available"))
+            .set(3);
+        meshid_common::testing::promtool::assert_clean_except(&m.render(), &[]);
+    }
 
     #[test]
     fn names_render_as_istio_spells_them() {

@@ -602,6 +602,10 @@ impl Authenticator for JwtAuthenticator {
         "jwt"
     }
 
+    fn reads_cluster_id(&self) -> bool {
+        true
+    }
+
     fn authenticate<'a>(
         &'a self,
         ctx: AuthContext<'a>,

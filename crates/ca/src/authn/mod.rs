@@ -48,6 +48,8 @@ pub enum AuthError {
     Jwt(String),
     #[error("TokenReview: {0}")]
     TokenReview(String),
+    #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
+    UnknownCluster { got: String, expected: String },
 }
 
 /// What an authenticator sees of a request.
@@ -63,6 +65,13 @@ pub struct AuthContext<'a> {
 pub trait Authenticator: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
+    /// Whether the caller's `clusterid` header selects what this
+    /// authenticator checks against (istiod: only the Kubernetes JWT
+    /// authenticator reads it; a client certificate never depends on it).
+    fn reads_cluster_id(&self) -> bool {
+        false
+    }
+
     /// `None` when the request carries no credential of this kind.
     fn authenticate<'a>(
         &'a self,
@@ -74,11 +83,37 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, Default)]
 pub struct Authn {
     chain: Vec<Arc<dyn Authenticator>>,
+    /// The cluster ids a token may name in `clusterid`: this cluster's and
+    /// its aliases (empty: not checked).
+    clusters: Vec<String>,
 }
 
 impl Authn {
     pub fn new(chain: Vec<Arc<dyn Authenticator>>) -> Self {
-        Authn { chain }
+        Authn {
+            chain,
+            clusters: Vec::new(),
+        }
+    }
+
+    /// This cluster's id first, then its aliases: a token-based caller whose
+    /// non-empty `clusterid` is none of them is refused by that authenticator.
+    pub fn with_clusters(mut self, clusters: Vec<String>) -> Self {
+        self.clusters = clusters;
+        self
+    }
+
+    /// Why a token authenticator must not accept this `clusterid`.
+    fn cluster_refusal(&self, metadata: &MetadataMap) -> Option<AuthError> {
+        let value = metadata.get("clusterid")?;
+        let got = value.to_str().unwrap_or("<non-ASCII>");
+        if got.is_empty() || self.clusters.is_empty() || self.clusters.iter().any(|c| c == got) {
+            return None;
+        }
+        Some(AuthError::UnknownCluster {
+            got: got.chars().take(128).collect(),
+            expected: self.clusters[0].clone(),
+        })
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -103,7 +138,15 @@ impl Authn {
             bearer,
             peer_certs: peer_certs.filter(|c| !c.is_empty()),
         };
+        let cluster_refusal = self.cluster_refusal(metadata);
         for authenticator in &self.chain {
+            if authenticator.reads_cluster_id()
+                && ctx.bearer.is_some()
+                && let Some(e) = &cluster_refusal
+            {
+                reasons.push(e.clone());
+                continue;
+            }
             match authenticator.authenticate(ctx).await {
                 Some(Ok(caller)) => return Ok(caller),
                 Some(Err(e)) => reasons.push(e),

@@ -221,6 +221,10 @@ impl Authenticator for TokenReviewAuthenticator {
         "token-review"
     }
 
+    fn reads_cluster_id(&self) -> bool {
+        true
+    }
+
     fn authenticate<'a>(
         &'a self,
         ctx: AuthContext<'a>,
