@@ -830,7 +830,7 @@ mod tests {
             "grpc_addr: 0.0.0.0:15012",
             "default_workload_cert_ttl: 24h0m0s",
             "max_workload_cert_ttl: 2160h0m0s",
-            "jwks_url: https://[redacted]@issuer.example/jwks",
+            "jwks_url: \"https://[redacted]@issuer.example/jwks\"",
             "- istio-system/ztunnel",
             "cluster_id: Kubernetes",
         ] {

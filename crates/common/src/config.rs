@@ -96,9 +96,107 @@ impl<'a> Layers<'a> {
 /// `config` as YAML: the one start-up format of every component. A config
 /// holds paths and names, never key material or tokens (each component's
 /// `Serialize` leaves them out).
+///
+/// Written here over `serde_json` (which every binary links already) rather
+/// than with a YAML library: printing a config is all the components other
+/// than the shim need YAML for, and a YAML crate would add its weight to
+/// each binary.
 pub fn to_yaml<T: serde::Serialize + ?Sized>(config: &T) -> String {
-    serde_yaml_ng::to_string(config)
-        .unwrap_or_else(|e| format!("<the configuration cannot be printed: {e}>"))
+    match serde_json::to_value(config) {
+        Ok(value) => {
+            let mut out = String::new();
+            yaml_value(&value, 0, &mut out);
+            out
+        }
+        Err(e) => format!("<the configuration cannot be printed: {e}>\n"),
+    }
+}
+
+/// Block-style YAML of `value` at `indent` spaces; ends with a newline.
+fn yaml_value(value: &serde_json::Value, indent: usize, out: &mut String) {
+    use serde_json::Value;
+    let pad = " ".repeat(indent);
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, v) in map {
+                out.push_str(&pad);
+                out.push_str(&yaml_scalar_str(key));
+                out.push(':');
+                yaml_nested(v, indent, true, out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            for v in items {
+                out.push_str(&pad);
+                out.push('-');
+                yaml_nested(v, indent, false, out);
+            }
+        }
+        other => {
+            out.push_str(&pad);
+            out.push_str(&yaml_scalar(other));
+            out.push('\n');
+        }
+    }
+}
+
+/// What follows `key:` (`under_key`) or `-`: a scalar on the same line, or
+/// a nested block (a list under a key at the key's own indentation, as
+/// YAML writers commonly print it).
+fn yaml_nested(v: &serde_json::Value, indent: usize, under_key: bool, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            out.push('\n');
+            yaml_value(v, indent + 2, out);
+        }
+        Value::Array(a) if !a.is_empty() => {
+            out.push('\n');
+            yaml_value(v, if under_key { indent } else { indent + 2 }, out);
+        }
+        scalar => {
+            out.push(' ');
+            out.push_str(&yaml_scalar(scalar));
+            out.push('\n');
+        }
+    }
+}
+
+fn yaml_scalar(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => yaml_scalar_str(s),
+        Value::Array(_) => "[]".into(),
+        Value::Object(_) => "{}".into(),
+    }
+}
+
+/// A string plain when YAML reads it back as the same string, else
+/// double-quoted (JSON's escapes are YAML's).
+fn yaml_scalar_str(s: &str) -> String {
+    let plain_chars = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_./:@+-".contains(c));
+    let starts_well = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || "_./".contains(c));
+    let reserved = matches!(
+        s.to_ascii_lowercase().as_str(),
+        "true" | "false" | "null" | "yes" | "no" | "on" | "off" | "y" | "n" | "~"
+    ) || s.parse::<f64>().is_ok()
+        || s.starts_with("0x")
+        || s.starts_with("0o")
+        || s.contains(": ")
+        || s.ends_with(':');
+    if plain_chars && starts_well && !reserved {
+        s.to_owned()
+    } else {
+        serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+    }
 }
 
 /// Logs `component`'s configuration at start, as YAML ([`to_yaml`]).
@@ -186,6 +284,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn yaml_reads_back_as_the_same_value() {
+        let value = serde_json::json!({
+            "address": "https://localhost:15012",
+            "ttl": "24h0m0s",
+            "ratio": 0.5,
+            "count": 8,
+            "on": true,
+            "nothing": null,
+            "empty": "",
+            "tricky": ["yes", "123", "a: b", "#x", " pad", "-dash", "line\nbreak", "ok/path"],
+            "nested": {"peers": [], "map": {}, "deep": {"node": "node-a"}},
+            "list_of_maps": [{"a": 1, "b": "x"}, {"c": [1, 2]}],
+        });
+        let yaml = to_yaml(&value);
+        let back: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(back, value, "{yaml}");
+        assert!(
+            yaml.contains("address: https://localhost:15012\n"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("ttl: 24h0m0s\n"), "{yaml}");
+        assert!(yaml.contains("- \"yes\"\n"), "{yaml}");
+    }
     #[test]
     fn durations_in_every_form_the_components_accept() {
         let ok = |s: &str| parse_duration(s).unwrap_or_else(|e| panic!("{s}: {e}"));
