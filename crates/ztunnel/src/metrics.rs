@@ -1,6 +1,6 @@
 //! The ztunnel's Prometheus metrics. Names follow Istio where it has them:
 //! ztunnel's `istio_tcp_connections_opened/closed_total`,
-//! `istio_tcp_sent/received_bytes_total` (per direction), pilot-agent's
+//! `istio_tcp_sent/received_bytes_total` (with ztunnel's traffic labels), pilot-agent's
 //! `num_outgoing_requests` / `num_failed_outgoing_requests`
 //! (`{request_type="csr"}`); the rest are ours, prefixed `ztunnel_`.
 

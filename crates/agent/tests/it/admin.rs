@@ -59,13 +59,19 @@ async fn metrics_count_requests_pushes_and_streams() {
         .unwrap();
     s.expect_response().await;
     let (_, text) = http_get(a.app.admin_addr(), "/metrics").await;
+    // pilot-agent's merged page, where Prometheus scrapes an Istio pod.
+    let (_, merged) = http_get(a.app.admin_addr(), "/stats/prometheus").await;
+    assert!(
+        merged.contains("istio_agent_num_outgoing_requests{request_type=\"csr\"} 1"),
+        "{merged}"
+    );
     for needle in [
-        "num_outgoing_requests_total{request_type=\"csr\"} 1",
+        "istio_agent_num_outgoing_requests{request_type=\"csr\"} 1",
         "meshid_agent_sds_pushes_total{resource_name=\"default\"} 1",
         "meshid_agent_sds_pushes_total{resource_name=\"ROOTCA\"} 1",
         "meshid_agent_sds_connected_streams 1",
-        "cert_expiry_seconds{resource_name=\"default\"} 3",
-        "cert_expiry_seconds{resource_name=\"ROOTCA\"}",
+        "istio_agent_cert_expiry_seconds{resource_name=\"default\"} 3",
+        "istio_agent_cert_expiry_seconds{resource_name=\"ROOTCA\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing in\n{text}");
     }
