@@ -87,3 +87,34 @@ async fn metrics_count_requests_pushes_and_streams() {
     assert!(closed, "a closed stream is no longer counted");
     a.app.shutdown().await;
 }
+
+/// Prometheus scrapes an Istio pod at pilot-agent's status port
+/// (:15020/stats/prometheus); the agent's scrape listener serves the same
+/// page there, and nothing about its certificates.
+#[tokio::test]
+async fn the_metrics_listener_serves_the_scrape_page_only() {
+    let a = AgentBuilder {
+        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    }
+    .start()
+    .await;
+    a.ready().await;
+    let addr = a.app.metrics_addr().expect("the metrics listener is on");
+    let (code, text) = http_get(addr, "/stats/prometheus").await;
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("istio_agent_num_outgoing_requests{request_type=\"csr\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio_agent_cert_expiry_seconds{resource_name=\"default\"}"),
+        "{text}"
+    );
+    let (code, _) = http_get(addr, "/debug/certs").await;
+    assert_eq!(
+        code, 404,
+        "certificate details stay on the localhost admin port"
+    );
+    a.app.shutdown().await;
+}
