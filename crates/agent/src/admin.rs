@@ -39,6 +39,25 @@ pub fn router(state: AdminState) -> AdminRouter {
     .json("/debug/certs", move || debug_certs(&certs))
 }
 
+/// The scrape listener's pages, as pilot-agent's status port serves them
+/// to Prometheus: readiness and the metrics (`/stats/prometheus`,
+/// `/metrics`), nothing that describes the certificates.
+pub fn metrics_router(state: AdminState) -> AdminRouter {
+    let ready = state.manager.clone();
+    AdminRouter::new("meshid-agent", move || {
+        let status = ready.status();
+        if status.ready {
+            Ok(())
+        } else {
+            Err(format!("not ready: {}", status.reason))
+        }
+    })
+    .metrics(PROMETHEUS_TEXT, move || {
+        update_expiry(&state);
+        state.metrics.encode()
+    })
+}
+
 fn update_expiry(state: &AdminState) {
     let now = state.manager.clock().now();
     let left = |t: SystemTime| match t.duration_since(now) {

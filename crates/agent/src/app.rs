@@ -51,6 +51,7 @@ impl std::fmt::Debug for Parts {
 pub struct App {
     config: Config,
     admin_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     manager: Arc<Worker>,
     metrics: Arc<Metrics>,
     drain: Drain,
@@ -112,6 +113,21 @@ impl App {
                 source,
             })?;
 
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => {
+                let listen_error = |source| Error::Listen {
+                    what: "the metrics address",
+                    addr: addr.to_string(),
+                    source,
+                };
+                let l = TcpListener::bind(addr).await.map_err(listen_error)?;
+                let bound = l.local_addr().map_err(listen_error)?;
+                Some((l, bound))
+            }
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
+
         let sds_listener = UdsListener::bind(&config.sds_socket, config.socket_group)?;
         let api_listener = UdsListener::bind(&config.workload_api_socket, config.socket_group)?;
 
@@ -121,6 +137,13 @@ impl App {
             metrics: metrics.clone(),
         })
         .serve(admin_listener, &drain);
+        if let Some((listener, _)) = metrics_listener {
+            admin::metrics_router(AdminState {
+                manager: manager.clone(),
+                metrics: metrics.clone(),
+            })
+            .serve(listener, &drain);
+        }
         let sds = SdsServer::new(manager.clone(), metrics.clone(), cancel.clone())
             .with_file_allow(crate::sds_files::FileAllow::new(
                 config.sds_file_allow.iter().cloned(),
@@ -165,6 +188,7 @@ impl App {
         Ok(App {
             config,
             admin_addr,
+            metrics_addr,
             manager,
             metrics,
             drain,
@@ -181,6 +205,11 @@ impl App {
 
     pub fn workload_api_socket(&self) -> &Path {
         &self.config.workload_api_socket
+    }
+
+    /// Where the scrape listener bound, when it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Where the admin listener actually bound (port 0 resolved).

@@ -81,6 +81,11 @@ pub struct Cli {
     /// Admin listener (/ready, /debug/certs, /metrics) [default: 127.0.0.1:15000]
     #[arg(long)]
     pub admin_addr: Option<SocketAddr>,
+    /// Metrics listener, as pilot-agent's status port (e.g. 0.0.0.0:15020):
+    /// only /stats/prometheus, /metrics and readiness, for Prometheus to
+    /// scrape from outside the pod [default: off]
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Opt-in: also write cert-chain.pem, key.pem, root-cert.pem (mode 0600) here [env: OUTPUT_CERTS]
     #[arg(long)]
     pub output_certs: Option<PathBuf>,
@@ -107,6 +112,8 @@ pub struct Config {
     pub namespace: String,
     pub service_account: String,
     pub admin_addr: SocketAddr,
+    /// The scrape listener ([`Cli::metrics_addr`]); `None` = off.
+    pub metrics_addr: Option<SocketAddr>,
     pub output_certs: Option<PathBuf>,
     #[serde(serialize_with = "meshid_common::config::serialize_duration")]
     pub first_fetch_delay: Duration,
@@ -192,6 +199,7 @@ impl Config {
                 .or_else(|| layers.env("SERVICE_ACCOUNT"))
                 .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
             admin_addr,
+            metrics_addr: cli.metrics_addr,
             output_certs: cli
                 .output_certs
                 .or_else(|| layers.env("OUTPUT_CERTS").map(PathBuf::from)),

@@ -1,15 +1,58 @@
-//! The agent's Prometheus metrics, with pilot-agent's names where it has
-//! them: `cert_expiry_seconds{resource_name}`, `num_outgoing_requests`,
-//! `num_failed_outgoing_requests` (both `{request_type="csr"}`), plus SDS and
-//! Workload API stream and push counts.
+//! The agent's Prometheus metrics. What pilot-agent also counts carries the
+//! name pilot-agent's series have on its merged `/stats/prometheus` page,
+//! which Istio's dashboards and alerts query:
+//! `istio_agent_cert_expiry_seconds{resource_name}`,
+//! `istio_agent_num_outgoing_requests{request_type="csr"}` and
+//! `istio_agent_num_failed_outgoing_requests{request_type="csr"}` (Istio
+//! exports its counters without the `_total` suffix). The SDS and Workload
+//! API stream and push counts are ours, prefixed `meshid_agent_`.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+/// A monotonic counter exported under its exact name, without `_total`,
+/// as pilot-agent exports its counters.
+#[derive(Clone, Debug, Default)]
+pub struct IstioCounter(Arc<AtomicU64>);
+
+impl IstioCounter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for IstioCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for IstioCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // A plain sample: the name stays as registered.
+        encoder.encode_gauge(&self.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// pilot-agent's counters, which promtool remarks on only for their
+/// missing `_total`.
+pub const ISTIO_COUNTERS: [&str; 2] = [
+    "istio_agent_num_outgoing_requests",
+    "istio_agent_num_failed_outgoing_requests",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabels {
@@ -25,11 +68,13 @@ pub struct RequestLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// pilot-agent's names, encoded as they are (no `_total` rewriting).
+    istio: Registry,
     /// Seconds until the certificate behind each SDS resource expires
     /// (negative once expired). Updated at every scrape.
     pub cert_expiry_seconds: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
-    pub outgoing_requests: Family<RequestLabels, Counter>,
-    pub failed_outgoing_requests: Family<RequestLabels, Counter>,
+    pub outgoing_requests: Family<RequestLabels, IstioCounter>,
+    pub failed_outgoing_requests: Family<RequestLabels, IstioCounter>,
     /// Certificates accepted from the CA (first one included).
     pub certs_issued: Counter,
     /// SDS responses sent, per resource.
@@ -49,7 +94,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let mut istio = Registry::default();
         let m = Metrics {
+            istio: Registry::default(),
             cert_expiry_seconds: Family::default(),
             outgoing_requests: Family::default(),
             failed_outgoing_requests: Family::default(),
@@ -61,19 +108,19 @@ impl Metrics {
             workload_api_pushes: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "cert_expiry_seconds",
-            "Seconds until the certificate of each SDS resource expires (negative once expired)",
+        istio.register(
+            "istio_agent_cert_expiry_seconds",
+            "Seconds left before the certificate behind each SDS resource expires; negative once it has",
             m.cert_expiry_seconds.clone(),
         );
-        registry.register(
-            "num_outgoing_requests",
-            "Requests sent to the CA",
+        istio.register(
+            ISTIO_COUNTERS[0],
+            "Requests the agent sent to the CA, by request type",
             m.outgoing_requests.clone(),
         );
-        registry.register(
-            "num_failed_outgoing_requests",
-            "Requests to the CA that failed or whose answer was refused",
+        istio.register(
+            ISTIO_COUNTERS[1],
+            "Requests to the CA that failed or whose answer was refused, by request type",
             m.failed_outgoing_requests.clone(),
         );
         registry.register(
@@ -106,7 +153,11 @@ impl Metrics {
             "SPIFFE Workload API messages sent",
             m.workload_api_pushes.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            istio,
+            ..m
+        }
     }
 
     pub fn resource(name: &str) -> ResourceLabels {
@@ -118,10 +169,12 @@ impl Metrics {
     /// Every metric in the classic Prometheus text format (what
     /// pilot-agent serves, and what promtool checks).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
+        let mut ours = String::new();
+        let mut istio = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        meshid_common::serve::prometheus_text(&out)
+        let _ = prometheus_client::encoding::text::encode(&mut ours, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut istio, &self.istio);
+        istio + &meshid_common::serve::prometheus_text(&ours)
     }
 }
 
@@ -152,21 +205,7 @@ impl meshid_common::identity::RenewalEvents for Metrics {
 mod tests {
     use super::*;
 
-    /// Every metric with help text and a type promtool accepts.
-    #[test]
-    fn promtool_accepts_the_exposition() {
-        use meshid_common::identity::RenewalEvents;
-        let m = Metrics::new();
-        m.csr_sent();
-        m.csr_failed();
-        m.cert_expiry_seconds
-            .get_or_create(&Metrics::resource("default"))
-            .set(12.5);
-        meshid_common::testing::promtool::assert_clean_except(&m.encode(), &[]);
-    }
-
-    #[test]
-    fn istio_names_appear_in_the_text() {
+    fn sample() -> Metrics {
         use meshid_common::identity::RenewalEvents;
         let m = Metrics::new();
         m.csr_sent();
@@ -175,14 +214,39 @@ mod tests {
             .get_or_create(&Metrics::resource("default"))
             .set(12.5);
         m.sds_connected_streams.inc();
-        let text = m.encode();
+        m.sds_pushes
+            .get_or_create(&Metrics::resource("default"))
+            .inc();
+        m
+    }
+
+    /// Every metric with help text and a type promtool accepts; its only
+    /// remark is pilot-agent's counters' missing `_total`.
+    #[test]
+    fn promtool_accepts_the_exposition_but_pilot_agents_names() {
+        meshid_common::testing::promtool::assert_clean_except(&sample().encode(), &ISTIO_COUNTERS);
+    }
+
+    /// The names pilot-agent's series have on its merged
+    /// `:15020/stats/prometheus`, which Istio's dashboards query.
+    #[test]
+    fn pilot_agent_names_appear_in_the_text() {
+        let text = sample().encode();
         for needle in [
-            "num_outgoing_requests_total{request_type=\"csr\"} 1",
-            "num_failed_outgoing_requests_total{request_type=\"csr\"} 1",
-            "cert_expiry_seconds{resource_name=\"default\"} 12.5",
-            "meshid_agent_sds_connected_streams 1",
+            "\nistio_agent_num_outgoing_requests{request_type=\"csr\"} 1\n",
+            "\nistio_agent_num_failed_outgoing_requests{request_type=\"csr\"} 1\n",
+            "# TYPE istio_agent_num_outgoing_requests counter\n",
+            "\nistio_agent_cert_expiry_seconds{resource_name=\"default\"} 12.5\n",
+            "# TYPE istio_agent_cert_expiry_seconds gauge\n",
+            "\nmeshid_agent_sds_connected_streams 1\n",
+            "\nmeshid_agent_sds_pushes_total{resource_name=\"default\"} 1\n",
         ] {
-            assert!(text.contains(needle), "{needle} missing in\n{text}");
+            assert!(text.contains(needle), "{needle:?} missing in\n{text}");
         }
+        assert!(
+            !text.contains("istio_agent_num_outgoing_requests_total"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

@@ -42,6 +42,8 @@ pub struct Directory {
     local_identities: HashSet<SpiffeId>,
     /// How many workloads (any node, any mode) have each IP.
     per_ip: HashMap<IpAddr, usize>,
+    /// Every workload (any node, any mode) by IP, port or not.
+    all_by_ip: HashMap<IpAddr, Vec<Arc<WorkloadInfo>>>,
 }
 
 impl Directory {
@@ -82,6 +84,7 @@ impl Directory {
             }
             if let Some(ip) = w.ip() {
                 *d.per_ip.entry(ip).or_default() += 1;
+                d.all_by_ip.entry(ip).or_default().push(info.clone());
             }
             if let Some(sa) = w.socket_addr() {
                 d.by_addr.insert(sa, info.clone());
@@ -131,6 +134,20 @@ impl Directory {
     /// served workload, or more than one, has that IP.
     pub fn local_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
         self.local_by_ip.get(&ip)
+    }
+
+    /// The one workload at `ip` that runs as `identity`, wherever it runs:
+    /// the source of an inbound HBONE stream, from its `forwarded` address
+    /// and the identity its certificate proved. `None` when none or several
+    /// match.
+    pub fn at_ip_as(&self, ip: IpAddr, identity: &SpiffeId) -> Option<&Arc<WorkloadInfo>> {
+        let mut matching = self
+            .all_by_ip
+            .get(&ip)?
+            .iter()
+            .filter(|w| &w.identity == identity);
+        let first = matching.next()?;
+        matching.next().is_none().then_some(first)
     }
 
     /// Whether `ip` is the address of exactly one workload of the registry:

@@ -35,7 +35,7 @@
 //! PROXY protocol v1 line naming it (`PROXY TCP4 <src> <dst> <sport>
 //! <dport>\r\n`). The destination must be a local workload in PERMISSIVE mode.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,9 @@ use crate::connlog::{ConnLog, ConnRecord};
 use crate::directory::{Directory, WorkloadInfo};
 use crate::error::{Error, Result};
 use crate::h2io::H2Stream;
-use crate::metrics::{CodeLabels, Direction, Metrics, ReasonLabels};
+use crate::metrics::{
+    CodeLabels, Metrics, Peer, ReasonLabels, Reporter, SecurityPolicy, TrafficLabels,
+};
 use crate::policy::{Mode, Policies};
 
 /// Buffer size of each direction of a proxied connection: each write becomes
@@ -331,9 +333,30 @@ impl Inbound {
             }
         };
         let mut client = H2Stream::new(send, req.into_body());
+        let labels = {
+            // The source workload is the one at the `forwarded` address, if
+            // it runs as the identity the peer proved; else only the proven
+            // identity (and its namespace) is known.
+            let dir = self.directory.borrow();
+            let source = accepted
+                .forwarded
+                .as_deref()
+                .and_then(forwarded_for)
+                .and_then(|ip| dir.at_ip_as(ip, &conn.peer_id));
+            TrafficLabels::new(
+                Reporter::Destination,
+                Peer {
+                    workload: source.map(|w| &w.workload),
+                    principal: Some(&conn.peer_id),
+                },
+                Peer::of(&accepted.dst),
+                SecurityPolicy::MutualTls,
+            )
+        };
         forward(
             &self.metrics,
             &self.connlog,
+            labels,
             &mut client,
             accepted.upstream,
             AccessLog {
@@ -489,9 +512,16 @@ impl Inbound {
             return Err(Error::PlaintextRefused(dst.name()));
         }
         let upstream = connect(target, self.connect_timeout).await?;
+        let labels = TrafficLabels::new(
+            Reporter::Destination,
+            Peer::default(),
+            Peer::of(&dst),
+            SecurityPolicy::Unknown,
+        );
         forward(
             &self.metrics,
             &self.connlog,
+            labels,
             &mut reader,
             upstream,
             AccessLog {
@@ -506,6 +536,24 @@ impl Inbound {
         .await;
         Ok(())
     }
+}
+
+/// The address of a `forwarded: for="<ip>"` header (RFC 7239; the first
+/// element, IPv6 in brackets, an optional port).
+pub fn forwarded_for(header: &str) -> Option<IpAddr> {
+    let first = header.split(',').next()?;
+    let value = first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for")
+            .then_some(v.trim().trim_matches('"'))
+    })?;
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    value
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| value.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// `PROXY TCP4 src dst sport dport\r\n` → `dst:dport`.
@@ -548,6 +596,7 @@ struct AccessLog<'a> {
 async fn forward<C>(
     metrics: &Metrics,
     connlog: &ConnLog,
+    labels: TrafficLabels,
     client: &mut C,
     mut upstream: TcpStream,
     log: AccessLog<'_>,
@@ -555,21 +604,12 @@ async fn forward<C>(
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let labels = Metrics::dir(Direction::Inbound);
-    metrics.connections_opened.get_or_create(&labels).inc();
+    metrics.connection_opened(&labels);
     let result =
         tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
             .await;
-    metrics.connections_closed.get_or_create(&labels).inc();
     let (from_client, to_client) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
-    metrics
-        .bytes_sent
-        .get_or_create(&labels)
-        .inc_by(from_client);
-    metrics
-        .bytes_received
-        .get_or_create(&labels)
-        .inc_by(to_client);
+    metrics.connection_closed(&labels, from_client, to_client);
     tracing::info!(
         direction = "inbound",
         src.identity = log.src.map(|s| s.as_str()).unwrap_or("none (plaintext)"),
@@ -601,6 +641,18 @@ async fn forward<C>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_reads_the_source_address() {
+        let v4: IpAddr = "10.0.0.7".parse().unwrap();
+        let v6: IpAddr = "fd00::7".parse().unwrap();
+        assert_eq!(forwarded_for("for=\"10.0.0.7\""), Some(v4));
+        assert_eq!(forwarded_for("for=10.0.0.7:5555"), Some(v4));
+        assert_eq!(forwarded_for("proto=http; For=\"[fd00::7]:80\""), Some(v6));
+        assert_eq!(forwarded_for("for=\"[fd00::7]\", for=1.1.1.1"), Some(v6));
+        assert_eq!(forwarded_for("for=unknown"), None);
+        assert_eq!(forwarded_for("by=10.0.0.7"), None);
+    }
 
     #[test]
     fn proxy_v1_headers_name_the_destination() {

@@ -27,7 +27,7 @@ use crate::certs::CertManager;
 use crate::connlog::{ConnLog, ConnRecord};
 use crate::directory::Directory;
 use crate::error::{Error, Result};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Metrics, Peer, Reporter, SecurityPolicy, TrafficLabels};
 use crate::pool::{ConnectRequest, Pool, PoolKey};
 
 /// What every outbound connection needs.
@@ -156,8 +156,13 @@ impl Outbound {
                 return;
             }
         };
-        let labels = Metrics::dir(Direction::Outbound);
-        self.metrics.connections_opened.get_or_create(&labels).inc();
+        let labels = TrafficLabels::new(
+            Reporter::Source,
+            Peer::of(&src),
+            Peer::of(&dst),
+            SecurityPolicy::MutualTls,
+        );
+        self.metrics.connection_opened(&labels);
         let mut tunnel = tunnel;
         let result = tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
@@ -166,21 +171,16 @@ impl Outbound {
             crate::inbound::COPY_BUFFER,
         )
         .await;
-        self.metrics.connections_closed.get_or_create(&labels).inc();
         let (sent, received) = match &result {
             Ok((s, r)) => (*s, *r),
             Err(_) => (0, 0),
         };
-        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
-        self.metrics
-            .bytes_received
-            .get_or_create(&labels)
-            .inc_by(received);
+        self.metrics.connection_closed(&labels, sent, received);
         span.in_scope(|| {
             tracing::info!(
                 direction = "outbound",
-                src.identity = %src,
-                dst.identity = %dst,
+                src.identity = %src.identity,
+                dst.identity = %dst.identity,
                 dst.addr = %route.destination,
                 bytes_sent = sent,
                 bytes_received = received,
@@ -191,8 +191,8 @@ impl Outbound {
         });
         self.connlog.push(ConnRecord {
             direction: "outbound",
-            src_identity: Some(src.to_string()),
-            dst_identity: dst.to_string(),
+            src_identity: Some(src.identity.to_string()),
+            dst_identity: dst.identity.to_string(),
             dst_addr: route.destination,
             peer_addr: peer,
             forwarded: None,
@@ -209,8 +209,8 @@ impl Outbound {
         route: &Route,
     ) -> Result<(
         crate::h2io::H2Stream,
-        meshid_common::SpiffeId,
-        meshid_common::SpiffeId,
+        Arc<crate::directory::WorkloadInfo>,
+        Arc<crate::directory::WorkloadInfo>,
     )> {
         let (src, dst, alone_at_ip) = {
             let dir = self.directory.borrow();
@@ -251,6 +251,6 @@ impl Outbound {
             send_sni: !(node_addr.ip() == route.destination.ip() && alone_at_ip),
         };
         let tunnel = self.pool.connect(&key, &entry.credentials(), &req).await?;
-        Ok((tunnel, src.identity.clone(), dst.identity.clone()))
+        Ok((tunnel, src, dst))
     }
 }

@@ -110,15 +110,108 @@ async fn a_node_a_workload_reaches_a_node_b_workload_as_itself() {
         out.iter()
             .all(|c| c.direction == "outbound" && c.error.is_none())
     );
-    let metrics = m.b.metrics().render();
-    assert!(
-        metrics.contains("istio_tcp_connections_opened_total{direction=\"inbound\"} 10"),
-        "{metrics}"
+    // Both ztunnels count the connections as istio/ztunnel labels them:
+    // node-a as the source's reporter, node-b as the destination's, each
+    // with both workloads and the identities.
+    let workloads = concat!(
+        "source_workload=\"web-0\",source_canonical_service=\"web-0\",",
+        "source_canonical_revision=\"latest\",source_workload_namespace=\"default\",",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/web\","
     );
+    let destination = concat!(
+        "destination_workload=\"db-0\",destination_canonical_service=\"db-0\",",
+        "destination_canonical_revision=\"latest\",destination_workload_namespace=\"default\",",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/db\","
+    );
+    let tail =
+        "request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"}";
+    wait_until("10 outbound connections closed", || {
+        m.a.recent_connections().len() == 10
+    })
+    .await;
+    for (ztunnel, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
+        let metrics = ztunnel.metrics().render();
+        for name in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+        ] {
+            let series = metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{reporter=\"{reporter}\",")))
+                .unwrap_or_else(|| panic!("no {name} reported by {reporter}: {metrics}"));
+            assert!(series.contains(workloads), "{series}");
+            assert!(series.contains(destination), "{series}");
+            assert!(series.ends_with(&format!("{tail} 10")), "{series}");
+        }
+        // Each echo sent back what it got: both byte counts equal.
+        let bytes = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{reporter=\"{reporter}\",")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} reported by {reporter}: {metrics}"))
+        };
+        let sent = bytes("istio_tcp_sent_bytes_total");
+        assert!(sent > 0);
+        assert_eq!(sent, bytes("istio_tcp_received_bytes_total"));
+    }
+    let metrics = m.b.metrics().render();
     assert!(
         metrics.contains("ztunnel_hbone_responses_total{code=\"200\"} 10"),
         "{metrics}"
     );
+}
+
+/// One connection whose request (7 bytes) and response (2 bytes) differ:
+/// `istio_tcp_received_bytes` counts what the source sent,
+/// `istio_tcp_sent_bytes` what came back, as Istio's proxies count them.
+#[tokio::test]
+async fn byte_counters_follow_istio_request_and_response_sides() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"request");
+        s.write_all(b"ok").await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let client_addr = echo_server("127.0.0.1").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod(
+        "client-5f7d9c8b6-q2w3e",
+        "client",
+        "node-a",
+        client_addr,
+    ));
+    registry.upsert_workload(pod("server-0", "server", "node-b", server));
+    let m = Mesh::start(registry, vec![], Duration::from_secs(3600)).await;
+    let route = m.route_a("client-5f7d9c8b6-q2w3e", server).await;
+    assert_eq!(echo_through(route, b"request").await.unwrap(), b"ok");
+    wait_until("both sides to log the connection", || {
+        m.a.recent_connections().len() == 1 && m.b.recent_connections().len() == 1
+    })
+    .await;
+    for (ztunnel, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
+        let metrics = ztunnel.metrics().render();
+        let value = |name: &str| {
+            let series = metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{reporter=\"{reporter}\",")))
+                .unwrap_or_else(|| panic!("no {name} reported by {reporter}: {metrics}"));
+            // The Deployment's pod is counted under its Deployment's name.
+            assert!(
+                series.contains("source_workload=\"client\",")
+                    && series.contains("destination_workload=\"server-0\","),
+                "{series}"
+            );
+            series.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        };
+        assert_eq!(value("istio_tcp_received_bytes_total"), 7, "{reporter}");
+        assert_eq!(value("istio_tcp_sent_bytes_total"), 2, "{reporter}");
+    }
 }
 
 #[tokio::test]

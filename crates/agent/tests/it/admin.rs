@@ -59,13 +59,19 @@ async fn metrics_count_requests_pushes_and_streams() {
         .unwrap();
     s.expect_response().await;
     let (_, text) = http_get(a.app.admin_addr(), "/metrics").await;
+    // pilot-agent's merged page, where Prometheus scrapes an Istio pod.
+    let (_, merged) = http_get(a.app.admin_addr(), "/stats/prometheus").await;
+    assert!(
+        merged.contains("istio_agent_num_outgoing_requests{request_type=\"csr\"} 1"),
+        "{merged}"
+    );
     for needle in [
-        "num_outgoing_requests_total{request_type=\"csr\"} 1",
+        "istio_agent_num_outgoing_requests{request_type=\"csr\"} 1",
         "meshid_agent_sds_pushes_total{resource_name=\"default\"} 1",
         "meshid_agent_sds_pushes_total{resource_name=\"ROOTCA\"} 1",
         "meshid_agent_sds_connected_streams 1",
-        "cert_expiry_seconds{resource_name=\"default\"} 3",
-        "cert_expiry_seconds{resource_name=\"ROOTCA\"}",
+        "istio_agent_cert_expiry_seconds{resource_name=\"default\"} 3",
+        "istio_agent_cert_expiry_seconds{resource_name=\"ROOTCA\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing in\n{text}");
     }
@@ -79,5 +85,36 @@ async fn metrics_count_requests_pushes_and_streams() {
     })
     .await;
     assert!(closed, "a closed stream is no longer counted");
+    a.app.shutdown().await;
+}
+
+/// Prometheus scrapes an Istio pod at pilot-agent's status port
+/// (:15020/stats/prometheus); the agent's scrape listener serves the same
+/// page there, and nothing about its certificates.
+#[tokio::test]
+async fn the_metrics_listener_serves_the_scrape_page_only() {
+    let a = AgentBuilder {
+        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    }
+    .start()
+    .await;
+    a.ready().await;
+    let addr = a.app.metrics_addr().expect("the metrics listener is on");
+    let (code, text) = http_get(addr, "/stats/prometheus").await;
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("istio_agent_num_outgoing_requests{request_type=\"csr\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio_agent_cert_expiry_seconds{resource_name=\"default\"}"),
+        "{text}"
+    );
+    let (code, _) = http_get(addr, "/debug/certs").await;
+    assert_eq!(
+        code, 404,
+        "certificate details stay on the localhost admin port"
+    );
     a.app.shutdown().await;
 }
