@@ -165,6 +165,26 @@ impl PeerMatcher {
         if all.is_empty() {
             return inner;
         }
+        // A listed ID in an alias is its primary twin too (istiod rewrites
+        // such principals to every domain of the set).
+        let inner = match inner {
+            PeerMatcher::AllowList {
+                trust_domain,
+                ids,
+                namespaces,
+            } => PeerMatcher::AllowList {
+                ids: ids
+                    .into_iter()
+                    .map(|id| match all.iter().any(|a| id.is_member_of(a)) {
+                        true => id.with_trust_domain(&trust_domain).unwrap_or(id),
+                        false => id,
+                    })
+                    .collect(),
+                trust_domain,
+                namespaces,
+            },
+            other => other,
+        };
         PeerMatcher::Aliased {
             aliases: all,
             inner: Box::new(inner),
@@ -996,6 +1016,15 @@ mod tests {
             allow.check(&id("spiffe://old.example/ns/a/sa/y")),
             Err(Error::PeerNotAllowed { .. })
         ));
+        // A principal written in the alias admits both twins.
+        let allow = PeerMatcher::AllowList {
+            trust_domain: "td".into(),
+            ids: vec![id("spiffe://old.example/ns/a/sa/x")],
+            namespaces: vec![],
+        }
+        .with_aliases(&aliases);
+        assert!(allow.check(&id("spiffe://td/ns/a/sa/x")).is_ok());
+        assert!(allow.check(&id("spiffe://old.example/ns/a/sa/x")).is_ok());
         // No aliases (or only the primary itself): nothing changes.
         let plain = PeerMatcher::TrustDomain("td".into());
         assert_eq!(
