@@ -138,11 +138,87 @@ pub enum PeerMatcher {
         ids: Vec<SpiffeId>,
         namespaces: Vec<String>,
     },
+    /// `inner`, with an ID in one of `aliases` read as the same path in
+    /// `inner`'s trust domain (Istio's `trustDomainAliases`: pilot expands
+    /// every expected SAN and principal to each alias). Built by
+    /// [`PeerMatcher::with_aliases`].
+    Aliased {
+        aliases: Vec<String>,
+        inner: Box<PeerMatcher>,
+    },
 }
 
 impl PeerMatcher {
+    /// This matcher, also accepting the twin in `aliases` of every ID it
+    /// accepts. No aliases: the matcher unchanged.
+    pub fn with_aliases(self, aliases: &[String]) -> PeerMatcher {
+        let primary = self.trust_domain().to_owned();
+        let (mut all, inner) = match self {
+            PeerMatcher::Aliased { aliases, inner } => (aliases, *inner),
+            inner => (Vec::new(), inner),
+        };
+        for a in aliases {
+            if *a != primary && !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        if all.is_empty() {
+            return inner;
+        }
+        // A listed ID in an alias is its primary twin too (istiod rewrites
+        // such principals to every domain of the set).
+        let inner = match inner {
+            PeerMatcher::AllowList {
+                trust_domain,
+                ids,
+                namespaces,
+            } => PeerMatcher::AllowList {
+                ids: ids
+                    .into_iter()
+                    .map(|id| match all.iter().any(|a| id.is_member_of(a)) {
+                        true => id.with_trust_domain(&trust_domain).unwrap_or(id),
+                        false => id,
+                    })
+                    .collect(),
+                trust_domain,
+                namespaces,
+            },
+            other => other,
+        };
+        PeerMatcher::Aliased {
+            aliases: all,
+            inner: Box::new(inner),
+        }
+    }
+
+    /// The trust domain the accepted IDs belong to (the primary one).
+    pub fn trust_domain(&self) -> &str {
+        match self {
+            PeerMatcher::TrustDomain(td) => td,
+            PeerMatcher::Exact(id) => id.trust_domain(),
+            PeerMatcher::AllowList { trust_domain, .. } => trust_domain,
+            PeerMatcher::Aliased { inner, .. } => inner.trust_domain(),
+        }
+    }
+
     /// Ok if `peer` is acceptable, else an error that names it and why.
     pub fn check(&self, peer: &SpiffeId) -> Result<()> {
+        if let PeerMatcher::Aliased { aliases, inner } = self {
+            if aliases.iter().any(|a| peer.is_member_of(a)) {
+                let twin = peer.with_trust_domain(inner.trust_domain())?;
+                return inner.check(&twin).map_err(|e| match e {
+                    Error::UnexpectedPeer { expected, .. } => Error::UnexpectedPeer {
+                        peer: peer.to_string(),
+                        expected,
+                    },
+                    Error::PeerNotAllowed { .. } => Error::PeerNotAllowed {
+                        peer: peer.to_string(),
+                    },
+                    other => other,
+                });
+            }
+            return inner.check(peer);
+        }
         let same_domain = |td: &str| {
             if peer.trust_domain() == td {
                 Ok(())
@@ -161,6 +237,7 @@ impl PeerMatcher {
                 peer: peer.to_string(),
                 expected: expected.to_string(),
             }),
+            PeerMatcher::Aliased { inner, .. } => inner.check(peer),
             PeerMatcher::AllowList {
                 trust_domain,
                 ids,
@@ -906,6 +983,84 @@ mod tests {
             m.check(&id("spiffe://other/ns/b/sa/z")),
             Err(Error::ForeignTrustDomain { .. })
         ));
+    }
+
+    #[test]
+    fn aliases_read_as_the_primary_domain_in_every_matcher() {
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        let aliases = vec!["old.example".to_owned(), "td".to_owned()];
+        let td = PeerMatcher::TrustDomain("td".into()).with_aliases(&aliases);
+        assert_eq!(td.trust_domain(), "td");
+        assert!(td.check(&id("spiffe://old.example/ns/a/sa/x")).is_ok());
+        assert!(td.check(&id("spiffe://td/ns/a/sa/x")).is_ok());
+        assert!(matches!(
+            td.check(&id("spiffe://evil.example/ns/a/sa/x")),
+            Err(Error::ForeignTrustDomain { .. })
+        ));
+        let exact = PeerMatcher::Exact(id("spiffe://td/ns/a/sa/x")).with_aliases(&aliases);
+        assert!(exact.check(&id("spiffe://old.example/ns/a/sa/x")).is_ok());
+        let err = exact
+            .check(&id("spiffe://old.example/ns/a/sa/y"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spiffe://old.example/ns/a/sa/y"), "{err}");
+        let allow = PeerMatcher::AllowList {
+            trust_domain: "td".into(),
+            ids: vec![id("spiffe://td/ns/a/sa/x")],
+            namespaces: vec!["b".into()],
+        }
+        .with_aliases(&aliases);
+        assert!(allow.check(&id("spiffe://old.example/ns/a/sa/x")).is_ok());
+        assert!(allow.check(&id("spiffe://old.example/ns/b/sa/z")).is_ok());
+        assert!(matches!(
+            allow.check(&id("spiffe://old.example/ns/a/sa/y")),
+            Err(Error::PeerNotAllowed { .. })
+        ));
+        // A principal written in the alias admits both twins.
+        let allow = PeerMatcher::AllowList {
+            trust_domain: "td".into(),
+            ids: vec![id("spiffe://old.example/ns/a/sa/x")],
+            namespaces: vec![],
+        }
+        .with_aliases(&aliases);
+        assert!(allow.check(&id("spiffe://td/ns/a/sa/x")).is_ok());
+        assert!(allow.check(&id("spiffe://old.example/ns/a/sa/x")).is_ok());
+        // No aliases (or only the primary itself): nothing changes.
+        let plain = PeerMatcher::TrustDomain("td".into());
+        assert_eq!(
+            plain.clone().with_aliases(&["td".to_owned()]),
+            plain.clone()
+        );
+        assert_eq!(plain.clone().with_aliases(&[]), plain);
+    }
+
+    #[tokio::test]
+    async fn an_alias_domain_peer_completes_mtls_both_ways() {
+        let pki = pki();
+        let aliases = vec!["old.example".to_owned()];
+        // Same root, both SVIDs name the alias trust domain.
+        let alias_svid = |sa: &str| {
+            let id = SpiffeId::parse(&format!("spiffe://old.example/ns/default/sa/{sa}")).unwrap();
+            pki.svid_at(&id, Duration::from_secs(600), SystemTime::now())
+                .unwrap()
+        };
+        let (_s_tx, s_rx) = watch::channel(Some(pki.credentials(alias_svid("server"))));
+        let (_c_tx, c_rx) = watch::channel(Some(pki.credentials(alias_svid("client"))));
+        // The client expects the primary-domain name of the server.
+        let server_id = pki.id("default", "server");
+        let out = handshake(
+            server_config(s_rx, td(&pki).with_aliases(&aliases), ClientAuth::Required).unwrap(),
+            client_config(
+                c_rx,
+                PeerMatcher::Exact(server_id.clone()).with_aliases(&aliases),
+            )
+            .unwrap(),
+            &server_id,
+        )
+        .await;
+        let client_seen = SpiffeId::parse("spiffe://old.example/ns/default/sa/client").unwrap();
+        assert_eq!(out.server.unwrap(), Some(client_seen));
+        assert!(out.client.unwrap().is_some());
     }
 
     #[test]

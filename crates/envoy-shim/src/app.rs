@@ -105,9 +105,14 @@ impl App {
         let inbound = Arc::new(Inbound {
             app_addr: config.app_addr,
             trust_domain: config.trust_domain.clone(),
+            trust_domain_aliases: config.trust_domain_aliases.clone(),
             creds: creds.clone(),
             policy: policy.subscribe(),
-            acceptor: inbound::acceptor(creds.clone(), &config.trust_domain)?,
+            acceptor: inbound::acceptor(
+                creds.clone(),
+                &config.trust_domain,
+                &config.trust_domain_aliases,
+            )?,
             handshake_timeout: config.handshake_timeout,
             connect_timeout: config.connect_timeout,
             limit: limit.clone(),
@@ -118,7 +123,12 @@ impl App {
         for (route, listener) in config.outbound.iter().zip(outbound_l) {
             let ctx = Arc::new(Outbound {
                 dest: route.dest,
-                tls: outbound::connector(route, &creds)?,
+                tls: outbound::connector(
+                    route,
+                    &creds,
+                    &config.trust_domain,
+                    &config.trust_domain_aliases,
+                )?,
                 creds: creds.clone(),
                 handshake_timeout: config.handshake_timeout,
                 connect_timeout: config.connect_timeout,

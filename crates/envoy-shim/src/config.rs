@@ -71,6 +71,9 @@ pub struct Config {
     pub node_id: String,
     pub node_cluster: String,
     pub trust_domain: String,
+    /// Trust domains read as `trust_domain` in peer IDs (Istio's
+    /// `trustDomainAliases`): inbound, outbound and the allow-list.
+    pub trust_domain_aliases: Vec<String>,
     /// The PeerAuthentication-shaped YAML file, polled for changes.
     pub policy_file: Option<PathBuf>,
     /// The mode used when there is no policy file.
@@ -106,6 +109,7 @@ impl Config {
             node_id: node_id("127.0.0.1", "meshid-envoy-shim", "default"),
             node_cluster: "meshid-envoy-shim.default".into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain_aliases: Vec::new(),
             policy_file: None,
             default_mode: Policy::default().mode,
             policy_poll: DEFAULT_POLICY_POLL,
@@ -136,6 +140,10 @@ impl Config {
             )));
         }
         TrustDomain::new(&self.trust_domain)?;
+        for alias in &self.trust_domain_aliases {
+            TrustDomain::new(alias)
+                .map_err(|e| Error::Config(format!("--trust-domain-aliases {alias:?}: {e}")))?;
+        }
         if self.node_id.is_empty() {
             return Err(Error::Config(
                 "node id must not be empty (SDS requires it)".into(),
@@ -198,6 +206,10 @@ pub struct Cli {
     /// Trust domain of accepted peers [env: TRUST_DOMAIN; default: cluster.local].
     #[arg(long)]
     pub trust_domain: Option<String>,
+    /// Other trust domains that mean this one in peer IDs (Istio's
+    /// `trustDomainAliases`), comma-separated [env: TRUST_DOMAIN_ALIASES].
+    #[arg(long, value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
     /// PeerAuthentication-shaped policy YAML, reloaded when it changes.
     #[arg(long)]
     pub policy: Option<PathBuf>,
@@ -262,6 +274,13 @@ impl Cli {
         if let Some(td) = self.trust_domain.or_else(|| env("TRUST_DOMAIN")) {
             c.trust_domain = td;
         }
+        c.trust_domain_aliases = if self.trust_domain_aliases.is_empty() {
+            env("TRUST_DOMAIN_ALIASES")
+                .map(|v| v.split(',').map(|a| a.trim().to_owned()).collect())
+                .unwrap_or_default()
+        } else {
+            self.trust_domain_aliases
+        };
         c.policy_file = self.policy;
         if let Some(m) = self.mode {
             c.default_mode = m;
@@ -372,6 +391,25 @@ mod tests {
         );
         assert_eq!(c.outbound[1].listen.to_string(), "127.0.0.1:15001");
         assert_eq!(c.outbound[1].peer, None);
+    }
+
+    #[test]
+    fn trust_domain_aliases_from_the_flag_or_the_cas_variable() {
+        let c = parse(
+            &[],
+            &[("TRUST_DOMAIN_ALIASES", "old.example, older.example")],
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain_aliases, ["old.example", "older.example"]);
+        let c = parse(
+            &["--trust-domain-aliases", "flag.example"],
+            &[("TRUST_DOMAIN_ALIASES", "old.example")],
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain_aliases, ["flag.example"]);
+        assert!(parse(&[], &[]).unwrap().trust_domain_aliases.is_empty());
+        let err = parse(&["--trust-domain-aliases", "Bad Alias"], &[]).unwrap_err();
+        assert!(err.to_string().contains("Bad Alias"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::policy::{Mode, PolicyRx};
 pub(crate) struct Inbound {
     pub app_addr: SocketAddr,
     pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
     pub creds: CredentialsRx,
     pub policy: PolicyRx,
     pub acceptor: TlsAcceptor,
@@ -44,10 +45,14 @@ pub(crate) struct Inbound {
 
 /// The inbound TLS acceptor: chain and trust domain are checked in the
 /// handshake, the allow-list after it.
-pub(crate) fn acceptor(creds: CredentialsRx, trust_domain: &str) -> Result<TlsAcceptor> {
+pub(crate) fn acceptor(
+    creds: CredentialsRx,
+    trust_domain: &str,
+    aliases: &[String],
+) -> Result<TlsAcceptor> {
     let config = server_config(
         creds,
-        PeerMatcher::TrustDomain(trust_domain.to_owned()),
+        PeerMatcher::TrustDomain(trust_domain.to_owned()).with_aliases(aliases),
         ClientAuth::Required,
     )?;
     Ok(TlsAcceptor::from(Arc::new(config)))
@@ -104,7 +109,7 @@ async fn handle(ctx: Arc<Inbound>, tcp: TcpStream, peer: SocketAddr) {
             mtls(&ctx, &mut t, tcp, deadline, &policy).await;
         } else {
             t.ev.tls = false;
-            match policy.authorize(None, &ctx.trust_domain) {
+            match policy.authorize(None, &ctx.trust_domain, &ctx.trust_domain_aliases) {
                 Err(reason) => t.fail(ConnResult::Denied, "not_allowed", reason),
                 Ok(()) => match connect(ctx.app_addr, ctx.connect_timeout).await {
                     Ok(app) => splice(&mut t, tcp, app, &ctx.abort).await,
@@ -143,7 +148,11 @@ async fn mtls(
     };
     let peer_id = peer_spiffe_id(stream.get_ref().1.peer_certificates());
     t.ev.peer_id = peer_id.clone();
-    if let Err(reason) = policy.authorize(peer_id.as_ref(), &ctx.trust_domain) {
+    if let Err(reason) = policy.authorize(
+        peer_id.as_ref(),
+        &ctx.trust_domain,
+        &ctx.trust_domain_aliases,
+    ) {
         return t.fail(ConnResult::Denied, "not_allowed", reason);
     }
     match connect(ctx.app_addr, ctx.connect_timeout).await {

@@ -36,15 +36,26 @@ pub(crate) struct Outbound {
     pub abort: CancellationToken,
 }
 
-/// The TLS connector for a mesh destination: our SVID, and only `server` accepted.
+/// The TLS connector for a mesh destination: our SVID, and only the route's
+/// peer accepted, in `trust_domain` or any of its `aliases` (istiod expands a
+/// destination's SANs to every alias).
 pub(crate) fn connector(
     route: &OutboundRoute,
     creds: &CredentialsRx,
+    trust_domain: &str,
+    aliases: &[String],
 ) -> Result<Option<(SpiffeId, TlsConnector)>> {
     match &route.peer {
         None => Ok(None),
         Some(id) => {
-            let config = client_config(creds.clone(), PeerMatcher::Exact(id.clone()))?;
+            // A route naming the alias twin expects the primary one too.
+            let expected = if aliases.iter().any(|a| id.is_member_of(a)) {
+                id.with_trust_domain(trust_domain)?
+            } else {
+                id.clone()
+            };
+            let matcher = PeerMatcher::Exact(expected).with_aliases(aliases);
+            let config = client_config(creds.clone(), matcher)?;
             Ok(Some((id.clone(), TlsConnector::from(Arc::new(config)))))
         }
     }

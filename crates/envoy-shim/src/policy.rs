@@ -182,8 +182,15 @@ impl Policy {
     }
 
     /// May this peer in? `peer` is `None` for a plaintext connection, which an
-    /// allow-list never admits (as an Istio ALLOW policy on principals).
-    pub fn authorize(&self, peer: Option<&SpiffeId>, trust_domain: &str) -> Result<(), String> {
+    /// allow-list never admits (as an Istio ALLOW policy on principals). A
+    /// peer in one of `aliases` is matched as its `trust_domain` twin, as
+    /// istiod expands principals with `trustDomainAliases`.
+    pub fn authorize(
+        &self,
+        peer: Option<&SpiffeId>,
+        trust_domain: &str,
+        aliases: &[String],
+    ) -> Result<(), String> {
         let Some(allow) = &self.allow else {
             return Ok(());
         };
@@ -197,6 +204,7 @@ impl Policy {
             ids: allow.principals.clone(),
             namespaces: allow.namespaces.clone(),
         }
+        .with_aliases(aliases)
         .check(peer)
         .map_err(|e| e.to_string())
     }
@@ -340,14 +348,16 @@ mod tests {
         assert!(
             p.authorize(
                 Some(&id("spiffe://cluster.local/ns/a/sa/x")),
-                "cluster.local"
+                "cluster.local",
+                &[]
             )
             .is_ok()
         );
         assert!(
             p.authorize(
                 Some(&id("spiffe://cluster.local/ns/mon/sa/z")),
-                "cluster.local"
+                "cluster.local",
+                &[]
             )
             .is_ok()
         );
@@ -355,10 +365,11 @@ mod tests {
             .authorize(
                 Some(&id("spiffe://cluster.local/ns/a/sa/z")),
                 "cluster.local",
+                &[],
             )
             .unwrap_err();
         assert!(err.contains("spiffe://cluster.local/ns/a/sa/z"), "{err}");
-        assert!(p.authorize(None, "cluster.local").is_err());
+        assert!(p.authorize(None, "cluster.local", &[]).is_err());
         // Round trip through YAML.
         assert_eq!(Policy::from_yaml(&p.to_yaml()).unwrap(), p);
     }
@@ -370,7 +381,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p, Policy::mode(Mode::Disable));
-        assert!(p.authorize(None, "td").is_ok());
+        assert!(p.authorize(None, "td", &[]).is_ok());
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl App {
         })?;
         let inbound = Arc::new(Inbound {
             trust_domain: config.trust_domain.clone(),
+            trust_domain_aliases: config.trust_domain_aliases.clone(),
             directory: directory.clone(),
             certs: certs.clone(),
             policies: policies_rx,

@@ -58,6 +58,10 @@ pub struct Cli {
     /// Trust domain [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     pub trust_domain: Option<String>,
+    /// Other trust domains that mean this one in peer IDs (Istio's
+    /// `trustDomainAliases`), comma-separated [env: TRUST_DOMAIN_ALIASES]
+    #[arg(long, value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
     /// The node this ztunnel serves [env: NODE_NAME] [default: node-a]
     #[arg(long)]
     pub node_name: Option<String>,
@@ -182,6 +186,9 @@ pub struct Config {
     /// How to reach the CA and when to renew (shared with the agent).
     pub ca: CaClientSettings,
     pub trust_domain: String,
+    /// Trust domains read as `trust_domain` in a peer's ID: the HBONE server
+    /// and the inbound policy accept `spiffe://alias/…` as its twin.
+    pub trust_domain_aliases: Vec<String>,
     pub node_name: String,
     pub registry_source: RegistrySource,
     pub registry_file: PathBuf,
@@ -282,6 +289,7 @@ impl Config {
                 .trust_domain
                 .or_else(|| layers.env("TRUST_DOMAIN"))
                 .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()),
+            trust_domain_aliases: list(cli.trust_domain_aliases, "TRUST_DOMAIN_ALIASES"),
             node_name: cli
                 .node_name
                 .or_else(|| layers.env("NODE_NAME"))
@@ -330,6 +338,11 @@ impl Config {
         let bad = |msg: String| Err(Error::Config(msg));
         self.ca.validate()?;
         TrustDomain::new(&self.trust_domain)?;
+        for alias in &self.trust_domain_aliases {
+            if let Err(e) = TrustDomain::new(alias) {
+                return bad(format!("--trust-domain-aliases {alias:?}: {e}"));
+            }
+        }
         if self.node_name.trim().is_empty() {
             return bad("NODE_NAME is empty".into());
         }
@@ -431,6 +444,27 @@ mod tests {
         );
         assert_eq!(c.outbound[0].source, "default/web-0");
         assert_eq!(c.outbound[0].destination, "127.0.0.2:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn trust_domain_aliases_from_the_flag_or_the_variable() {
+        let e = env(&[("TRUST_DOMAIN_ALIASES", "old.example, older.example")]);
+        let c = Config::from_args(["meshid-ztunnel"], &e).unwrap();
+        assert_eq!(c.trust_domain_aliases, ["old.example", "older.example"]);
+        let c = Config::from_args(
+            ["meshid-ztunnel", "--trust-domain-aliases", "flag.example"],
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain_aliases, ["flag.example"]);
+        let c = Config::from_args(["meshid-ztunnel"], &env(&[])).unwrap();
+        assert!(c.trust_domain_aliases.is_empty());
+        let err = Config::from_args(
+            ["meshid-ztunnel", "--trust-domain-aliases", "Bad Alias"],
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("Bad Alias"), "{err}");
     }
 
     #[test]

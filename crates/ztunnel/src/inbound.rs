@@ -73,6 +73,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 #[derive(Debug)]
 pub struct Inbound {
     pub trust_domain: String,
+    /// Trust domains read as `trust_domain` in a client's ID.
+    pub trust_domain_aliases: Vec<String>,
     pub directory: watch::Receiver<Arc<Directory>>,
     pub certs: CertManager,
     /// The policy in force; replaced when the policy file changes.
@@ -210,7 +212,8 @@ impl Inbound {
         let sni = start.client_hello().server_name().map(str::to_owned);
         let local_id = self.identity_to_present(peer, dialled, sni.as_deref())?;
         let (entry, _) = self.certs.wait_for(&local_id).await?;
-        let config = crate::tls::server_config(&entry, &self.trust_domain)?;
+        let config =
+            crate::tls::server_config(&entry, &self.trust_domain, &self.trust_domain_aliases)?;
         let tls = tokio::time::timeout(timeout, start.into_stream(config))
             .await
             .map_err(|_| Error::Timeout {
@@ -418,10 +421,11 @@ impl Inbound {
                 "the workload at that address is not the identity this connection was opened for",
             );
         }
-        let policy = self
-            .policies
-            .borrow()
-            .for_workload(&dst.workload, &self.trust_domain);
+        let policy = self.policies.borrow().for_workload(
+            &dst.workload,
+            &self.trust_domain,
+            &self.trust_domain_aliases,
+        );
         if let Err(e) = policy.peers.check(&conn.peer_id) {
             return refuse(StatusCode::UNAUTHORIZED, &e.to_string());
         }
@@ -504,10 +508,11 @@ impl Inbound {
             .local_at(target)
             .cloned()
             .ok_or(Error::UnknownDestination(target))?;
-        let policy = self
-            .policies
-            .borrow()
-            .for_workload(&dst.workload, &self.trust_domain);
+        let policy = self.policies.borrow().for_workload(
+            &dst.workload,
+            &self.trust_domain,
+            &self.trust_domain_aliases,
+        );
         if policy.mode != Mode::Permissive {
             return Err(Error::PlaintextRefused(dst.name()));
         }

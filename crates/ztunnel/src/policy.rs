@@ -123,8 +123,9 @@ impl Policies {
     }
 
     /// The rule for `w`: its pod rule, else its namespace rule, else STRICT
-    /// for the whole trust domain.
-    pub fn for_workload(&self, w: &Workload, trust_domain: &str) -> Effective {
+    /// for the whole trust domain. A peer in one of `aliases` is judged as its
+    /// `trust_domain` twin (istiod expands principals with the aliases).
+    pub fn for_workload(&self, w: &Workload, trust_domain: &str, aliases: &[String]) -> Effective {
         let rule = self
             .rules
             .iter()
@@ -137,7 +138,7 @@ impl Policies {
         let Some(rule) = rule else {
             return Effective {
                 mode: Mode::Strict,
-                peers: PeerMatcher::TrustDomain(trust_domain.to_owned()),
+                peers: PeerMatcher::TrustDomain(trust_domain.to_owned()).with_aliases(aliases),
             };
         };
         let peers = match &rule.allow {
@@ -150,7 +151,7 @@ impl Policies {
         };
         Effective {
             mode: rule.mode,
-            peers,
+            peers: peers.with_aliases(aliases),
         }
     }
 }
@@ -180,17 +181,51 @@ mod tests {
         )
         .unwrap();
         let p = Policies::new(rules);
-        let web = p.for_workload(&pod("default", "web-0"), "td");
+        let web = p.for_workload(&pod("default", "web-0"), "td", &[]);
         assert_eq!(web.mode, Mode::Permissive);
         assert_eq!(web.peers, PeerMatcher::TrustDomain("td".into()));
-        let db = p.for_workload(&pod("default", "db-0"), "td");
+        let db = p.for_workload(&pod("default", "db-0"), "td", &[]);
         assert_eq!(db.mode, Mode::Strict);
         let web_id = SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap();
         let other = SpiffeId::parse("spiffe://td/ns/default/sa/other").unwrap();
         assert!(db.peers.check(&web_id).is_ok());
         assert!(db.peers.check(&other).is_err());
-        let elsewhere = p.for_workload(&pod("ops", "x"), "td");
+        let elsewhere = p.for_workload(&pod("ops", "x"), "td", &[]);
         assert_eq!(elsewhere.mode, Mode::Strict);
+    }
+
+    #[test]
+    fn an_alias_domain_peer_is_judged_as_its_primary_twin() {
+        let rules: Vec<PolicyRule> = serde_json::from_str(
+            r#"[ {"namespace": "default", "workload": "db-0",
+                  "allow": {"ids": ["spiffe://td/ns/default/sa/web"]}} ]"#,
+        )
+        .unwrap();
+        let p = Policies::new(rules);
+        let aliases = ["old.example".to_owned()];
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        let db = p.for_workload(&pod("default", "db-0"), "td", &aliases);
+        assert!(
+            db.peers
+                .check(&id("spiffe://old.example/ns/default/sa/web"))
+                .is_ok()
+        );
+        assert!(
+            db.peers
+                .check(&id("spiffe://old.example/ns/default/sa/x"))
+                .is_err()
+        );
+        let web = p.for_workload(&pod("default", "web-0"), "td", &aliases);
+        assert!(
+            web.peers
+                .check(&id("spiffe://old.example/ns/a/sa/b"))
+                .is_ok()
+        );
+        assert!(
+            web.peers
+                .check(&id("spiffe://evil.example/ns/a/sa/b"))
+                .is_err()
+        );
     }
 
     #[test]
@@ -219,9 +254,15 @@ mod tests {
             .unwrap()
             .unwrap();
         let web = pod("default", "web-0");
-        assert_eq!(rx.borrow().for_workload(&web, "td").mode, Mode::Permissive);
+        assert_eq!(
+            rx.borrow().for_workload(&web, "td", &[]).mode,
+            Mode::Permissive
+        );
         std::fs::write(&path, "not json at all").unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert_eq!(rx.borrow().for_workload(&web, "td").mode, Mode::Permissive);
+        assert_eq!(
+            rx.borrow().for_workload(&web, "td", &[]).mode,
+            Mode::Permissive
+        );
     }
 }

@@ -30,14 +30,19 @@ use crate::error::Result;
 
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// The HBONE server config of `entry`'s identity (built once per identity).
-pub fn server_config(entry: &Entry, trust_domain: &str) -> Result<Arc<rustls::ServerConfig>> {
+/// The HBONE server config of `entry`'s identity (built once per identity):
+/// clients of `trust_domain` or of one of its `aliases` (same roots).
+pub fn server_config(
+    entry: &Entry,
+    trust_domain: &str,
+    aliases: &[String],
+) -> Result<Arc<rustls::ServerConfig>> {
     if let Some(c) = entry.server_config.get() {
         return Ok(c.clone());
     }
     let mut config = meshid_common::tls::server_config_for(
         entry.credentials(),
-        PeerMatcher::TrustDomain(trust_domain.to_owned()),
+        PeerMatcher::TrustDomain(trust_domain.to_owned()).with_aliases(aliases),
         ClientAuth::Required,
         TlsVersions::Tls13Only,
     )?;

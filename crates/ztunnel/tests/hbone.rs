@@ -248,6 +248,73 @@ async fn the_server_presents_the_dialled_workloads_cert_and_checks_the_client() 
 }
 
 #[tokio::test]
+async fn a_client_in_a_trust_domain_alias_is_served_as_its_primary_twin() {
+    let db = echo_server("127.0.0.2").await;
+    let locked = echo_server("127.0.0.2").await;
+    let mut registry = Registry::default();
+    registry.upsert_workload(pod("db-0", "db", "node-b", db));
+    registry.upsert_workload(pod("locked-0", "locked", "node-b", locked));
+    let policies = vec![PolicyRule {
+        namespace: "default".into(),
+        workload: Some("locked-0".into()),
+        mode: Mode::Strict,
+        allow: Some(Allow {
+            ids: vec![sa_id("admin")],
+            namespaces: vec![],
+        }),
+    }];
+    let m = Mesh::start_with(registry, policies, Duration::from_secs(3600), |c| {
+        c.trust_domain_aliases = vec!["old.example".into()];
+    })
+    .await;
+    let b = m.b.hbone_addr();
+    // Same root; the SVID names the alias trust domain (a peer not yet moved).
+    let svid_in = |td: &str, sa: &str| {
+        let id =
+            meshid_common::SpiffeId::parse(&format!("spiffe://{td}/ns/default/sa/{sa}")).unwrap();
+        m.pki
+            .svid_at(&id, Duration::from_secs(600), SystemTime::now())
+            .unwrap()
+    };
+    let mut h = raw_hbone(&m.pki, svid_in("old.example", "web"), &m.id("db"), b)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &db.to_string()).await,
+        200
+    );
+    // The allow-list names spiffe://cluster.local/…/sa/admin: its alias twin
+    // is in, another alias identity is not.
+    let mut h = raw_hbone(&m.pki, svid_in("old.example", "admin"), &m.id("locked"), b)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &locked.to_string()).await,
+        200
+    );
+    let mut h = raw_hbone(&m.pki, svid_in("old.example", "web"), &m.id("locked"), b)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(&mut h, Method::CONNECT, &locked.to_string()).await,
+        401
+    );
+    // A trust domain that is no alias still gets no tunnel.
+    let refused = match raw_hbone(&m.pki, svid_in("evil.example", "web"), &m.id("db"), b).await {
+        Err(_) => true,
+        Ok(mut h) => {
+            let req = http::Request::builder()
+                .method(Method::CONNECT)
+                .uri(db.to_string())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            h.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused, "a foreign trust domain must not get a tunnel");
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_with_the_right_answer() {
     let t = topology().await;
     let m = &t.mesh;

@@ -473,3 +473,62 @@ async fn shutdown_drains_open_connections() {
     assert_eq!(ev.result, ConnResult::Drained, "{ev:?}");
     assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
 }
+
+/// Credentials of `spiffe://<td>/ns/default/sa/<sa>`, signed by `pki`'s root.
+fn creds_in(pki: &TestPki, td: &str, sa: &str) -> meshid_common::CredentialsRx {
+    let id = SpiffeId::parse(&format!("spiffe://{td}/ns/default/sa/{sa}")).unwrap();
+    let svid = pki
+        .svid_at(&id, Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    tokio::sync::watch::channel(Some(pki.credentials(svid))).1
+}
+
+#[tokio::test]
+async fn strict_accepts_an_alias_domain_peer_as_its_twin_and_refuses_a_foreign_domain() {
+    let pki = pki();
+    // The allow-list names the primary-domain identity only.
+    let policy = Policy {
+        mode: Mode::Strict,
+        allow: Some(AllowList {
+            principals: vec![pki.id("default", "client")],
+            namespaces: vec![],
+        }),
+    };
+    let mut shim = Shim::start_as(&pki, "server", Some(policy), |c, _| {
+        c.trust_domain_aliases = vec!["old.example".into()];
+    })
+    .await;
+    shim.ready().await;
+    let addr = shim.app.inbound_addr();
+
+    let alias_client = SpiffeId::parse("spiffe://old.example/ns/default/sa/client").unwrap();
+    let mut tls = mtls(addr, creds_in(&pki, "old.example", "client"), &shim.id)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut tls, b"alias").await.unwrap(), b"alias");
+    drop(tls);
+    let ev = shim.event().await;
+    assert_eq!(ev.result, ConnResult::Ok, "{ev:?}");
+    assert_eq!(ev.peer_id, Some(alias_client));
+
+    // The alias twin of an unlisted identity is still denied by name.
+    let mut denied = mtls(addr, creds_in(&pki, "old.example", "stranger"), &shim.id)
+        .await
+        .unwrap();
+    assert_refused(&mut denied, b"let me in").await;
+    let ev = shim.event().await;
+    assert_eq!(ev.result, ConnResult::Denied, "{ev:?}");
+    assert!(
+        ev.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("old.example/ns/default/sa/stranger"),
+        "{ev:?}"
+    );
+
+    // Same root, but a trust domain that is no alias: refused in the handshake.
+    refused_tls(addr, creds_in(&pki, "evil.example", "client"), &shim.id).await;
+    let ev = shim.event().await;
+    assert_eq!(ev.result, ConnResult::HandshakeFailed, "{ev:?}");
+    assert_eq!(ev.failure, Some("foreign_trust_domain"), "{ev:?}");
+}

@@ -156,3 +156,66 @@ async fn an_sds_rotation_applies_to_the_next_handshake_and_spares_open_connectio
     let (_, certs) = http_get(shim.app.admin_addr(), "/debug/certs").await;
     assert!(certs.contains(&new_serial), "{certs}");
 }
+
+#[tokio::test]
+async fn outbound_expecting_the_primary_id_accepts_the_alias_domain_server() {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use meshid_common::SpiffeId;
+    use meshid_common::tls::{ClientAuth, PeerMatcher, server_config};
+
+    let pki = pki();
+    // A server of the same workload holding its alias-domain SVID (same root),
+    // as a peer not yet moved to the new trust domain.
+    let alias_server = SpiffeId::parse("spiffe://old.example/ns/default/sa/server").unwrap();
+    let svid = pki
+        .svid_at(&alias_server, Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(Some(pki.credentials(svid)));
+    let aliases = vec!["old.example".to_owned()];
+    let config = server_config(
+        rx,
+        PeerMatcher::TrustDomain(TD.into()).with_aliases(&aliases),
+        ClientAuth::Required,
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+
+    let expected = pki.id("default", "server");
+    let mut client = Shim::start_as(&pki, "client", None, |c, _| {
+        c.trust_domain_aliases = aliases.clone();
+        c.outbound = vec![OutboundRoute {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dest,
+            peer: Some(expected.clone()),
+        }];
+    })
+    .await;
+    client.ready().await;
+    let mut app = TcpStream::connect(client.app.outbound_addrs()[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        roundtrip(&mut app, b"to the alias twin").await.unwrap(),
+        b"to the alias twin"
+    );
+    drop(app);
+    let out = client.event().await;
+    assert_eq!(out.result, ConnResult::Ok, "{out:?}");
+    // The outbound access log names the identity the route asked for.
+    assert_eq!(out.peer_id, Some(expected));
+}

@@ -130,6 +130,16 @@ pub fn config(node: &str, ip: &str, registry: &std::path::Path) -> Config {
 impl Mesh {
     /// Both ztunnels over `registry`, with `policies` on node-b and certs of `ttl`.
     pub async fn start(registry: Registry, policies: Vec<PolicyRule>, ttl: Duration) -> Mesh {
+        Self::start_with(registry, policies, ttl, |_| {}).await
+    }
+
+    /// [`Mesh::start`], with `tweak` applied to both ztunnels' configs.
+    pub async fn start_with(
+        registry: Registry,
+        policies: Vec<PolicyRule>,
+        ttl: Duration,
+        tweak: impl Fn(&mut Config),
+    ) -> Mesh {
         meshid_common::tls::install_crypto_provider();
         let pki = Arc::new(TestPki::new(TD).unwrap().with_intermediate().unwrap());
         let dir = tempfile::tempdir().unwrap();
@@ -137,24 +147,22 @@ impl Mesh {
         registry.write_atomic(&registry_path).unwrap();
         let source_a = test_ca(&pki, ttl);
         let source_b = test_ca(&pki, ttl);
-        let b = App::build_with_source(
-            Config {
-                policies,
-                ..config("node-b", "127.0.0.2", &registry_path)
-            },
-            source_b.clone(),
-        )
-        .await
-        .unwrap();
-        let a = App::build_with_source(
-            Config {
-                peers: vec![("node-b".into(), b.hbone_addr())],
-                ..config("node-a", "127.0.0.1", &registry_path)
-            },
-            source_a.clone(),
-        )
-        .await
-        .unwrap();
+        let mut config_b = Config {
+            policies,
+            ..config("node-b", "127.0.0.2", &registry_path)
+        };
+        tweak(&mut config_b);
+        let b = App::build_with_source(config_b, source_b.clone())
+            .await
+            .unwrap();
+        let mut config_a = Config {
+            peers: vec![("node-b".into(), b.hbone_addr())],
+            ..config("node-a", "127.0.0.1", &registry_path)
+        };
+        tweak(&mut config_a);
+        let a = App::build_with_source(config_a, source_a.clone())
+            .await
+            .unwrap();
         b.set_peer("node-a", a.hbone_addr());
         a.wait_ready(Duration::from_secs(20)).await.unwrap();
         b.wait_ready(Duration::from_secs(20)).await.unwrap();
