@@ -7,45 +7,15 @@
 //! exports its counters without the `_total` suffix). The SDS and Workload
 //! API stream and push counts are ours, prefixed `meshid_agent_`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
-/// A monotonic counter exported under its exact name, without `_total`,
-/// as pilot-agent exports its counters.
-#[derive(Clone, Debug, Default)]
-pub struct IstioCounter(Arc<AtomicU64>);
-
-impl IstioCounter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl TypedMetric for IstioCounter {
-    const TYPE: MetricType = MetricType::Counter;
-}
-
-impl EncodeMetric for IstioCounter {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        // A plain sample: the name stays as registered.
-        encoder.encode_gauge(&self.get())
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Counter
-    }
-}
+pub use meshid_common::metrics::IstioCounter;
 
 /// pilot-agent's counters, which promtool remarks on only for their
 /// missing `_total`.

@@ -6,47 +6,18 @@
 //! counters here are encoded as plain samples of a counter family and the
 //! page is served as the classic Prometheus text format.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::error::Error;
 use crate::signer::Signer;
 
-/// A monotonic counter exported under its exact name (no `_total`).
-#[derive(Clone, Debug, Default)]
-pub struct IstioCounter(Arc<AtomicU64>);
-
-impl IstioCounter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl TypedMetric for IstioCounter {
-    const TYPE: MetricType = MetricType::Counter;
-}
-
-impl EncodeMetric for IstioCounter {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_gauge(&self.get())
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Counter
-    }
-}
+pub use meshid_common::metrics::IstioCounter;
 
 type ErrorLabels = Vec<(&'static str, &'static str)>;
 

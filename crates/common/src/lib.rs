@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod proto;
 pub mod refresh;
 pub mod registry;
