@@ -21,22 +21,11 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The admin pages, on the common router.
+/// The admin pages, on the common router: readiness, metrics and
+/// `/debug/certs`.
 pub fn router(state: AdminState) -> AdminRouter {
-    let (ready, certs) = (state.manager.clone(), state.manager.clone());
-    AdminRouter::new("meshid-agent", move || {
-        let status = ready.status();
-        if status.ready {
-            Ok(())
-        } else {
-            Err(format!("not ready: {}", status.reason))
-        }
-    })
-    .metrics(PROMETHEUS_TEXT, move || {
-        update_expiry(&state);
-        state.metrics.encode()
-    })
-    .json("/debug/certs", move || debug_certs(&certs))
+    let certs = state.manager.clone();
+    metrics_router(state).json("/debug/certs", move || debug_certs(&certs))
 }
 
 /// The scrape listener's pages, as pilot-agent's status port serves them
