@@ -252,10 +252,7 @@ impl CaClient {
             .clone()
             .mint(request)
             .await
-            .map_err(|status| Error::Ca {
-                code: status.code(),
-                message: status.message().to_owned(),
-            })?
+            .map_err(|status| Error::from_ca_status(&status))?
             .into_inner();
         let expires_at = u64::try_from(answer.expires_at)
             .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
@@ -275,10 +272,7 @@ impl CaClient {
             .clone()
             .bundle(request)
             .await
-            .map_err(|status| Error::Ca {
-                code: status.code(),
-                message: status.message().to_owned(),
-            })?
+            .map_err(|status| Error::from_ca_status(&status))?
             .into_inner();
         Ok(JwtBundle {
             trust_domain: answer.trust_domain,
@@ -319,10 +313,7 @@ impl CaClient {
             .clone()
             .create_certificate(request)
             .await
-            .map_err(|status| Error::Ca {
-                code: status.code(),
-                message: status.message().to_owned(),
-            })?;
+            .map_err(|status| Error::from_ca_status(&status))?;
         Ok(response.into_inner().cert_chain)
     }
 

@@ -114,5 +114,16 @@ pub enum Error {
     BadSecret { name: String, reason: String },
 }
 
+impl Error {
+    /// A CA's gRPC answer, keeping its code for
+    /// [`classify`](crate::identity::classify).
+    pub fn from_ca_status(status: &tonic::Status) -> Self {
+        Error::Ca {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -106,6 +106,31 @@ impl MeshState {
             .map_err(|e| Error::Setup(format!("minting a token for {namespace}/{pod}: {e}")))
     }
 
+    /// Lays out sidecar pod `pod`'s files as the kubelet would (its
+    /// projected token and the CA root) and returns its directory and
+    /// identity: the same for every backend.
+    pub(crate) fn prepare_pod(
+        &self,
+        pod: &crate::spec::PodSpec,
+    ) -> Result<(PathBuf, meshid_common::SpiffeId), Error> {
+        let dir = self.dir.join("pods").join(&pod.name);
+        let id = meshid_common::SpiffeId::for_service_account(
+            &self.spec.trust_domain,
+            &pod.namespace,
+            &pod.service_account,
+        )
+        .map_err(|e| Error::Setup(e.to_string()))?;
+        super::write(
+            &dir.join("var/run/secrets/tokens/istio-token"),
+            &self.mint(&pod.namespace, &pod.service_account, &pod.name)?,
+        )?;
+        super::write(
+            &dir.join("var/run/secrets/istio/root-cert.pem"),
+            &self.root_pem()?,
+        )?;
+        Ok((dir, id))
+    }
+
     /// The root bundle the CA wrote.
     pub(crate) fn root_pem(&self) -> Result<String, Error> {
         std::fs::read_to_string(&self.root_out).map_err(|e| Error::io(&self.root_out, e))

@@ -217,10 +217,8 @@ impl CertificateSource for TestCa {
                 tokio::time::sleep(delay).await;
             }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            self.answer(&req.csr_pem, req.ttl).map_err(|s| Error::Ca {
-                code: s.code(),
-                message: s.message().to_owned(),
-            })
+            self.answer(&req.csr_pem, req.ttl)
+                .map_err(|s| Error::from_ca_status(&s))
         })
     }
 }

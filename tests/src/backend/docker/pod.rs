@@ -4,7 +4,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use meshid_common::SpiffeId;
 use testcontainers::ImageExt;
 
 use super::container::{Probe, loopback, mkdir};
@@ -19,21 +18,7 @@ use crate::topology::{Pod, Proxy};
 
 impl DockerMesh {
     pub(super) async fn start_pod(&mut self, pod: &PodSpec) -> Result<(), Error> {
-        let pod_dir = self.state.dir.join("pods").join(&pod.name);
-        let id = SpiffeId::for_service_account(
-            &self.state.spec.trust_domain,
-            &pod.namespace,
-            &pod.service_account,
-        )
-        .map_err(|e| Error::Setup(e.to_string()))?;
-        write(
-            &pod_dir.join("var/run/secrets/tokens/istio-token"),
-            &self
-                .state
-                .mint(&pod.namespace, &pod.service_account, &pod.name)?,
-        )?;
-        let root = self.state.root_pem()?;
-        write(&pod_dir.join("var/run/secrets/istio/root-cert.pem"), &root)?;
+        let (pod_dir, id) = self.state.prepare_pod(pod)?;
         mkdir(&pod_dir.join("var/run/secrets/workload-spiffe-uds"))?;
         crate::cluster::write_policy(&self.state.dir, &pod.name, pod.mode)?;
 

@@ -221,21 +221,7 @@ impl ProcessMesh {
     }
 
     async fn start_pod(&mut self, pod: &PodSpec) -> Result<(), Error> {
-        let cwd = self.state.dir.join("pods").join(&pod.name);
-        let id = SpiffeId::for_service_account(
-            &self.state.spec.trust_domain,
-            &pod.namespace,
-            &pod.service_account,
-        )
-        .map_err(|e| Error::Setup(e.to_string()))?;
-        write(
-            &cwd.join("var/run/secrets/tokens/istio-token"),
-            &self
-                .state
-                .mint(&pod.namespace, &pod.service_account, &pod.name)?,
-        )?;
-        let root = self.state.root_pem()?;
-        write(&cwd.join("var/run/secrets/istio/root-cert.pem"), &root)?;
+        let (cwd, id) = self.state.prepare_pod(pod)?;
         let agent_admin = free_port()?;
         let agent = format!("{}/agent", pod.name);
         let spec = Spec::new(&agent, self.bin("meshid-agent"), &cwd).args([
