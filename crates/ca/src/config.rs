@@ -168,6 +168,10 @@ pub struct Cli {
     #[cfg(feature = "kube")]
     #[arg(long)]
     pub token_review: bool,
+
+    /// `--signer builtin|vault` and the Vault settings.
+    #[command(flatten)]
+    pub signer: crate::vault::SignerCli,
 }
 
 /// The CA's settings: [`Cli`] resolved against the environment and the
@@ -209,6 +213,8 @@ pub struct Config {
     pub file_poll_interval: Duration,
     #[cfg(feature = "kube")]
     pub token_review: bool,
+    /// Who signs: the built-in CA or Vault PKI.
+    pub signer: crate::vault::SignerConfig,
 }
 
 use meshid_common::config::Layers;
@@ -380,6 +386,7 @@ impl Config {
                     Some(v) => parse_bool("CA_TOKEN_REVIEW", &v)?,
                     None => false,
                 },
+            signer: crate::vault::SignerConfig::resolve(cli.signer, &layers)?,
         })
     }
 
@@ -412,6 +419,7 @@ impl Config {
             return bad("--self-signed-ca-cert-ttl must be at least 1h".into());
         }
         self.node_accounts()?;
+        self.signer.validate()?;
         if self.jwks_file.is_some() && self.jwks_url.is_some() {
             return bad("--jwks-file and --jwks-url are exclusive: give one".into());
         }

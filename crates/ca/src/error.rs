@@ -56,6 +56,26 @@ pub enum Error {
     #[error("signing failed: {0}")]
     Signing(#[source] meshid_common::Error),
 
+    #[error("Vault at {addr} is unavailable: {reason}")]
+    VaultUnavailable { addr: String, reason: String },
+
+    #[error("Vault at {addr} refused {path} (HTTP {status}): {errors}")]
+    VaultRefused {
+        addr: String,
+        path: String,
+        status: u16,
+        errors: String,
+    },
+
+    #[error(
+        "Vault role {role:?} issued a certificate for {id} outside the X.509-SVID profile: {reason}; not handed out"
+    )]
+    OffProfile {
+        id: String,
+        role: String,
+        reason: String,
+    },
+
     #[error("invalid JWT-SVID request: {0}")]
     JwtRequest(String),
 
@@ -148,6 +168,8 @@ impl Error {
             | Error::CsrUri { .. }
             | Error::TtlTooLong { .. }
             | Error::JwtRequest(_) => Code::InvalidArgument,
+            // Clients retry UNAVAILABLE with backoff, as for an istiod that is down.
+            Error::VaultUnavailable { .. } => Code::Unavailable,
             _ => Code::Internal,
         }
     }
@@ -165,7 +187,12 @@ impl Error {
             | Error::CsrTrustDomain { .. }
             | Error::CsrUri { .. } => Some("CSR_ERROR"),
             Error::TtlTooLong { .. } => Some("TTL_ERROR"),
-            Error::Signing(_) | Error::JwtSigning(_) => Some("CERT_GEN_ERROR"),
+            Error::Signing(_) | Error::JwtSigning(_) | Error::VaultRefused { .. } => {
+                Some("CERT_GEN_ERROR")
+            }
+            // meshid's own value: an external signer (Vault) answered with a
+            // certificate outside the SVID profile, which was not handed out.
+            Error::OffProfile { .. } => Some("OFF_PROFILE_CERT"),
             // A bad JWT-SVID request is no CSR: counted in meshid_ca_jwt_svids_total.
             Error::JwtRequest(_) => None,
             _ => Some("CA_NOT_READY"),

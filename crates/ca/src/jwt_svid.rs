@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::server::CaCore;
-use crate::signer::Signer;
+use crate::sign::CertSigner;
 
 /// The JWT signing key's file in the CA directory.
 pub const JWT_KEY_FILE: &str = "jwt-signing-key.pem";
@@ -226,7 +226,7 @@ impl JwtAuthority {
     /// rotates, persisted in `dir` when it can be.
     pub async fn follow(
         self: Arc<Self>,
-        signer: Arc<Signer>,
+        signer: Arc<dyn CertSigner>,
         dir: std::path::PathBuf,
         cancel: CancellationToken,
     ) {

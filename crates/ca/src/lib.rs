@@ -6,7 +6,8 @@
 //! Kubernetes TokenReview), decides which identity the caller may get
 //! ([`authz`]: its own, or a workload of its node for trusted node agents),
 //! and signs with a plugged-in or self-signed CA that rotates without a
-//! restart ([`signer`]). [`app::App`] runs it; `token::TokenIssuer` (cargo
+//! restart ([`signer`]), or hands signing to Vault / OpenBao PKI as a
+//! registration authority ([`vault`]) behind one seam ([`sign`]). [`app::App`] runs it; `token::TokenIssuer` (cargo
 //! feature `testing`) plays the Kubernetes token issuer for tests and the
 //! harness.
 
@@ -20,11 +21,13 @@ pub mod jwt_svid;
 pub mod metrics;
 pub mod monitoring;
 pub mod server;
+pub mod sign;
 pub mod signer;
 pub mod tls;
 /// Minting service-account tokens is for tests and the e2e harness only.
 #[cfg(any(test, feature = "testing"))]
 pub mod token;
+pub mod vault;
 
 pub use app::App;
 pub use config::Config;

@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::error::Error;
-use crate::signer::Signer;
+use crate::sign::CertSigner;
 
 pub use meshid_common::metrics::IstioCounter;
 
@@ -174,16 +174,9 @@ impl Metrics {
     }
 
     /// The text page, with gauges brought up to date from `signer`.
-    pub fn render(&self, signer: &Signer) -> String {
-        let state = signer.current();
-        let earliest = state
-            .bundle
-            .roots()
-            .iter()
-            .filter_map(|r| meshid_common::CertInfo::from_der(r).ok())
-            .map(|i| i.not_after)
-            .min()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+    pub fn render(&self, signer: &dyn CertSigner) -> String {
+        let roots = signer.roots();
+        let earliest = roots.earliest_root_expiry();
         let until = |t: SystemTime| match t.duration_since(SystemTime::now()) {
             Ok(d) => d.as_secs_f64(),
             Err(e) => -e.duration().as_secs_f64(),
@@ -191,9 +184,9 @@ impl Metrics {
         self.root_expiry.set(until(earliest));
         self.root_expiry_timestamp
             .set(meshid_common::cert::unix_secs(earliest) as f64);
-        self.chain_expiry.set(until(state.ca.info().not_after));
+        self.chain_expiry.set(until(roots.signing_not_after));
         self.chain_expiry_timestamp
-            .set(meshid_common::cert::unix_secs(state.ca.info().not_after) as f64);
+            .set(meshid_common::cert::unix_secs(roots.signing_not_after) as f64);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             out.clear();

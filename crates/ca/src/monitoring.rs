@@ -7,12 +7,12 @@ use std::time::SystemTime;
 use meshid_common::serve::{AdminRouter, PROMETHEUS_TEXT};
 
 use crate::metrics::Metrics;
-use crate::signer::Signer;
+use crate::sign::CertSigner;
 
 /// What the endpoints report on.
 #[derive(Debug)]
 pub struct Monitor {
-    pub signer: Arc<Signer>,
+    pub signer: Arc<dyn CertSigner>,
     pub metrics: Arc<Metrics>,
     /// Set once the gRPC server is accepting.
     pub serving: AtomicBool,
@@ -24,11 +24,11 @@ impl Monitor {
         if !self.serving.load(Ordering::Acquire) {
             return Err("the gRPC server is not serving yet".into());
         }
-        let state = self.signer.current();
-        if SystemTime::now() >= state.ca.info().not_after {
+        let roots = self.signer.roots();
+        if SystemTime::now() >= roots.signing_not_after {
             return Err(format!(
                 "the signing certificate {} has expired",
-                state.ca.info().serial
+                roots.signing_serial
             ));
         }
         Ok(())
@@ -44,6 +44,6 @@ impl Monitor {
 pub fn router(monitor: Arc<Monitor>) -> AdminRouter {
     let ready = monitor.clone();
     AdminRouter::new("meshid-ca", move || ready.readiness()).metrics(PROMETHEUS_TEXT, move || {
-        monitor.metrics.render(&monitor.signer)
+        monitor.metrics.render(monitor.signer.as_ref())
     })
 }

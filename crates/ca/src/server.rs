@@ -29,7 +29,8 @@ use crate::authn::{Authn, Caller};
 use crate::authz::{Authorizer, impersonated_identity};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::signer::{Issued, Signer};
+use crate::sign::{CertSigner, SignRequest};
+use crate::signer::Issued;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,7 +142,9 @@ pub struct CaCore {
     pub max_ttl: Duration,
     pub authn: Authn,
     pub authz: Authorizer,
-    pub signer: Arc<Signer>,
+    /// The built-in signer or an external one (Vault): the CA is then a
+    /// registration authority.
+    pub signer: Arc<dyn CertSigner>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -300,12 +303,24 @@ impl CaCore {
         let body = request.get_ref();
         let target = impersonated_identity(body.metadata.as_ref())?;
         let identity = self.authorize(&caller, target.as_deref()).await?;
-        let issued = tracing::info_span!("ca.sign", spiffe.id = %identity).in_scope(|| {
+        let span =
+            tracing::info_span!("ca.sign", spiffe.id = %identity, signer = self.signer.kind());
+        let (ttl, csr) = span.in_scope(|| {
             let ttl = self.ttl(body.validity_duration)?;
             let csr = parse_csr_pem(&body.csr).map_err(Error::Csr)?;
             self.check_csr_identity(&csr.uri_sans, &identity)?;
-            self.signer.sign(&csr.public_key_spki, &identity, ttl)
+            Ok::<_, Error>((ttl, csr))
         })?;
+        let issued = self
+            .signer
+            .sign(SignRequest {
+                id: &identity,
+                csr_pem: &body.csr,
+                public_key_spki: &csr.public_key_spki,
+                ttl,
+            })
+            .instrument(span)
+            .await?;
         Ok((caller, identity, issued))
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SERVING_CERT_TTL;
 use crate::error::{Error, Result};
-use crate::signer::{Signer, SigningState};
+use crate::sign::CertSigner;
 
 fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
@@ -48,8 +48,13 @@ struct Current {
 }
 
 impl ServingCert {
-    pub fn new(state: &SigningState, dns_names: Vec<String>, ips: Vec<IpAddr>) -> Result<Self> {
-        let current = issue(state, &dns_names, &ips)?;
+    /// Issues the first serving certificate through `signer`.
+    pub async fn new(
+        signer: &dyn CertSigner,
+        dns_names: Vec<String>,
+        ips: Vec<IpAddr>,
+    ) -> Result<Self> {
+        let current = issue(signer, &dns_names, &ips).await?;
         Ok(ServingCert {
             dns_names,
             ips,
@@ -62,22 +67,23 @@ impl ServingCert {
     }
 
     /// Re-issues when the signer changed or half the lifetime is gone.
-    fn refresh_if_needed(&self, state: &SigningState) -> Result<bool> {
+    async fn refresh_if_needed(&self, signer: &dyn CertSigner) -> Result<bool> {
+        let generation_now = signer.roots().generation;
         let (generation, not_before, not_after) = {
             let c = self.current.read().expect("serving cert lock");
             (c.generation, c.not_before, c.not_after)
         };
         let half = not_before + not_after.duration_since(not_before).unwrap_or_default() / 2;
-        if generation == state.generation && SystemTime::now() < half {
+        if generation == generation_now && SystemTime::now() < half {
             return Ok(false);
         }
-        let next = issue(state, &self.dns_names, &self.ips)?;
+        let next = issue(signer, &self.dns_names, &self.ips).await?;
         *self.current.write().expect("serving cert lock") = next;
         Ok(true)
     }
 
     /// Keeps the certificate fresh until `cancel`.
-    pub async fn maintain(self: Arc<Self>, signer: Arc<Signer>, cancel: CancellationToken) {
+    pub async fn maintain(self: Arc<Self>, signer: Arc<dyn CertSigner>, cancel: CancellationToken) {
         let mut rx = signer.subscribe();
         loop {
             tokio::select! {
@@ -85,10 +91,9 @@ impl ServingCert {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
-            let state = signer.current();
-            match self.refresh_if_needed(&state) {
+            match self.refresh_if_needed(signer.as_ref()).await {
                 Ok(true) => tracing::info!(
-                    generation = state.generation,
+                    generation = signer.roots().generation,
                     "serving certificate re-issued"
                 ),
                 Ok(false) => {}
@@ -98,16 +103,17 @@ impl ServingCert {
     }
 }
 
-fn issue(state: &SigningState, dns_names: &[String], ips: &[IpAddr]) -> Result<Current> {
+async fn issue(signer: &dyn CertSigner, dns_names: &[String], ips: &[IpAddr]) -> Result<Current> {
     let key = PrivateKey::generate(KeyType::EcdsaP256)?;
-    let now = SystemTime::now();
-    let leaf = state
-        .ca
-        .issue_server_cert(key.public_key_spki(), dns_names, ips, SERVING_CERT_TTL, now)
-        .map_err(|e| Error::Tls(format!("serving certificate: {e}")))?;
-    let info = meshid_common::CertInfo::from_der(&leaf)?;
-    let mut chain: Vec<CertificateDer<'static>> = vec![leaf];
-    chain.extend(state.intermediates.iter().cloned());
+    // Read before issuing: a rotation meanwhile makes the next check re-issue.
+    let generation = signer.roots().generation;
+    let chain: Vec<CertificateDer<'static>> = signer
+        .issue_serving(&key, dns_names, ips, SERVING_CERT_TTL)
+        .await?;
+    let leaf = chain.first().ok_or_else(|| {
+        Error::Tls("serving certificate: the signer returned no certificate".into())
+    })?;
+    let info = meshid_common::CertInfo::from_der(leaf)?;
     let signing = provider()
         .key_provider
         .load_private_key(key.to_rustls())
@@ -116,7 +122,7 @@ fn issue(state: &SigningState, dns_names: &[String], ips: &[IpAddr]) -> Result<C
         key: Arc::new(CertifiedKey::new(chain, signing)),
         not_before: info.not_before,
         not_after: info.not_after,
-        generation: state.generation,
+        generation,
     })
 }
 

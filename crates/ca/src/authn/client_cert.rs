@@ -15,18 +15,18 @@ use meshid_common::Usage;
 
 use super::{AuthContext, AuthError, Authenticator, Caller};
 use crate::directory::PodDirectory;
-use crate::signer::Signer;
+use crate::sign::CertSigner;
 
 #[derive(Debug)]
 pub struct ClientCertAuthenticator {
-    signer: Arc<Signer>,
+    signer: Arc<dyn CertSigner>,
     trust_domain: String,
     directory: Option<Arc<dyn PodDirectory>>,
 }
 
 impl ClientCertAuthenticator {
     pub fn new(
-        signer: Arc<Signer>,
+        signer: Arc<dyn CertSigner>,
         trust_domain: String,
         directory: Option<Arc<dyn PodDirectory>>,
     ) -> Self {
@@ -42,7 +42,7 @@ impl ClientCertAuthenticator {
         chain: &[rustls_pki_types::CertificateDer<'static>],
     ) -> Result<Caller, AuthError> {
         let fail = |m: String| AuthError::ClientCert(m);
-        let bundle = self.signer.current().bundle.clone();
+        let bundle = self.signer.roots().bundle.clone();
         let info = bundle
             .verify(chain, Usage::ClientAuth, SystemTime::now())
             .map_err(|e| fail(e.to_string()))?;
