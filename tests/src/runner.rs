@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::backend::docker::DockerMesh;
 use crate::backend::process::ProcessMesh;
 use crate::report::Report;
-use crate::spec::{MeshSpec, NodeSpec, PodSpec};
+use crate::spec::{MeshSpec, NodeSpec, PodSpec, SignerKind};
 use crate::suites;
 use crate::topology::{Mode, Proxy, Topology};
 use crate::waterfall;
@@ -41,6 +41,10 @@ pub struct Args {
     /// Where the JUnit XML and JSON reports go.
     #[arg(long, default_value = "target/e2e")]
     pub out: PathBuf,
+    /// Who signs workload certificates: builtin (the CA's key) or vault (a real
+    /// OpenBao dev server the harness starts; process backend only).
+    #[arg(long, default_value = "builtin")]
+    pub signer: String,
 }
 
 /// The mesh of issue 7: sidecar pods with shims in STRICT and PERMISSIVE,
@@ -123,6 +127,18 @@ pub async fn run(args: Args) -> u8 {
         );
         return 2;
     }
+    let signer = match args.signer.as_str() {
+        "builtin" => SignerKind::Builtin,
+        "vault" if args.backend == "process" => SignerKind::Vault,
+        "vault" => {
+            eprintln!("meshid-e2e: --signer vault runs on the process backend only");
+            return 2;
+        }
+        other => {
+            eprintln!("meshid-e2e: --signer {other:?}: expected builtin or vault");
+            return 2;
+        }
+    };
     let bin_dir = match args
         .bin_dir
         .clone()
@@ -149,11 +165,12 @@ pub async fn run(args: Args) -> u8 {
         nodes: default_nodes(),
         bin_dir,
         extra_otlp: args.otlp_endpoint.clone(),
+        signer,
     };
     let started = Instant::now();
     eprintln!(
-        "e2e: starting the mesh ({} backend, TTL {} s)",
-        args.backend, args.ttl
+        "e2e: starting the mesh ({} backend, {} signer, TTL {} s)",
+        args.backend, args.signer, args.ttl
     );
     if args.backend == "docker" {
         let mesh = tokio::select! {

@@ -24,6 +24,18 @@ pub struct MeshSpec {
     pub bin_dir: PathBuf,
     /// Also export spans to this collector (e.g. Jaeger) besides the harness's own.
     pub extra_otlp: Option<String>,
+    /// Who signs: the CA's own key, or a real OpenBao the harness starts.
+    pub signer: SignerKind,
+}
+
+/// The CA's signer in a run (`--signer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SignerKind {
+    /// The CA's plugged-in CA directory.
+    #[default]
+    Builtin,
+    /// `bao server -dev` with a PKI mount; the CA runs `--signer vault`.
+    Vault,
 }
 
 /// A sidecar pod: agent + proxy + echo app.

