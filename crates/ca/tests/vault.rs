@@ -502,8 +502,9 @@ async fn kubernetes_auth_logs_in_with_the_service_account_jwt_and_again_before_e
         ))
         .unwrap();
     let reviewer = FakeTokenReview::start(vec![jwt.clone()]).await;
-    // Vault tokens of 6 s: the CA must log in again (at 4 s) to keep issuing.
-    bao.enable_kubernetes_auth(&reviewer.url, "meshid-ca", "istio-system", "istiod", "6s")
+    // Vault tokens of 9 s: the CA logs in again at two thirds (6 s), before
+    // they expire.
+    bao.enable_kubernetes_auth(&reviewer.url, "meshid-ca", "istio-system", "istiod", "9s")
         .await
         .unwrap();
     let jwt_file = dir.path().join("sa-token");
@@ -522,31 +523,38 @@ async fn kubernetes_auth_logs_in_with_the_service_account_jwt_and_again_before_e
         ],
     )
     .await;
+    // The first login happened before this point, so its token expires
+    // after `started + 9 s` and is renewed before `started + 6 s`.
+    let started = Instant::now();
     let logins = reviewer.reviews();
     assert!(logins >= 1, "the CA logged in through the TokenReview");
     let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
     let csr = csr_with_uris(&key, &[]);
-    // Issue for 10 s, past the first token's 6 s lease: never a failure.
-    let until = Instant::now() + Duration::from_secs(10);
+    // Issue for 12 s, past the first token's lease: never a failure, and a
+    // second login before the first token expired (not after a 403).
+    let mut relogin_before_expiry = None;
     let mut issued = 0;
-    while Instant::now() < until {
+    while started.elapsed() < Duration::from_secs(12) {
         let chain = v
             .issue(&csr, 600)
             .await
             .unwrap_or_else(|e| panic!("after {issued} certificates: {e:?}"));
         check_chain(&chain, &v.fx.roots_pem(), &web(), &key);
         issued += 1;
+        if started.elapsed() >= Duration::from_secs(7) && relogin_before_expiry.is_none() {
+            relogin_before_expiry = Some(reviewer.reviews() > logins);
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(
-        reviewer.reviews() > logins,
-        "no second login within 10 s of 6 s tokens ({} reviews)",
-        reviewer.reviews()
+    assert_eq!(
+        relogin_before_expiry,
+        Some(true),
+        "no second login 7 s into a 9 s token"
     );
 
     // A JWT the API server does not know: the next login fails, clearly.
     std::fs::write(&jwt_file, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.").unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let err = v.issue(&csr, 600).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(

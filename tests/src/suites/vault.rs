@@ -29,19 +29,23 @@ async fn published_roots(mesh: &impl Topology, n: usize) -> Result<(), String> {
     mesh.publish_ca_roots().await.map_err(|e| e.to_string())
 }
 
-/// Vault's root rotation under continuous pod-to-pod traffic: a second root
-/// issuer becomes the default, every agent learns both roots and gets a
-/// leaf under the new one, the old issuer is deleted and every agent ends
-/// up trusting the new root only. No request may fail.
+/// Vault's root rotation under continuous pod-to-pod traffic, in the order
+/// that never breaks a handshake: a second root issuer is added (both roots
+/// published, every agent learns them), then made the default (every agent
+/// gets a leaf under it), then the old issuer is deleted (every agent ends
+/// up trusting the new root only). No request may fail. (Switching the
+/// default in the same step as adding the root fails handshakes: a peer
+/// with a new leaf meets one that has not learnt the new root yet.)
 pub async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
     const NEW_ROOT: &str = "meshid e2e vault root 2";
     let (stop, traffic) = Traffic::start(mesh, b"vault root rotation\n")?;
     let steps = async {
         let bao = mesh.vault().ok_or("no Vault in this run")?;
         let old = bao.default_issuer().await?;
-        bao.rotate_root(NEW_ROOT).await?;
+        let new = bao.add_root(NEW_ROOT).await?;
         published_roots(mesh, 2).await?;
         all_agents(mesh, "trusts both Vault roots", |roots, _| roots.len() == 2).await?;
+        bao.set_default_issuer(&new).await?;
         all_agents(
             mesh,
             "holds a leaf under the new Vault root",
@@ -88,11 +92,17 @@ pub async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
 pub async fn outage(mesh: &mut impl Topology) -> Result<(), String> {
     let ttl = mesh.ttl();
     // Every agent starts the outage with a fresh certificate (a restart
-    // issues one), so the outage can pass its rotation point and still end
-    // well before expiry.
+    // issues one; all stopped first, then all started, so their certificates
+    // are a few seconds apart at most), so the outage can pass the rotation
+    // point and still end well before expiry.
     let agents: Vec<String> = mesh.pods().iter().map(|p| p.agent.clone()).collect();
     for agent in &agents {
-        mesh.restart(agent)
+        mesh.stop(agent)
+            .await
+            .map_err(|e| format!("{agent}: {e}"))?;
+    }
+    for agent in &agents {
+        mesh.start(agent)
             .await
             .map_err(|e| format!("{agent}: {e}"))?;
     }
@@ -101,7 +111,9 @@ pub async fn outage(mesh: &mut impl Topology) -> Result<(), String> {
         before.push(agent_cert(mesh, agent).await?.0);
     }
     let window = ttl / 2;
-    let outage = window + (ttl / 10).max(Duration::from_secs(1));
+    // Longer than the window, short enough that the agents' retries (500 ms
+    // doubling) land before expiry.
+    let outage = window + (ttl / 20).max(Duration::from_secs(1));
     let (stop, traffic) = Traffic::start(mesh, b"vault outage\n")?;
     let steps = async {
         let bao = mesh.vault().ok_or("no Vault in this run")?;

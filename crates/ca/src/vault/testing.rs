@@ -302,8 +302,17 @@ impl DevBao {
     }
 
     /// `pki/root/rotate/internal`, then makes the new root the default
-    /// issuer. Returns the new issuer's id.
+    /// issuer at once. Returns the new issuer's id.
     pub async fn rotate_root(&self, common_name: &str) -> Result<String, String> {
+        let id = self.add_root(common_name).await?;
+        self.set_default_issuer(&id).await?;
+        Ok(id)
+    }
+
+    /// `pki/root/rotate/internal` only: a second root issuer, not the
+    /// default yet (the first step of a rotation without failed handshakes:
+    /// publish, then sign with it). Returns its id.
+    pub async fn add_root(&self, common_name: &str) -> Result<String, String> {
         let new = self
             .post(
                 "pki/root/rotate/internal",
@@ -315,9 +324,14 @@ impl DevBao {
             .and_then(|i| i.as_str())
             .ok_or("no issuer_id")?
             .to_owned();
-        self.post("pki/config/issuers", serde_json::json!({"default": id}))
-            .await?;
         Ok(id)
+    }
+
+    /// Makes issuer `id` the default: new leaves are signed by it.
+    pub async fn set_default_issuer(&self, id: &str) -> Result<(), String> {
+        self.post("pki/config/issuers", serde_json::json!({"default": id}))
+            .await
+            .map(|_| ())
     }
 
     /// Deletes issuer `id` (the old root leaves the bundle).
