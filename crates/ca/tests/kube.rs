@@ -107,13 +107,13 @@ async fn two_replicas_starting_together_end_with_one_root() {
         ),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert!(reads.load(Ordering::SeqCst) >= 3, "the loser read again");
     assert_eq!(
         fake.count(|r| r.starts_with("POST /api/v1/namespaces/istio-system/secrets")),
         2,
         "both replicas tried to create the Secret"
     );
     assert_eq!(a.root_bundle(), b.root_bundle(), "two roots were made");
+    assert!(reads.load(Ordering::SeqCst) >= 3, "the loser read again");
     let stored = fake
         .get("api/v1", "secrets", NS, "istio-ca-secret")
         .unwrap();
