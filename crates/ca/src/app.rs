@@ -29,6 +29,12 @@ use crate::signer::{Signer, SignerOptions, write_atomic};
 use crate::tls::{ServingCert, server_config};
 use crate::vault::{SignerConfig, VaultSigner};
 
+/// The Kubernetes client a test may hand in (none without the `kube` feature).
+#[cfg(feature = "kube")]
+type KubeClient = kube::Client;
+#[cfg(not(feature = "kube"))]
+type KubeClient = std::convert::Infallible;
+
 /// How long shutdown lets running calls finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Longest a CreateCertificate call may take (a stuck API lookup included).
@@ -40,6 +46,7 @@ pub struct App {
     grpc_addr: SocketAddr,
     monitoring_addr: SocketAddr,
     signer: Arc<dyn CertSigner>,
+    builtin: Option<Arc<Signer>>,
     jwt_authority: Arc<JwtAuthority>,
     metrics: Arc<Metrics>,
     drain: Drain,
@@ -56,9 +63,21 @@ impl App {
     /// Validates `config`, starts everything and returns once both ports are
     /// bound.
     pub async fn build(config: Config) -> Result<App> {
+        Self::build_inner(config, None).await
+    }
+
+    /// As [`App::build`], talking to the Kubernetes API through `client`
+    /// (tests point it at a fake API server) instead of the in-cluster
+    /// config or KUBECONFIG.
+    #[cfg(feature = "kube")]
+    pub async fn build_with_kube(config: Config, client: kube::Client) -> Result<App> {
+        Self::build_inner(config, Some(client)).await
+    }
+
+    async fn build_inner(config: Config, kube: Option<KubeClient>) -> Result<App> {
         config.validate()?;
         let drain = Drain::new();
-        match Self::start(config, &drain).await {
+        match Self::start(config, &drain, kube).await {
             Ok(app) => Ok(app),
             Err(e) => {
                 // Stop whatever had started before the failure.
@@ -68,26 +87,61 @@ impl App {
         }
     }
 
-    async fn start(config: Config, drain: &Drain) -> Result<App> {
+    async fn start(config: Config, drain: &Drain, kube: Option<KubeClient>) -> Result<App> {
         let cancel = drain.stopping().clone();
+        let options = SignerOptions {
+            dir: config.root_ca_dir.clone(),
+            trust_domain: config.trust_domain.clone(),
+            self_signed_ttl: config.self_signed_ca_cert_ttl,
+        };
+        #[cfg(feature = "kube")]
+        let kube = match kube {
+            Some(client) => Some(client),
+            None if config.kube_enabled() => Some(crate::cluster::connect().await?),
+            None => None,
+        };
+        // The built-in signer, when it is the one in use (tests look at its state).
+        let mut builtin: Option<Arc<Signer>> = None;
         let signer: Arc<dyn CertSigner> = match &config.signer {
             SignerConfig::Builtin => {
-                let builtin = Arc::new({
-                    let options = SignerOptions {
-                        dir: config.root_ca_dir.clone(),
-                        trust_domain: config.trust_domain.clone(),
-                        self_signed_ttl: config.self_signed_ca_cert_ttl,
-                    };
-                    tokio::task::spawn_blocking(move || Signer::open(options))
-                        .await
-                        .map_err(|e| Error::Config(format!("signer start-up panicked: {e}")))??
-                });
-                drain.spawn(
-                    builtin
-                        .clone()
-                        .watch(config.ca_dir_poll_interval, cancel.clone()),
-                );
-                builtin
+                // Cluster mode: the signing CA lives in Secrets, not in the directory.
+                #[cfg(feature = "kube")]
+                let cluster_signer = match &kube {
+                    Some(client) if config.kube => {
+                        let (signer, follow) = crate::cluster::open_signer(
+                            client,
+                            &config,
+                            options.clone(),
+                            cancel.clone(),
+                        )
+                        .await?;
+                        drain.spawn(follow);
+                        Some(signer)
+                    }
+                    _ => None,
+                };
+                #[cfg(not(feature = "kube"))]
+                let cluster_signer: Option<Arc<Signer>> = kube.map(|never| match never {});
+                let signer = match cluster_signer {
+                    Some(signer) => signer,
+                    None => {
+                        let opened = Arc::new(
+                            tokio::task::spawn_blocking(move || Signer::open(options))
+                                .await
+                                .map_err(|e| {
+                                    Error::Config(format!("signer start-up panicked: {e}"))
+                                })??,
+                        );
+                        drain.spawn(
+                            opened
+                                .clone()
+                                .watch(config.ca_dir_poll_interval, cancel.clone()),
+                        );
+                        opened
+                    }
+                };
+                builtin = Some(signer.clone());
+                signer
             }
             SignerConfig::Vault(vault) => {
                 let vault = VaultSigner::connect((**vault).clone(), &config.trust_domain).await?;
@@ -108,15 +162,13 @@ impl App {
             }
             None => None,
         };
-        #[cfg(feature = "kube")]
-        let kube = if config.token_review {
-            Some(crate::authn::token_review::KubeApi::connect(&config).await?)
-        } else {
-            None
-        };
+        // A pod watch cache answers lookups unless the registry file does.
         #[cfg(feature = "kube")]
         let directory: Option<Arc<dyn PodDirectory>> = match (&kube, directory) {
-            (Some(api), None) => Some(Arc::new(api.clone())),
+            (Some(client), None) => Some(Arc::new(crate::cluster::pods::PodCache::spawn(
+                client.clone(),
+                cancel.clone(),
+            ))),
             (_, d) => d,
         };
 
@@ -161,14 +213,35 @@ impl App {
             )));
         }
         #[cfg(feature = "kube")]
-        if let Some(api) = &kube {
+        if let (Some(client), Some(directory)) = (&kube, &directory) {
             chain.push(Arc::new(
                 crate::authn::token_review::TokenReviewAuthenticator::new(
-                    api.clone(),
+                    client.clone(),
+                    directory.clone(),
                     config.trust_domain.clone(),
                     config.audiences(),
                 ),
             ));
+        }
+        // Cluster mode: the Lease holder publishes the root to every namespace.
+        #[cfg(feature = "kube")]
+        if let Some(client) = kube.as_ref().filter(|_| config.kube) {
+            let (leader, election) = crate::cluster::election::Election::new(
+                &config.namespace,
+                &config.leader_lease,
+                &config.lease_holder,
+            )
+            .start(client.clone(), cancel.clone());
+            drain.spawn(election);
+            drain.spawn(
+                crate::cluster::publish::Publisher {
+                    client: client.clone(),
+                    configmap: config.root_configmap.clone(),
+                    signer: signer.clone(),
+                    resync: crate::cluster::publish::RESYNC,
+                }
+                .run(leader, cancel.clone()),
+            );
         }
         let authn = Authn::new(chain).with_clusters(
             std::iter::once(config.cluster_id.clone())
@@ -268,6 +341,7 @@ impl App {
             grpc_addr,
             monitoring_addr,
             signer,
+            builtin,
             jwt_authority,
             metrics,
             drain: drain.clone(),
@@ -285,6 +359,11 @@ impl App {
     /// The roots clients should trust now.
     pub fn root_bundle(&self) -> TrustBundle {
         self.signer.roots().bundle.clone()
+    }
+
+    /// The built-in signer, unless Vault signs.
+    pub fn builtin_signer(&self) -> Option<&Arc<Signer>> {
+        self.builtin.as_ref()
     }
 
     /// The signer in use (built-in or Vault).

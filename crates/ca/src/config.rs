@@ -172,7 +172,49 @@ pub struct Cli {
     /// `--signer builtin|vault` and the Vault settings.
     #[command(flatten)]
     pub signer: crate::vault::SignerCli,
+
+    /// Cluster mode (implies --token-review): pods looked up through a watch
+    /// cache, the self-signed root kept in the --ca-secret Secret, a
+    /// plugged-in CA read from the --cacerts-secret Secret, and the root
+    /// published to the --root-configmap ConfigMap of every namespace by the
+    /// holder of the --leader-lease Lease [env: CA_KUBE]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub kube: bool,
+
+    /// Namespace of the CA's Secrets and Lease (cluster mode) [env: POD_NAMESPACE] [default: istio-system]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub namespace: Option<String>,
+
+    /// Secret holding the self-signed root (cluster mode; istiod's name) [default: istio-ca-secret]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub ca_secret: Option<String>,
+
+    /// Secret holding a plugged-in CA, used instead of the self-signed root when present (cluster mode) [default: cacerts]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub cacerts_secret: Option<String>,
+
+    /// ConfigMap the root bundle is published to, in every namespace (cluster mode) [default: istio-ca-root-cert]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub root_configmap: Option<String>,
+
+    /// Lease whose holder publishes the root ConfigMaps (cluster mode) [default: istio-namespace-controller-election]
+    #[cfg(feature = "kube")]
+    #[arg(long)]
+    pub leader_lease: Option<String>,
 }
+
+/// Cluster mode's defaults: istiod's names.
+pub const DEFAULT_NAMESPACE: &str = "istio-system";
+pub const DEFAULT_CA_SECRET: &str = "istio-ca-secret";
+pub const DEFAULT_CACERTS_SECRET: &str = "cacerts";
+pub const DEFAULT_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+/// istiod's election for the controller that writes the root ConfigMaps.
+pub const DEFAULT_LEADER_LEASE: &str = "istio-namespace-controller-election";
 
 /// The CA's settings: [`Cli`] resolved against the environment and the
 /// defaults ([`Config::resolve`]), checked by [`Config::validate`].
@@ -215,6 +257,21 @@ pub struct Config {
     pub token_review: bool,
     /// Who signs: the built-in CA or Vault PKI.
     pub signer: crate::vault::SignerConfig,
+    #[cfg(feature = "kube")]
+    pub kube: bool,
+    #[cfg(feature = "kube")]
+    pub namespace: String,
+    #[cfg(feature = "kube")]
+    pub ca_secret: String,
+    #[cfg(feature = "kube")]
+    pub cacerts_secret: String,
+    #[cfg(feature = "kube")]
+    pub root_configmap: String,
+    #[cfg(feature = "kube")]
+    pub leader_lease: String,
+    /// This replica's name in the Lease: `POD_NAME`, else the host name.
+    #[cfg(feature = "kube")]
+    pub lease_holder: String,
 }
 
 use meshid_common::config::Layers;
@@ -387,6 +444,39 @@ impl Config {
                     None => false,
                 },
             signer: crate::vault::SignerConfig::resolve(cli.signer, &layers)?,
+            #[cfg(feature = "kube")]
+            kube: cli.kube
+                || match layers.env("CA_KUBE") {
+                    Some(v) => parse_bool("CA_KUBE", &v)?,
+                    None => false,
+                },
+            #[cfg(feature = "kube")]
+            namespace: text(cli.namespace, "POD_NAMESPACE", DEFAULT_NAMESPACE),
+            #[cfg(feature = "kube")]
+            ca_secret: cli.ca_secret.unwrap_or_else(|| DEFAULT_CA_SECRET.into()),
+            #[cfg(feature = "kube")]
+            cacerts_secret: cli
+                .cacerts_secret
+                .unwrap_or_else(|| DEFAULT_CACERTS_SECRET.into()),
+            #[cfg(feature = "kube")]
+            root_configmap: cli
+                .root_configmap
+                .unwrap_or_else(|| DEFAULT_ROOT_CONFIGMAP.into()),
+            #[cfg(feature = "kube")]
+            leader_lease: cli
+                .leader_lease
+                .unwrap_or_else(|| DEFAULT_LEADER_LEASE.into()),
+            #[cfg(feature = "kube")]
+            lease_holder: layers
+                .env("POD_NAME")
+                .or_else(|| layers.env("HOSTNAME"))
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                })
+                .unwrap_or_else(|| format!("meshid-ca-{}", std::process::id())),
         })
     }
 
@@ -446,6 +536,27 @@ impl Config {
             }
             if uri.host().is_none() {
                 return bad(format!("--jwks-url {url:?} has no host"));
+            }
+        }
+        #[cfg(feature = "kube")]
+        for (flag, name) in [
+            ("--namespace", &self.namespace),
+            ("--ca-secret", &self.ca_secret),
+            ("--cacerts-secret", &self.cacerts_secret),
+            ("--root-configmap", &self.root_configmap),
+            ("--leader-lease", &self.leader_lease),
+        ] {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+                && !name.starts_with(['-', '.'])
+                && !name.ends_with(['-', '.']);
+            if !ok {
+                return bad(format!(
+                    "{flag} {name:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+                ));
             }
         }
         if self.max_request_bytes < 4096 {
@@ -527,7 +638,7 @@ impl Config {
     pub fn kube_enabled(&self) -> bool {
         #[cfg(feature = "kube")]
         {
-            self.token_review
+            self.token_review || self.kube
         }
         #[cfg(not(feature = "kube"))]
         {
@@ -790,6 +901,34 @@ mod tests {
         assert!(!on("0").unwrap().token_review);
         let err = on("maybe").unwrap_err().to_string();
         assert!(err.contains("CA_TOKEN_REVIEW"), "{err}");
+    }
+
+    #[cfg(feature = "kube")]
+    #[test]
+    fn cluster_mode_names_default_to_istiods() {
+        let c = flags(&[]);
+        assert!(!c.kube && !c.kube_enabled());
+        assert_eq!(c.namespace, "istio-system");
+        assert_eq!(c.ca_secret, "istio-ca-secret");
+        assert_eq!(c.cacerts_secret, "cacerts");
+        assert_eq!(c.root_configmap, "istio-ca-root-cert");
+        assert_eq!(c.leader_lease, "istio-namespace-controller-election");
+        let e = env(&[
+            ("CA_KUBE", "true"),
+            ("POD_NAMESPACE", "mesh"),
+            ("POD_NAME", "meshid-ca-7d9f-x2"),
+        ]);
+        let c = Config::from_args(args(&["--ca-secret", "root"]), &e).unwrap();
+        assert!(c.kube && c.kube_enabled());
+        assert_eq!(c.namespace, "mesh");
+        assert_eq!(c.ca_secret, "root");
+        assert_eq!(c.lease_holder, "meshid-ca-7d9f-x2");
+        c.validate().unwrap();
+        let err = flags(&["--kube", "--leader-lease", "Bad_Name"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--leader-lease"), "{err}");
     }
 
     #[test]

@@ -140,6 +140,12 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(String),
 
+    #[error("Kubernetes API unavailable: {0}")]
+    KubeUnavailable(String),
+
+    #[error("Secret {secret}: {reason}")]
+    CaSecret { secret: String, reason: String },
+
     #[error("{0}")]
     Common(#[from] meshid_common::Error),
 }
@@ -160,6 +166,14 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
+            // Only when no authenticator accepted and one could not ask the API.
+            Error::Authentication { reasons }
+                if reasons
+                    .iter()
+                    .any(|r| matches!(r, AuthError::Unavailable(_))) =>
+            {
+                Code::Unavailable
+            }
             Error::Authentication { .. } | Error::Impersonation { .. } => Code::Unauthenticated,
             Error::Csr(_)
             | Error::CsrIdentity { .. }
@@ -170,6 +184,7 @@ impl Error {
             | Error::JwtRequest(_) => Code::InvalidArgument,
             // Clients retry UNAVAILABLE with backoff, as for an istiod that is down.
             Error::VaultUnavailable { .. } => Code::Unavailable,
+            Error::KubeUnavailable(_) => Code::Unavailable,
             _ => Code::Internal,
         }
     }

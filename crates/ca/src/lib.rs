@@ -7,13 +7,17 @@
 //! ([`authz`]: its own, or a workload of its node for trusted node agents),
 //! and signs with a plugged-in or self-signed CA that rotates without a
 //! restart ([`signer`]), or hands signing to Vault / OpenBao PKI as a
-//! registration authority ([`vault`]) behind one seam ([`sign`]). [`app::App`] runs it; `token::TokenIssuer` (cargo
+//! registration authority ([`vault`]) behind one seam ([`sign`]). In a
+//! cluster (feature `kube`, `--kube`) it keeps its root in a Secret and
+//! publishes it to every namespace ([`cluster`]). [`app::App`] runs it; `token::TokenIssuer` (cargo
 //! feature `testing`) plays the Kubernetes token issuer for tests and the
 //! harness.
 
 pub mod app;
 pub mod authn;
 pub mod authz;
+#[cfg(feature = "kube")]
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;

@@ -217,12 +217,28 @@ impl Signer {
     /// an error leaves the current state in force.
     pub fn reload(&self) -> Result<bool> {
         let dir = &self.options.dir;
-        let Some(mut next) = load_dir(dir)? else {
+        let Some(next) = load_dir(dir)? else {
             return Err(Error::CaChain {
                 dir: dir.clone(),
                 reason: "the CA files disappeared; keeping the CA in use".into(),
             });
         };
+        self.rotate(next, dir)
+    }
+
+    /// A signer over material held in memory (a Kubernetes Secret): nothing
+    /// is read from or written to `options.dir`, and [`Signer::watch`] is
+    /// not for it; rotations come through [`Signer::rotate`].
+    pub fn in_memory(options: SignerOptions, state: SigningState, origin: &Path) -> Self {
+        log_state("signing CA loaded", &state, origin);
+        let (tx, _) = watch::channel(Arc::new(state));
+        Signer { options, tx }
+    }
+
+    /// Puts `next` in force under the rotation rule (its root bundle a
+    /// superset or a subset of the one in use); `origin` names where it came
+    /// from in logs and errors. Returns whether anything changed.
+    pub fn rotate(&self, mut next: SigningState, origin: &Path) -> Result<bool> {
         let current = self.current();
         if next.same_material(&current) {
             return Ok(false);
@@ -230,10 +246,12 @@ impl Signer {
         if !(next.bundle.is_superset_of(&current.bundle)
             || current.bundle.is_superset_of(&next.bundle))
         {
-            return Err(Error::RootRotationRefused { dir: dir.clone() });
+            return Err(Error::RootRotationRefused {
+                dir: origin.to_owned(),
+            });
         }
         next.generation = current.generation + 1;
-        log_state("signing CA rotated", &next, dir);
+        log_state("signing CA rotated", &next, origin);
         self.tx.send_replace(Arc::new(next));
         Ok(true)
     }
@@ -378,22 +396,86 @@ fn load_dir(dir: &Path) -> Result<Option<SigningState>> {
 
 fn load_plugged(dir: &Path) -> Result<SigningState> {
     let [cert_path, key_path, chain_path, root_path] = PLUGGED_FILES.map(|f| dir.join(f));
-    let bundle = TrustBundle::from_pem(&read(&root_path)?).map_err(material(&root_path))?;
-    let cert_pem = read(&cert_path)?;
-    let signing = parse_pem_certs(&cert_pem).map_err(material(&cert_path))?;
-    let chain = parse_pem_certs(&read(&chain_path)?).map_err(material(&chain_path))?;
-    let intermediates: Vec<CertificateDer<'static>> = chain
-        .into_iter()
-        .filter(|c| c != &signing[0] && !bundle.contains(c) && !is_self_signed(c))
-        .collect();
     if let Some(mode) = loose_mode(&key_path)? {
         // Kubernetes mounts secrets 0644 by default: warn, as istiod does not refuse either.
         tracing::warn!(path = %key_path.display(), mode = format!("{mode:o}"), "plugged-in CA key is readable by group or others");
     }
     let key_pem = zeroize::Zeroizing::new(read(&key_path)?);
-    let ca = CertificateAuthority::from_pem(&cert_pem, &key_pem, intermediates)
-        .map_err(material(&cert_path))?;
-    SigningState::new(ca, bundle, Source::PluggedIn, dir)
+    plugged_from_pem(
+        [
+            (&cert_path, &read(&cert_path)?),
+            (&key_path, &key_pem),
+            (&chain_path, &read(&chain_path)?),
+            (&root_path, &read(&root_path)?),
+        ],
+        dir,
+    )
+}
+
+/// A plugged-in set from its four PEM texts, each with the name it is known
+/// by (a file, or `Secret ns/name key`): `ca-cert.pem`, `ca-key.pem`,
+/// `cert-chain.pem`, `root-cert.pem`, in that order. `origin` names the set.
+fn plugged_from_pem(parts: [(&Path, &str); 4], origin: &Path) -> Result<SigningState> {
+    let [
+        (cert_path, cert_pem),
+        (_, key_pem),
+        (chain_path, chain_pem),
+        (root_path, root_pem),
+    ] = parts;
+    let bundle = TrustBundle::from_pem(root_pem).map_err(material(root_path))?;
+    let signing = parse_pem_certs(cert_pem).map_err(material(cert_path))?;
+    let chain = parse_pem_certs(chain_pem).map_err(material(chain_path))?;
+    let intermediates: Vec<CertificateDer<'static>> = chain
+        .into_iter()
+        .filter(|c| c != &signing[0] && !bundle.contains(c) && !is_self_signed(c))
+        .collect();
+    let ca = CertificateAuthority::from_pem(cert_pem, key_pem, intermediates)
+        .map_err(material(cert_path))?;
+    SigningState::new(ca, bundle, Source::PluggedIn, origin)
+}
+
+impl SigningState {
+    /// A plugged-in CA held in memory (istiod's `cacerts` Secret): the
+    /// parts are `(name, pem)` for `ca-cert.pem`, `ca-key.pem`,
+    /// `cert-chain.pem` and `root-cert.pem`, in that order; errors name the
+    /// part and `origin`.
+    pub fn plugged_in_from_pem(parts: [(&Path, &str); 4], origin: &Path) -> Result<Self> {
+        plugged_from_pem(parts, origin)
+    }
+
+    /// A self-signed root held in memory (istiod's `istio-ca-secret`);
+    /// errors name `cert_name` and `origin`.
+    pub fn self_signed_from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_name: &Path,
+        origin: &Path,
+    ) -> Result<Self> {
+        self_signed_from_pem(cert_pem, key_pem, cert_name, origin)
+    }
+
+    /// A new self-signed root for `options.trust_domain`, made in memory;
+    /// returns it with its certificate and key PEM (to be stored by the
+    /// caller, e.g. in a Secret: this writes nothing).
+    pub fn generate_self_signed(
+        options: &SignerOptions,
+        origin: &Path,
+    ) -> Result<(Self, String, zeroize::Zeroizing<String>)> {
+        let ca = new_self_signed_root(options)?;
+        let (cert_pem, key_pem) = (ca.cert_pem(), ca.key().to_pkcs8_pem());
+        let state = self_signed_from_pem(&cert_pem, &key_pem, origin, origin)?;
+        Ok((state, cert_pem, key_pem))
+    }
+}
+
+fn new_self_signed_root(options: &SignerOptions) -> Result<CertificateAuthority> {
+    Ok(CertificateAuthority::self_signed_root(&CaOptions {
+        common_name: Some(format!(
+            "meshid self-signed root ({})",
+            options.trust_domain
+        )),
+        ..CaOptions::new(&options.trust_domain, options.self_signed_ttl)
+    })?)
 }
 
 fn is_self_signed(der: &CertificateDer<'_>) -> bool {
@@ -409,16 +491,27 @@ fn load_self_signed(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<Sig
     }
     let cert_pem = read(cert_path)?;
     let key_pem = zeroize::Zeroizing::new(read(key_path)?);
-    let ca = CertificateAuthority::from_pem(&cert_pem, &key_pem, Vec::new())
-        .map_err(material(cert_path))?;
+    self_signed_from_pem(&cert_pem, &key_pem, cert_path, dir)
+}
+
+/// A self-signed root from its PEM texts; `cert_name` names the
+/// certificate, `origin` the set.
+fn self_signed_from_pem(
+    cert_pem: &str,
+    key_pem: &str,
+    cert_name: &Path,
+    origin: &Path,
+) -> Result<SigningState> {
+    let ca = CertificateAuthority::from_pem(cert_pem, key_pem, Vec::new())
+        .map_err(material(cert_name))?;
     if !ca.is_self_signed() {
         return Err(Error::CaChain {
-            dir: dir.to_owned(),
-            reason: format!("{} is not a self-signed root", cert_path.display()),
+            dir: origin.to_owned(),
+            reason: format!("{} is not a self-signed root", cert_name.display()),
         });
     }
-    let bundle = TrustBundle::new(vec![ca.cert().clone()]).map_err(material(cert_path))?;
-    SigningState::new(ca, bundle, Source::SelfSigned, dir)
+    let bundle = TrustBundle::new(vec![ca.cert().clone()]).map_err(material(cert_name))?;
+    SigningState::new(ca, bundle, Source::SelfSigned, origin)
 }
 
 fn create_self_signed(options: &SignerOptions) -> Result<SigningState> {
@@ -436,13 +529,7 @@ fn create_self_signed(options: &SignerOptions) -> Result<SigningState> {
             .create(dir)
             .map_err(io(dir))?;
     }
-    let ca = CertificateAuthority::self_signed_root(&CaOptions {
-        common_name: Some(format!(
-            "meshid self-signed root ({})",
-            options.trust_domain
-        )),
-        ..CaOptions::new(&options.trust_domain, options.self_signed_ttl)
-    })?;
+    let ca = new_self_signed_root(options)?;
     let key_path = dir.join(SELF_SIGNED_KEY_FILE);
     let cert_path = dir.join(SELF_SIGNED_CERT_FILE);
     let mut key_file = std::fs::OpenOptions::new()

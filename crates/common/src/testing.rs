@@ -2,9 +2,11 @@
 //! tests or with the `testing` cargo feature (which other crates enable from
 //! their `[dev-dependencies]`, never from a shipped binary): a throwaway PKI
 //! (a root and optionally an intermediate that issue SVIDs on demand, nothing
-//! on disk), a span recorder, and the one real-Envoy launcher ([`envoy`]).
+//! on disk), a span recorder, the one real-Envoy launcher ([`envoy`]) and a
+//! fake Kubernetes API server speaking the real wire format ([`kube`]).
 
 pub mod envoy;
+pub mod kube;
 pub mod promtool;
 
 use std::sync::Arc;

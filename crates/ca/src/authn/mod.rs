@@ -48,6 +48,10 @@ pub enum AuthError {
     Jwt(String),
     #[error("TokenReview: {0}")]
     TokenReview(String),
+    /// The credential could not be checked now (the API server is down):
+    /// the call fails `UNAVAILABLE` unless another authenticator accepts.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
     UnknownCluster { got: String, expected: String },
 }

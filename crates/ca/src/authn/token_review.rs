@@ -1,153 +1,78 @@
 //! Kubernetes mode (feature `kube`): tokens are checked with a `TokenReview`
-//! against the API server (in-cluster config or KUBECONFIG), and pods are
-//! looked up in the API, so a token stops authenticating once its pod is
-//! gone. The same [`KubeApi`] answers the node authorizer's questions.
+//! against the API server, and the pod the token is bound to must be alive
+//! in the pod directory (in a cluster, the watch cache of
+//! [`crate::cluster::pods`]), so a token stops authenticating once its pod
+//! is gone.
+//!
+//! Failures, never a crash: a review the API server refuses (e.g. `403`:
+//! the CA's service account may not create TokenReviews) or answers "not
+//! authenticated" is `UNAUTHENTICATED` with the API's message; an API server
+//! that cannot be reached (or answers 429/5xx), or a pod cache that has not
+//! listed pods yet, is `UNAVAILABLE`, since the same call may work later.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use meshid_common::SpiffeId;
 
 use super::{AuthContext, AuthError, Authenticator, Caller, parse_service_account_subject};
-use crate::config::Config;
-use crate::directory::{PodDirectory, PodInfo};
-use crate::error::{Error, Result};
+use crate::directory::PodDirectory;
+use crate::error::Error;
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
-/// A Kubernetes API client.
-#[derive(Clone)]
-pub struct KubeApi {
-    client: kube::Client,
-}
-
-impl std::fmt::Debug for KubeApi {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeApi")
-            .field("default_namespace", &self.client.default_namespace())
-            .finish()
-    }
-}
-
-impl KubeApi {
-    /// In-cluster config, else KUBECONFIG.
-    pub async fn connect(_config: &Config) -> Result<Self> {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| Error::Kube(format!("no usable cluster config: {e}")))?;
-        Ok(KubeApi { client })
-    }
-
-    pub fn from_client(client: kube::Client) -> Self {
-        KubeApi { client }
-    }
-
-    fn pods(&self, namespace: &str) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), namespace)
-    }
-
-    async fn any_pod(&self, namespace: &str, fields: &str, service_account: &str) -> Result<bool> {
-        let list = self
-            .pods(namespace)
-            .list(&ListParams::default().fields(fields))
-            .await
-            .map_err(|e| Error::Kube(format!("listing pods in {namespace}: {e}")))?;
-        Ok(list.items.iter().any(|p| {
-            is_running(p)
-                && p.spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.as_deref())
-                    == Some(service_account)
-        }))
-    }
-}
-
-fn is_running(pod: &Pod) -> bool {
-    let terminating = pod.metadata.deletion_timestamp.is_some();
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    !terminating && !finished
-}
-
-impl PodDirectory for KubeApi {
-    fn live_pod<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        uid: &'a str,
-    ) -> BoxFuture<'a, Result<Option<PodInfo>>> {
-        Box::pin(async move {
-            let pod = self
-                .pods(namespace)
-                .get_opt(name)
-                .await
-                .map_err(|e| Error::Kube(format!("reading pod {namespace}/{name}: {e}")))?;
-            Ok(pod
-                .filter(|p| p.metadata.uid.as_deref() == Some(uid) && is_running(p))
-                .map(|p| {
-                    let spec = p.spec.unwrap_or_default();
-                    PodInfo {
-                        namespace: namespace.to_owned(),
-                        name: name.to_owned(),
-                        service_account: spec
-                            .service_account_name
-                            .unwrap_or_else(|| "default".into()),
-                        node: spec.node_name.unwrap_or_default(),
-                        uid: uid.to_owned(),
-                    }
-                }))
-        })
-    }
-
-    fn service_account_on_node<'a>(
-        &'a self,
-        namespace: &'a str,
-        service_account: &'a str,
-        node: &'a str,
-    ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move {
-            self.any_pod(namespace, &format!("spec.nodeName={node}"), service_account)
-                .await
-        })
-    }
-
-    fn service_account_alive<'a>(
-        &'a self,
-        namespace: &'a str,
-        service_account: &'a str,
-    ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move {
-            self.any_pod(
-                namespace,
-                &format!("spec.serviceAccountName={service_account}"),
-                service_account,
-            )
-            .await
-        })
+/// Why the API server did not review a token, as the caller should see it.
+fn review_failure(e: kube::Error) -> AuthError {
+    match e {
+        kube::Error::Api(s) if s.code == 429 || s.code >= 500 => AuthError::Unavailable(format!(
+            "the API server could not review the token now: {} ({} {})",
+            s.message, s.code, s.reason
+        )),
+        // The error carries the API's message, never the request body.
+        kube::Error::Api(s) => AuthError::TokenReview(format!(
+            "the API server refused the review: {} ({} {})",
+            s.message, s.code, s.reason
+        )),
+        e => AuthError::Unavailable(format!(
+            "the API server could not be reached for a TokenReview: {e}"
+        )),
     }
 }
 
 /// Authenticates bearer tokens with a TokenReview.
-#[derive(Debug)]
 pub struct TokenReviewAuthenticator {
-    api: KubeApi,
+    client: kube::Client,
+    directory: Arc<dyn PodDirectory>,
     trust_domain: String,
     audiences: Vec<String>,
 }
 
+impl std::fmt::Debug for TokenReviewAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewAuthenticator")
+            .field("directory", &self.directory)
+            .field("trust_domain", &self.trust_domain)
+            .field("audiences", &self.audiences)
+            .finish()
+    }
+}
+
 impl TokenReviewAuthenticator {
-    pub fn new(api: KubeApi, trust_domain: String, audiences: Vec<String>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        directory: Arc<dyn PodDirectory>,
+        trust_domain: String,
+        audiences: Vec<String>,
+    ) -> Self {
         TokenReviewAuthenticator {
-            api,
+            client,
+            directory,
             trust_domain,
             audiences,
         }
@@ -162,11 +87,10 @@ impl TokenReviewAuthenticator {
             },
             ..Default::default()
         };
-        let answer = Api::<TokenReview>::all(self.api.client.clone())
+        let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            // The error carries the API's message, never the request body.
-            .map_err(|e| fail(format!("the API server could not review the token: {e}")))?;
+            .map_err(review_failure)?;
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(fail(format!(
@@ -193,10 +117,13 @@ impl TokenReviewAuthenticator {
             return Err(fail("the token is not bound to a pod".into()));
         };
         let live = self
-            .api
+            .directory
             .live_pod(ns, &pod, &uid)
             .await
-            .map_err(|e| fail(format!("pod lookup failed: {e}")))?
+            .map_err(|e| match e {
+                Error::KubeUnavailable(m) => AuthError::Unavailable(format!("pod lookup: {m}")),
+                e => fail(format!("pod lookup failed: {e}")),
+            })?
             .ok_or_else(|| {
                 fail(format!(
                     "pod {ns}/{pod} (uid {uid}) is not running: the token's pod is gone"
@@ -239,69 +166,72 @@ impl Authenticator for TokenReviewAuthenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
+    use crate::cluster::client_for_url;
+    use crate::cluster::pods::PodCache;
+    use meshid_common::testing::kube::{FakeApiServer, FakeRequest, status};
+    use serde_json::{Value, json};
+    use std::time::Duration;
 
-    /// A fake API server: answers a TokenReview for the token "good" as
-    /// default/web bound to pod web-0, and serves that pod and a pod list.
-    async fn fake(
-        req: http::Request<kube::client::Body>,
-    ) -> std::result::Result<http::Response<http_body_util::Full<hyper::body::Bytes>>, Infallible>
-    {
-        let path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("").to_owned();
-        let body = http_body_util::BodyExt::collect(req.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        let pod = serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "web-0", "namespace": "default", "uid": "uid-web-0"},
-            "spec": {"serviceAccountName": "web", "nodeName": "node-a", "containers": []},
-            "status": {"phase": "Running"}
-        });
-        let json = match path.as_str() {
-            "/apis/authentication.k8s.io/v1/tokenreviews" => {
-                let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                let good = review["spec"]["token"] == "good";
-                serde_json::json!({
-                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                    "spec": review["spec"],
-                    "status": if good { serde_json::json!({
-                        "authenticated": true,
-                        "audiences": ["istio-ca"],
-                        "user": {"username": "system:serviceaccount:default:web",
-                                 "extra": {POD_NAME: ["web-0"], POD_UID: ["uid-web-0"], NODE_NAME: ["node-a"]}}
-                    })} else { serde_json::json!({"authenticated": false, "error": "invalid bearer token"}) }
-                })
-            }
-            "/api/v1/namespaces/default/pods/web-0" => pod.clone(),
-            "/api/v1/namespaces/default/pods" => {
-                let on_node_a = !query.contains("nodeName") || query.contains("node-a");
-                serde_json::json!({
-                    "apiVersion": "v1", "kind": "PodList", "metadata": {},
-                    "items": if on_node_a { vec![pod] } else { vec![] }
-                })
-            }
-            _ => {
-                return Ok(http::Response::builder()
-                    .status(404)
-                    .body(http_body_util::Full::new(hyper::body::Bytes::from_static(b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"code\":404,\"reason\":\"NotFound\",\"message\":\"not found\"}")))
-                    .unwrap());
-            }
+    /// Answers TokenReviews as the API server would: "good" is default/web
+    /// bound to pod web-0 on node-a, anything else is not authenticated.
+    fn review(req: &FakeRequest) -> Option<(u16, Value)> {
+        if req.resource != "tokenreviews" {
+            return None;
+        }
+        let good = req.body["spec"]["token"] == "good";
+        let status = if good {
+            json!({"authenticated": true, "audiences": ["istio-ca"],
+                   "user": {"username": "system:serviceaccount:default:web",
+                            "extra": {POD_NAME: ["web-0"], POD_UID: [WEB_UID], NODE_NAME: ["node-a"]}}})
+        } else {
+            json!({"authenticated": false, "error": "invalid bearer token"})
         };
-        Ok(http::Response::new(http_body_util::Full::new(
-            hyper::body::Bytes::from(json.to_string()),
-        )))
+        Some((
+            201,
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                   "spec": req.body["spec"], "status": status}),
+        ))
     }
 
-    fn api() -> KubeApi {
-        KubeApi::from_client(kube::Client::new(tower::service_fn(fake), "default"))
+    const WEB_UID: &str = "uid-web-0";
+
+    fn pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web-0", "namespace": "default"},
+               "spec": {"serviceAccountName": "web", "nodeName": "node-a", "containers": []},
+               "status": {"phase": "Running"}})
+    }
+
+    /// A fake API server with pod web-0 (its uid made `WEB_UID`) and the
+    /// TokenReview hook; the authenticator over a synced pod cache.
+    async fn setup() -> (FakeApiServer, TokenReviewAuthenticator) {
+        let fake = FakeApiServer::start().await.unwrap();
+        let stored = fake.insert("pods", pod());
+        // The fake stamps its own uid: the review names that one.
+        let uid = stored["metadata"]["uid"].as_str().unwrap().to_owned();
+        fake.react(move |req| {
+            review(req).map(|(code, mut body)| {
+                if body["status"]["authenticated"] == true {
+                    body["status"]["user"]["extra"][POD_UID] = json!([uid.clone()]);
+                }
+                (code, body)
+            })
+        });
+        let client = client_for_url(&fake.url()).unwrap();
+        let cache = PodCache::spawn(client.clone(), Default::default());
+        assert!(cache.wait_synced(Duration::from_secs(10)).await);
+        let authn = TokenReviewAuthenticator::new(
+            client,
+            Arc::new(cache),
+            "cluster.local".into(),
+            vec!["istio-ca".into()],
+        );
+        (fake, authn)
     }
 
     #[tokio::test]
     async fn token_review_authenticates_a_pod_bound_token() {
-        let authn =
-            TokenReviewAuthenticator::new(api(), "cluster.local".into(), vec!["istio-ca".into()]);
+        let (fake, authn) = setup().await;
         let caller = authn.check("good").await.unwrap();
         assert_eq!(
             caller.id.as_str(),
@@ -309,35 +239,76 @@ mod tests {
         );
         assert_eq!(caller.node.as_deref(), Some("node-a"));
         let err = authn.check("bad-token-value").await.unwrap_err();
+        assert!(matches!(err, AuthError::TokenReview(_)), "{err}");
         assert!(err.to_string().contains("invalid bearer token"), "{err}");
         assert!(!err.to_string().contains("bad-token-value"));
+        // The review went to the real path, with the audiences.
+        assert_eq!(
+            fake.count(|r| r.starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews")),
+            2
+        );
+
+        // The pod is deleted: the cache sees it through the watch, and the
+        // same token no longer authenticates.
+        assert!(fake.delete("api/v1", "pods", "default", "web-0"));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while authn.check("good").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the deletion reaches the cache");
+        let err = authn.check("good").await.unwrap_err();
+        assert!(err.to_string().contains("the token's pod is gone"), "{err}");
     }
 
     #[tokio::test]
-    async fn pod_lookups_through_the_api() {
-        let api = api();
+    async fn a_refused_review_is_unauthenticated_with_the_apis_message() {
+        let (fake, authn) = setup().await;
+        fake.clear_hooks();
+        fake.react(|req| {
+            (req.resource == "tokenreviews").then(|| {
+                (403, status(403, "Forbidden",
+                    "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:istio-system:meshid-ca\" cannot create resource \"tokenreviews\""))
+            })
+        });
+        let err = authn.check("good").await.unwrap_err();
+        assert!(matches!(err, AuthError::TokenReview(_)), "{err:?}");
+        assert!(err.to_string().contains("forbidden"), "{err}");
+        assert!(err.to_string().contains("403"), "{err}");
+        let status = Error::Authentication { reasons: vec![err] }.to_status();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_api_server_is_unavailable_with_a_message() {
+        let (fake, authn) = setup().await;
+        fake.shutdown();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let err = authn.check("good").await.unwrap_err();
+        assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
+        assert!(err.to_string().contains("could not be reached"), "{err}");
+        let status = Error::Authentication { reasons: vec![err] }.to_status();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
-            api.live_pod("default", "web-0", "uid-web-0")
-                .await
-                .unwrap()
-                .is_some()
+            status.message().contains("TokenReview"),
+            "{}",
+            status.message()
         );
-        assert!(
-            api.live_pod("default", "web-0", "old-uid")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            api.service_account_on_node("default", "web", "node-a")
-                .await
-                .unwrap()
-        );
-        assert!(
-            !api.service_account_on_node("default", "web", "node-b")
-                .await
-                .unwrap()
-        );
-        assert!(api.service_account_alive("default", "web").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn before_the_first_pod_list_lookups_are_unavailable() {
+        let fake = FakeApiServer::start().await.unwrap();
+        // Lists are refused: the cache never syncs.
+        fake.react(|req| {
+            (req.resource == "pods").then(|| (403, status(403, "Forbidden", "pods is forbidden")))
+        });
+        let client = client_for_url(&fake.url()).unwrap();
+        let cache = PodCache::spawn(client, Default::default());
+        assert!(!cache.wait_synced(Duration::from_millis(300)).await);
+        let err = cache.live_pod("default", "web-0", "x").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert!(err.to_string().contains("not listed pods yet"), "{err}");
     }
 }
