@@ -100,6 +100,34 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "--tests",
         ])
     };
+    // The `kube` code paths (CA cluster mode, the ztunnel's API registry),
+    // against the fake API server: off in the workspace build, so run here.
+    let test_kube = if nextest {
+        Action::Cargo(vec![
+            "nextest",
+            "run",
+            "-p",
+            "meshid-ca",
+            "-p",
+            "meshid-ztunnel",
+            "--features",
+            "kube",
+            "--no-fail-fast",
+        ])
+    } else {
+        Action::Cargo(vec![
+            "test",
+            "-p",
+            "meshid-ca",
+            "-p",
+            "meshid-ztunnel",
+            "--features",
+            "kube",
+            "--no-fail-fast",
+            "--lib",
+            "--tests",
+        ])
+    };
     let doctest = Action::Cargo(vec!["test", "--workspace", "--doc"]);
     let e2e = if args.no_e2e {
         Action::Skip("--no-e2e")
@@ -112,6 +140,7 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
         ("clippy-kube", clippy_kube),
         ("envoy", Action::Envoy),
         ("test", test),
+        ("test-kube", test_kube),
         ("doctest", doctest),
         ("e2e", e2e),
     ]
@@ -489,11 +518,12 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
                 "clippy-kube",
                 "envoy",
                 "test",
+                "test-kube",
                 "doctest",
                 "e2e"
             ]
         );
-        assert_eq!(all[6].action, Action::E2e);
+        assert_eq!(all[7].action, Action::E2e);
 
         let skipping = plan(
             &CiArgs {
@@ -507,7 +537,7 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
         assert_eq!(skipping[0].action, Action::Skip("--skip-fmt"));
         assert_eq!(skipping[1].action, Action::Skip("--skip-clippy"));
         assert_eq!(skipping[2].action, Action::Skip("--skip-clippy"));
-        assert_eq!(skipping[6].action, Action::Skip("--no-e2e"));
+        assert_eq!(skipping[7].action, Action::Skip("--no-e2e"));
     }
 
     #[test]
