@@ -127,6 +127,63 @@ pub trait Topology {
         self.stop(component).await?;
         self.start(component).await
     }
+    /// Freezes a component (SIGSTOP of its processes): its sockets stay open
+    /// and connections to it hang rather than being refused. A backend that
+    /// cannot freeze a component says so.
+    async fn pause(&mut self, component: &str) -> Result<(), Error> {
+        Err(self.unsupported("pause", component))
+    }
+    /// Thaws a component frozen by [`Topology::pause`] (SIGCONT).
+    async fn resume(&mut self, component: &str) -> Result<(), Error> {
+        Err(self.unsupported("resume", component))
+    }
+    /// The error of a step this backend cannot do.
+    fn unsupported(&self, step: &str, component: &str) -> Error {
+        Error::Setup(format!(
+            "{step} {component}: not supported by the {} backend",
+            self.backend()
+        ))
+    }
+    /// Replaces sidecar pod `pod`'s projected service-account token file
+    /// (atomically, as the kubelet does) with `token`.
+    async fn set_pod_token(&mut self, pod: &str, token: &str) -> Result<(), Error> {
+        let dir = self
+            .state()
+            .dir
+            .join("pods")
+            .join(pod)
+            .join("var/run/secrets/tokens");
+        crate::cluster::write_ca_files(&dir, &[("istio-token", token.to_owned())])
+    }
+    /// A token of sidecar pod `namespace/pod` that expired `ago`.
+    fn expired_token_for(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        ago: Duration,
+    ) -> Result<String, Error> {
+        self.state()
+            .mint_expired(namespace, service_account, pod, ago)
+    }
+    /// Registers many test pods `namespace/<pod>` (service account `sa`) at
+    /// once and returns a token for each, in order: what [`Topology::token_for`]
+    /// does for one, with one registry write and one wait for the CA.
+    async fn register_pods(
+        &mut self,
+        namespace: &str,
+        pods: &[(String, String)],
+    ) -> Result<Vec<String>, Error> {
+        let state = self.state_mut();
+        for (pod, sa) in pods {
+            state.register(namespace, sa, pod);
+        }
+        state.save_registry()?;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        pods.iter()
+            .map(|(pod, sa)| state.mint(namespace, sa, pod))
+            .collect()
+    }
     /// Deletes a pod from the cluster's view (the registry): its token stops
     /// authenticating; its processes keep running with what they have.
     async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {

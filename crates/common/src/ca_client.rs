@@ -227,6 +227,26 @@ impl CaClient {
         Ok(request)
     }
 
+    /// One call within `call_timeout`, connecting included: tonic's own
+    /// timeout starts only once a connection is up, so a CA that accepts
+    /// TCP but never answers the TLS handshake (a frozen process) would
+    /// hold the call for as long as it stays frozen.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.call_timeout, call).await {
+            Ok(answer) => answer.map_err(|status| Error::from_ca_status(&status)),
+            Err(_) => Err(Error::Ca {
+                code: tonic::Code::DeadlineExceeded,
+                message: format!(
+                    "no answer from {} within {:?}",
+                    self.config.address, self.config.call_timeout
+                ),
+            }),
+        }
+    }
+
     /// Asks the CA's `meshid.v1.JwtSvidService/Mint` for a JWT-SVID for
     /// `audience`: the caller's own identity, or `options.impersonate`'s.
     /// `ttl` zero asks for the CA's default.
@@ -248,11 +268,8 @@ impl CaClient {
             options.token,
         )?;
         let answer = self
-            .jwt
-            .clone()
-            .mint(request)
-            .await
-            .map_err(|status| Error::from_ca_status(&status))?
+            .bounded(self.jwt.clone().mint(request))
+            .await?
             .into_inner();
         let expires_at = u64::try_from(answer.expires_at)
             .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
@@ -268,11 +285,8 @@ impl CaClient {
     pub async fn jwt_bundle(&self, options: CallOptions<'_>) -> Result<JwtBundle> {
         let request = self.prepare(JwtBundleRequest {}, options.token)?;
         let answer = self
-            .jwt
-            .clone()
-            .bundle(request)
-            .await
-            .map_err(|status| Error::from_ca_status(&status))?
+            .bounded(self.jwt.clone().bundle(request))
+            .await?
             .into_inner();
         Ok(JwtBundle {
             trust_domain: answer.trust_domain,
@@ -309,11 +323,8 @@ impl CaClient {
             options.token,
         )?;
         let response = self
-            .client
-            .clone()
-            .create_certificate(request)
-            .await
-            .map_err(|status| Error::from_ca_status(&status))?;
+            .bounded(self.client.clone().create_certificate(request))
+            .await?;
         Ok(response.into_inner().cert_chain)
     }
 
@@ -583,6 +594,57 @@ mod tests {
                 CaClient::new(CaClientConfig::new("https://127.0.0.1:1", "nope")).unwrap_err();
             assert!(err.to_string().contains("root"), "{err}");
         });
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_accepts_but_never_answers_fails_within_the_call_timeout() {
+        // A frozen CA (SIGSTOP): the kernel completes the TCP handshake,
+        // nothing ever answers the TLS one.
+        crate::tls::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        });
+        let pki = TestPki::new("cluster.local").unwrap();
+        let mut config = CaClientConfig::new(format!("https://{addr}"), pki.bundle().to_pem());
+        config.call_timeout = Duration::from_millis(500);
+        config.connect_timeout = Duration::from_millis(500);
+        let client = CaClient::new(config).unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.sign(
+                key,
+                &pki.id("default", "web"),
+                Duration::from_secs(60),
+                CallOptions::default(),
+            ),
+        )
+        .await;
+        held.abort();
+        let err = answer
+            .expect("the call hung past its deadline")
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                err,
+                Error::Ca {
+                    code: tonic::Code::DeadlineExceeded | tonic::Code::Unavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]

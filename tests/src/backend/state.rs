@@ -109,6 +109,32 @@ impl MeshState {
             .map_err(|e| Error::Setup(format!("minting a token for {namespace}/{pod}: {e}")))
     }
 
+    /// A token of sidecar pod `namespace/pod` that expired `ago` (signed by
+    /// the cluster's real issuer: only its expiry is wrong).
+    pub(crate) fn mint_expired(
+        &self,
+        namespace: &str,
+        sa: &str,
+        pod: &str,
+        ago: Duration,
+    ) -> Result<String, Error> {
+        let mut claims = TokenClaims::for_pod(
+            namespace,
+            sa,
+            pod,
+            &format!("uid-{namespace}-{pod}"),
+            SIDECAR_NODE,
+            &format!("uid-{SIDECAR_NODE}"),
+        );
+        let now = std::time::SystemTime::now();
+        claims.issued_at = now - ago - Duration::from_secs(3600);
+        claims.not_before = Some(claims.issued_at);
+        claims.expires_at = now - ago;
+        self.issuer
+            .mint(&claims)
+            .map_err(|e| Error::Setup(format!("minting a token for {namespace}/{pod}: {e}")))
+    }
+
     /// Lays out sidecar pod `pod`'s files as the kubelet would (its
     /// projected token and the CA root) and returns its directory and
     /// identity: the same for every backend.

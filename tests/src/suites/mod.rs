@@ -3,6 +3,7 @@
 
 pub mod issuance;
 pub mod mtls;
+pub mod reliability;
 pub mod revocation;
 pub mod rotation;
 pub mod tracing;
@@ -18,6 +19,7 @@ pub const ALL: &[&str] = &[
     "mtls",
     "rotation",
     "tracing",
+    "reliability",
     "revocation-by-ttl",
 ];
 

@@ -592,3 +592,42 @@ async fn waiting_fails_fast_after_a_failure_and_times_out_otherwise() {
         .unwrap_err();
     assert!(err.to_string().contains("no longer managed"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_renewal_retries_as_soon_as_the_token_file_changes() {
+    // istio#26225: an expired token must not cost the certificate once a
+    // good token is back; waiting out the refusal backoff cap could.
+    let h = start(cfg(Duration::from_secs(100)), Some("expired.jwt"));
+    let first = h.wait_serial().await;
+    h.ca.set_answer(Answer::Fail(tonic::Code::Unauthenticated));
+    h.worker.refresh_now();
+    assert!(eventually(Duration::from_secs(5), || h.worker.status().refused).await);
+    let calls = h.ca.calls().len();
+    // The same token: no early retry (the cap is 64 s).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(
+        h.ca.calls().len(),
+        calls,
+        "no retry while the token is unchanged"
+    );
+    assert_eq!(
+        h.serial().as_deref(),
+        Some(first.as_str()),
+        "the cert is kept"
+    );
+    h.ca.set_answer(Answer::Good);
+    std::fs::write(&h.token_path, "fresh.jwt").unwrap();
+    let t0 = Instant::now();
+    let mut rx = h.worker.credentials();
+    rx.wait_for(|c| c.as_ref().unwrap().svid.leaf().serial != first)
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() <= Duration::from_secs(3),
+        "renewed {:?} after the token changed",
+        t0.elapsed()
+    );
+    assert_eq!(h.ca.calls().last().unwrap().token, "fresh.jwt");
+    assert!(h.worker.status().ready);
+}

@@ -155,6 +155,9 @@ pub struct Worker {
     refresh_now: Notify,
     /// Trace context of the first client that asked, for the first CSR.
     parent: Mutex<Option<opentelemetry::Context>>,
+    /// A fingerprint of the token the last CSR carried (never the token),
+    /// so a refused worker can tell when the kubelet rotates the file.
+    last_token: Mutex<Option<u64>>,
 }
 
 impl fmt::Debug for Worker {
@@ -185,6 +188,7 @@ impl Worker {
             waiters: AtomicUsize::new(0),
             refresh_now: Notify::new(),
             parent: Mutex::new(None),
+            last_token: Mutex::new(None),
         })
     }
 
@@ -371,7 +375,10 @@ impl Worker {
                         Verdict::Refused | Verdict::Fatal => backoff.at_cap(),
                     };
                     self.failed(&e, verdict, delay);
-                    if !self.wait_retry(delay, &cancel).await {
+                    // A refusal may be the token's fault (expired, wrong
+                    // audience): a new token is worth a try at once.
+                    let watch_token = verdict == Verdict::Refused;
+                    if !self.wait_retry(delay, watch_token, &cancel).await {
                         return;
                     }
                 }
@@ -395,6 +402,9 @@ impl Worker {
     async fn csr(&self, key: Option<PrivateKey>) -> Result<Credentials> {
         let id = &self.cfg.id;
         let token = self.parts.token.read()?;
+        if let Ok(mut last) = self.last_token.lock() {
+            *last = Some(fingerprint(token.expose()));
+        }
         let key = match key {
             Some(key) => key,
             None => generate_key(self.cfg.key_type).await?,
@@ -532,9 +542,19 @@ impl Worker {
     }
 
     /// Sleeps `delay`, withdrawing the current certificate if it expires
-    /// meanwhile. False when cancelled.
-    async fn wait_retry(&self, delay: Duration, cancel: &CancellationToken) -> bool {
+    /// meanwhile; with `watch_token`, ends early once the token file holds
+    /// a different token than the refused request carried. False when
+    /// cancelled.
+    async fn wait_retry(
+        &self,
+        delay: Duration,
+        watch_token: bool,
+        cancel: &CancellationToken,
+    ) -> bool {
         let deadline = Instant::now() + delay;
+        let mut token_check = tokio::time::interval(TOKEN_CHECK_INTERVAL);
+        token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        token_check.reset();
         loop {
             let expiry = self
                 .creds
@@ -548,8 +568,26 @@ impl Worker {
                 _ = tokio::time::sleep_until(deadline) => return true,
                 _ = self.refresh_now.notified() => return true,
                 _ = sleep_until_opt(expiry_at) => self.withdraw(),
+                _ = token_check.tick(), if watch_token => {
+                    if self.token_changed() {
+                        info!(
+                            spiffe.id = self.cfg.id.as_str(),
+                            "the service-account token changed; retrying the refused request now"
+                        );
+                        return true;
+                    }
+                }
             }
         }
+    }
+
+    /// The token file now holds another token than the last CSR carried.
+    fn token_changed(&self) -> bool {
+        let Ok(token) = self.parts.token.read() else {
+            return false;
+        };
+        let last = self.last_token.lock().ok().and_then(|l| *l);
+        last.is_some_and(|l| l != fingerprint(token.expose()))
     }
 
     fn withdraw(&self) {
@@ -572,6 +610,17 @@ impl Worker {
             );
         });
     }
+}
+
+/// How often a refused worker looks at its token file.
+const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A fingerprint of a token, to notice a new one without keeping it.
+fn fingerprint(token: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    token.hash(&mut h);
+    h.finish()
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -373,6 +373,21 @@ impl Topology for DockerMesh {
         self.wait_ready(component, Duration::from_secs(30)).await
     }
 
+    /// `docker pause` (the cgroup freezer: the container's sockets stay open).
+    async fn pause(&mut self, component: &str) -> Result<(), Error> {
+        let name = self.component(component)?.docker_name.clone();
+        cli::docker("pause", ["pause", name.as_str()])
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&mut self, component: &str) -> Result<(), Error> {
+        let name = self.component(component)?.docker_name.clone();
+        cli::docker("unpause", ["unpause", name.as_str()])
+            .await
+            .map(drop)
+    }
+
     fn describe(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "run dir        {}", self.state.dir.display());

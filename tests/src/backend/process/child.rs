@@ -103,6 +103,20 @@ impl Managed {
         }
     }
 
+    /// Sends `signal` (SIGSTOP / SIGCONT to freeze and thaw); an error when
+    /// the process is not running.
+    pub fn signal(&mut self, signal: Signal) -> Result<(), Error> {
+        let fail = |message: String| Error::Component {
+            name: self.spec.name.clone(),
+            message,
+        };
+        let pid = self
+            .pid()
+            .and_then(|p| Pid::from_raw(p as i32))
+            .ok_or_else(|| fail(format!("cannot send {signal:?}: not running")))?;
+        kill_process(pid, signal).map_err(|e| fail(format!("sending {signal:?}: {e}")))
+    }
+
     /// SIGTERM, then SIGKILL after `grace`. Idempotent.
     pub async fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {
@@ -110,6 +124,8 @@ impl Managed {
         };
         if let Some(pid) = child.id().and_then(|p| Pid::from_raw(p as i32)) {
             let _ = kill_process(pid, Signal::TERM);
+            // A frozen process handles SIGTERM only once thawed.
+            let _ = kill_process(pid, Signal::CONT);
         }
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
             let _ = child.kill().await;
@@ -157,6 +173,30 @@ mod tests {
         p.stop(Duration::from_millis(300)).await;
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(!p.is_running());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_frozen_process_is_thawed_and_still_stops() {
+        let dir = std::env::temp_dir().join(format!("meshid-proc3-{}", std::process::id()));
+        let spec = Spec::new("ticker", "/bin/sh", &dir)
+            .args(["-c", "while true; do echo t; sleep 0.05; done"]);
+        let mut p = Managed::start(spec, &dir).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        p.signal(Signal::STOP).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let frozen = std::fs::read_to_string(&p.log).unwrap().len();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(std::fs::read_to_string(&p.log).unwrap().len(), frozen);
+        p.signal(Signal::CONT).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(std::fs::read_to_string(&p.log).unwrap().len() > frozen);
+        // Frozen again, a stop still ends it within the grace (SIGCONT follows SIGTERM).
+        p.signal(Signal::STOP).unwrap();
+        let t = std::time::Instant::now();
+        p.stop(Duration::from_secs(3)).await;
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(p.signal(Signal::CONT).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

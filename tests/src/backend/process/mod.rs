@@ -470,6 +470,12 @@ impl ProcessMesh {
         Ok(())
     }
 
+    fn managed(&mut self, component: &str) -> Result<&mut Managed, Error> {
+        self.procs
+            .get_mut(component)
+            .ok_or_else(|| Error::Setup(format!("no component named {component:?}")))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.state.dir
     }
@@ -510,6 +516,16 @@ impl Topology for ProcessMesh {
         let proc = Managed::start(spec, &self.state.dir.join("logs"))?;
         self.procs.insert(component.to_owned(), proc);
         self.wait_ready(component, Duration::from_secs(30)).await
+    }
+
+    async fn pause(&mut self, component: &str) -> Result<(), Error> {
+        self.managed(component)?
+            .signal(rustix::process::Signal::STOP)
+    }
+
+    async fn resume(&mut self, component: &str) -> Result<(), Error> {
+        self.managed(component)?
+            .signal(rustix::process::Signal::CONT)
     }
 
     fn describe(&self) -> String {
