@@ -23,7 +23,7 @@ pub struct Args {
     /// Where the components run: process (local processes), docker or kind.
     #[arg(long, default_value = "process")]
     pub backend: String,
-    /// Run only these suites (repeatable): issuance, mtls, rotation, tracing, reliability, revocation-by-ttl.
+    /// Run only these suites (repeatable): issuance, mtls, rotation, tracing, reliability, badinput, revocation-by-ttl.
     #[arg(long = "suite")]
     pub suites: Vec<String>,
     /// Workload certificate TTL in seconds (short, so rotation and expiry happen during the run).
@@ -266,6 +266,7 @@ async fn run_suites(mesh: &mut impl Topology, chosen: &[&str], report: &mut Repo
             "rotation" => suites::rotation::run(mesh, report).await,
             "tracing" => suites::tracing::run(mesh, report).await,
             "reliability" => suites::reliability::run(mesh, report).await,
+            "badinput" => suites::badinput::run(mesh, report).await,
             "revocation-by-ttl" => suites::revocation::run(mesh, report).await,
             other => eprintln!("e2e: no suite {other}"),
         }

@@ -322,6 +322,19 @@ struct StreamTask {
     span: tracing::Span,
 }
 
+/// What the client is told when its request stream fails: tonic's refusal
+/// of an oversized message (`OUT_OF_RANGE`) as grpc-go, and so pilot-agent,
+/// says it (`RESOURCE_EXHAUSTED`); anything else as it is.
+fn inbound_error(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large")
+    {
+        Status::resource_exhausted(status.message().to_owned())
+    } else {
+        status
+    }
+}
+
 impl StreamTask {
     async fn run(
         mut self,
@@ -350,6 +363,9 @@ impl StreamTask {
                     Ok(None) => break,
                     Err(status) => {
                         debug!(error = %status, "SDS stream closed by an error");
+                        // Say why: a stream that just ends looks like a
+                        // restart to the proxy, which then sends it again.
+                        let _ = tx.send(Err(inbound_error(status))).await;
                         break;
                     }
                 },

@@ -10,7 +10,7 @@ use meshid_common::SpiffeId;
 use crate::authn::Caller;
 use crate::config::NodeAccount;
 use crate::directory::PodDirectory;
-use crate::error::{Error, Result};
+use crate::error::{Error, ImpersonationRefusal, Result};
 
 /// The request-metadata key of impersonation.
 pub use meshid_common::ca_client::IMPERSONATED_IDENTITY_KEY;
@@ -62,23 +62,29 @@ impl Authorizer {
         let Some(target) = impersonate else {
             return Ok(caller.id.clone());
         };
-        let refuse = |reason: String| Error::Impersonation {
+        use ImpersonationRefusal as R;
+        let refuse = |kind: ImpersonationRefusal, reason: String| Error::Impersonation {
             caller: caller.id.to_string(),
             target: target.to_owned(),
             reason,
+            kind,
         };
-        let id =
-            SpiffeId::parse(target).map_err(|e| refuse(format!("not a valid SPIFFE ID: {e}")))?;
+        let id = SpiffeId::parse(target)
+            .map_err(|e| refuse(R::InvalidTarget, format!("not a valid SPIFFE ID: {e}")))?;
         let Some(id) = self.in_primary_trust_domain(&id) else {
-            return Err(refuse(format!(
-                "trust domain {:?} is not this CA's {:?} nor one of its aliases {:?}",
-                id.trust_domain(),
-                self.trust_domain,
-                self.aliases
-            )));
+            return Err(refuse(
+                R::InvalidTarget,
+                format!(
+                    "trust domain {:?} is not this CA's {:?} nor one of its aliases {:?}",
+                    id.trust_domain(),
+                    self.trust_domain,
+                    self.aliases
+                ),
+            ));
         };
         let Some((ns, sa)) = id.service_account() else {
             return Err(refuse(
+                R::InvalidTarget,
                 "not a service account identity (spiffe://<td>/ns/<ns>/sa/<sa>)".into(),
             ));
         };
@@ -86,28 +92,38 @@ impl Authorizer {
             a.namespace == caller.namespace && a.service_account == caller.service_account
         });
         if !trusted {
-            return Err(refuse(format!(
-                "{}/{} is not a trusted node account (CA_TRUSTED_NODE_ACCOUNTS)",
-                caller.namespace, caller.service_account
-            )));
+            return Err(refuse(
+                R::NotANodeAccount,
+                format!(
+                    "{}/{} is not a trusted node account (CA_TRUSTED_NODE_ACCOUNTS)",
+                    caller.namespace, caller.service_account
+                ),
+            ));
         }
         let Some(node) = caller.node.as_deref() else {
-            return Err(refuse(format!(
-                "the caller's node is unknown (authenticated by {}; a token bound to a pod is needed)",
-                caller.method
-            )));
+            return Err(refuse(
+                R::NotAllowed,
+                format!(
+                    "the caller's node is unknown (authenticated by {}; a token bound to a pod is needed)",
+                    caller.method
+                ),
+            ));
         };
         let Some(directory) = &self.directory else {
-            return Err(refuse("no pod directory is configured".into()));
+            return Err(refuse(
+                R::NotAllowed,
+                "no pod directory is configured".into(),
+            ));
         };
         let on_node = directory
             .service_account_on_node(ns, sa, node)
             .await
-            .map_err(|e| refuse(format!("pod lookup failed: {e}")))?;
+            .map_err(|e| refuse(R::NotAllowed, format!("pod lookup failed: {e}")))?;
         if !on_node {
-            return Err(refuse(format!(
-                "no pod of service account {ns}/{sa} runs on node {node:?}"
-            )));
+            return Err(refuse(
+                R::NotAllowed,
+                format!("no pod of service account {ns}/{sa} runs on node {node:?}"),
+            ));
         }
         Ok(id)
     }
@@ -125,6 +141,7 @@ pub fn impersonated_identity(metadata: Option<&prost_types::Struct>) -> Result<O
             caller: "the caller".into(),
             target: format!("{:?}", value.kind),
             reason: format!("{IMPERSONATED_IDENTITY_KEY} must be a string"),
+            kind: ImpersonationRefusal::InvalidTarget,
         }),
     }
 }

@@ -2,7 +2,11 @@
 //! (DESIGN §2.1): the only place that decides which code a failure gets.
 //!
 //! No variant carries a token or key material; messages name the identity,
-//! file or field that was wrong.
+//! file or field that was wrong. Those messages are for the CA's log: a
+//! refused caller is told only a category ([`Error::category`]) and a
+//! request id ([`Error::to_status`]), as istiod answers "request
+//! authenticate failure" and keeps the reason in its log. Pod names and
+//! UIDs, nodes and who runs where never leave the CA in an answer.
 
 use std::path::PathBuf;
 
@@ -20,6 +24,7 @@ pub enum Error {
         caller: String,
         target: String,
         reason: String,
+        kind: ImpersonationRefusal,
     },
 
     #[error("invalid CSR: {0}")]
@@ -150,6 +155,67 @@ pub enum Error {
     Common(#[from] meshid_common::Error),
 }
 
+/// Why an impersonation was refused, as the answer names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImpersonationRefusal {
+    /// The caller is not a trusted node account.
+    NotANodeAccount,
+    /// The target is no SPIFFE ID of a service account in this trust domain.
+    InvalidTarget,
+    /// The target may not be impersonated by this caller (not on its node,
+    /// its node unknown, or the registry could not tell).
+    NotAllowed,
+}
+
+impl ImpersonationRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImpersonationRefusal::NotANodeAccount => "not allowed to impersonate",
+            ImpersonationRefusal::InvalidTarget => "impersonated identity invalid",
+            ImpersonationRefusal::NotAllowed => "identity not allowed",
+        }
+    }
+}
+
+/// The metadata key a refusal's request id travels in, both ways: a caller
+/// may send its own (Envoy and most gateways set one), the answer carries it.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+/// The longest caller-supplied request id that is kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The request id of a call: the caller's `x-request-id` when it is sane
+/// (1 to 128 characters of `[A-Za-z0-9._:-]`), else a new random one.
+pub fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
+    let supplied = metadata
+        .get(REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_LEN
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        });
+    match supplied {
+        Some(id) => id.to_owned(),
+        None => new_request_id(),
+    }
+}
+
+/// 128 random bits, hex.
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // Uniqueness, not secrecy, is what matters here.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        bytes = nanos.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn join(reasons: &[AuthError]) -> String {
     if reasons.is_empty() {
         return "no authenticator is configured".into();
@@ -214,9 +280,51 @@ impl Error {
         }
     }
 
-    /// The status returned to the caller.
-    pub fn to_status(&self) -> tonic::Status {
-        tonic::Status::new(self.code(), self.to_string())
+    /// What a refused caller is told: a category, never a name, UID or
+    /// node from the registry, nor anything the caller did not send.
+    pub fn category(&self) -> String {
+        match self {
+            Error::Authentication { reasons } => {
+                let mut categories: Vec<&str> = Vec::new();
+                for c in reasons.iter().map(AuthError::category) {
+                    if !categories.contains(&c) {
+                        categories.push(c);
+                    }
+                }
+                if categories.is_empty() {
+                    categories.push(AuthError::NoCredential.category());
+                }
+                format!("request authenticate failure: {}", categories.join("; "))
+            }
+            Error::Impersonation { kind, .. } => format!(
+                "request impersonation authentication failure: {}",
+                kind.as_str()
+            ),
+            Error::Csr(_) => "CSR invalid".into(),
+            Error::CsrUriSans { .. } | Error::CsrUri { .. } => "CSR SAN invalid".into(),
+            Error::CsrIdentity { .. } => "CSR identity not allowed".into(),
+            Error::CsrTrustDomain { .. } => "CSR trust domain not served".into(),
+            Error::TtlTooLong { .. } => "requested TTL above the maximum".into(),
+            Error::JwtRequest(_) => "JWT-SVID request invalid".into(),
+            Error::Signing(_) | Error::JwtSigning(_) => "signing failed".into(),
+            Error::SignerExpired { .. } => "CA not ready".into(),
+            _ => "internal error".into(),
+        }
+    }
+
+    /// The status returned to the caller: the code, the category and the
+    /// request id (also in the `x-request-id` metadata) under which the CA
+    /// logged the detail.
+    pub fn to_status(&self, request_id: &str) -> tonic::Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Ok(value) = request_id.parse() {
+            metadata.insert(REQUEST_ID_KEY, value);
+        }
+        tonic::Status::with_metadata(
+            self.code(),
+            format!("{} (request id {request_id})", self.category()),
+            metadata,
+        )
     }
 }
 

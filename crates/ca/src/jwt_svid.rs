@@ -391,7 +391,9 @@ impl JwtSvidService for JwtSvidServer {
             .extensions()
             .get::<crate::server::ConnInfo>()
             .map(|c| c.remote);
-        let span = tracing::info_span!("ca.mint_jwt", peer.addr = ?remote);
+        let request_id = crate::error::request_id(request.metadata());
+        let span =
+            tracing::info_span!("ca.mint_jwt", peer.addr = ?remote, request_id = %request_id);
         telemetry::set_remote_parent(&span, telemetry::extract_grpc(request.metadata()));
         let result = self.mint_for(&request).instrument(span.clone()).await;
         let _entered = span.enter();
@@ -407,19 +409,25 @@ impl JwtSvidService for JwtSvidServer {
                     latency_us = started.elapsed().as_micros() as u64,
                     "JWT-SVID minted"
                 );
-                Ok(Response::new(MintJwtSvidResponse {
-                    token: minted.token,
-                    expires_at: meshid_common::cert::unix_secs(minted.expires_at),
-                    spiffe_id: identity.to_string(),
-                }))
+                Ok(crate::server::with_request_id(
+                    Response::new(MintJwtSvidResponse {
+                        token: minted.token,
+                        expires_at: meshid_common::cert::unix_secs(minted.expires_at),
+                        spiffe_id: identity.to_string(),
+                    }),
+                    &request_id,
+                ))
             }
             Err(e) => {
                 if e.code() == tonic::Code::Unauthenticated {
                     metrics.authentication_failures.inc();
                 }
                 metrics.jwt_svid(refusal_label(&e));
-                tracing::warn!(error = %e, code = ?e.code(), "JWT-SVID request refused");
-                Err(e.to_status())
+                Err(crate::server::refuse(
+                    &e,
+                    &request_id,
+                    "JWT-SVID request refused",
+                ))
             }
         }
     }
@@ -428,7 +436,8 @@ impl JwtSvidService for JwtSvidServer {
         &self,
         request: Request<JwtBundleRequest>,
     ) -> std::result::Result<Response<JwtBundleResponse>, Status> {
-        let span = tracing::info_span!("ca.jwt_bundle");
+        let request_id = crate::error::request_id(request.metadata());
+        let span = tracing::info_span!("ca.jwt_bundle", request_id = %request_id);
         telemetry::set_remote_parent(&span, telemetry::extract_grpc(request.metadata()));
         // Only a caller that could get an SVID reads the bundle.
         let identified = self
@@ -438,8 +447,11 @@ impl JwtSvidService for JwtSvidServer {
             .await;
         if let Err(e) = identified {
             let _entered = span.enter();
-            tracing::warn!(error = %e, code = ?e.code(), "JWT bundle request refused");
-            return Err(e.to_status());
+            return Err(crate::server::refuse(
+                &e,
+                &request_id,
+                "JWT bundle request refused",
+            ));
         }
         Ok(Response::new(JwtBundleResponse {
             trust_domain: self.authority.trust_domain.clone(),

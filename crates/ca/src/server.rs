@@ -1,7 +1,9 @@
 //! The gRPC side: `IstioCertificateService/CreateCertificate` and the gRPC
 //! health service over TLS, with the accept loop that does handshakes
 //! concurrently and hands tonic connections that know their client
-//! certificate.
+//! certificate. Every call gets a request id ([`request_id`], the caller's
+//! `x-request-id` when sane); a refusal is answered by [`refuse`] alone: the
+//! detail logged under that id, the caller told the category and the id.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,7 +29,7 @@ use tracing::Instrument;
 
 use crate::authn::{Authn, Caller};
 use crate::authz::{Authorizer, impersonated_identity};
-use crate::error::{Error, Result};
+use crate::error::{Error, REQUEST_ID_KEY, Result, request_id};
 use crate::metrics::Metrics;
 use crate::sign::{CertSigner, SignRequest};
 use crate::signer::Issued;
@@ -333,7 +335,12 @@ impl IstioCertificateService for CaService {
     ) -> std::result::Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
         let remote = request.extensions().get::<ConnInfo>().map(|c| c.remote);
-        let span = tracing::info_span!("ca.create_certificate", peer.addr = ?remote);
+        let request_id = request_id(request.metadata());
+        let span = tracing::info_span!(
+            "ca.create_certificate",
+            peer.addr = ?remote,
+            request_id = %request_id
+        );
         telemetry::set_remote_parent(&span, telemetry::extract_grpc(request.metadata()));
         let core = &self.core;
         core.metrics.csr_count.inc();
@@ -354,17 +361,41 @@ impl IstioCertificateService for CaService {
                     latency_us = elapsed.as_micros() as u64,
                     "certificate issued"
                 );
-                Ok(Response::new(IstioCertificateResponse {
-                    cert_chain: issued.chain,
-                }))
+                Ok(with_request_id(
+                    Response::new(IstioCertificateResponse {
+                        cert_chain: issued.chain,
+                    }),
+                    &request_id,
+                ))
             }
             Err(e) => {
                 core.metrics.refused(&e);
-                tracing::warn!(error = %e, code = ?e.code(), "certificate request refused");
-                Err(e.to_status())
+                Err(refuse(&e, &request_id, "certificate request refused"))
             }
         }
     }
+}
+
+/// The one way a CA service answers a refusal: the detail is logged under
+/// `request_id` (also a field of the request's span), the caller gets the
+/// code, the category and the id (DESIGN §2.1; istiod answers refusals
+/// opaquely too).
+pub fn refuse(error: &Error, request_id: &str, what: &str) -> Status {
+    tracing::warn!(
+        request_id,
+        error = %error,
+        code = ?error.code(),
+        "{what}"
+    );
+    error.to_status(request_id)
+}
+
+/// Sets `x-request-id` on a successful answer.
+pub fn with_request_id<T>(mut response: Response<T>, request_id: &str) -> Response<T> {
+    if let Ok(value) = request_id.parse() {
+        response.metadata_mut().insert(REQUEST_ID_KEY, value);
+    }
+    response
 }
 
 #[cfg(test)]

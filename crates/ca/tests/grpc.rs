@@ -41,23 +41,49 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// Asserts the code, that the message names the problem, and that no
-/// secret leaked into it.
+/// Asserts the code; that the answer tells no registry fact and carries a
+/// request id (in the message and in `x-request-id`); that the CA logged
+/// the problem (`needle`) under that id; and that no secret leaked into
+/// the answer or that log line.
 #[track_caller]
-fn refused(result: Result<Vec<String>, tonic::Status>, code: Code, needle: &str, secrets: &[&str]) {
+fn refused(
+    result: Result<Vec<String>, tonic::Status>,
+    code: Code,
+    needle: &str,
+    secrets: &[&str],
+) -> tonic::Status {
     let status = result.expect_err("the request must be refused");
     assert_eq!(status.code(), code, "{status:?}");
+    let id = status
+        .metadata()
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("no x-request-id in {status:?}"))
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(support::request_id_of(status.message()), id);
+    for fact in support::REGISTRY_FACTS {
+        assert!(
+            !status.message().contains(fact),
+            "the answer tells a registry fact ({fact:?}): {status:?}"
+        );
+    }
+    let lines = support::logged_under(&id);
     assert!(
-        status.message().contains(needle),
-        "message {:?} should name {needle:?}",
-        status.message()
+        lines.iter().any(|l| l.contains(needle)),
+        "no log line under request id {id} names {needle:?}: {lines:#?}"
     );
     for secret in secrets {
         assert!(
             !status.message().contains(secret),
             "a secret leaked: {status:?}"
         );
+        assert!(
+            lines.iter().all(|l| !l.contains(secret)),
+            "a secret was logged"
+        );
     }
+    status
 }
 
 fn leaf_of(chain: &[String]) -> CertInfo {
@@ -628,6 +654,125 @@ async fn bad_credentials_are_unauthenticated_and_say_why() {
 fn b64url(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+/// istiod answers refusals opaquely ("request authenticate failure"): the
+/// caller learns the category and a request id, the CA's log has the
+/// detail (pod names, UIDs, nodes) under that id.
+#[tokio::test]
+async fn refusals_tell_a_category_and_a_request_id_not_registry_facts() {
+    let fx = Fixture::start().await;
+    let csr = key().csr_for(&id("default", "web")).unwrap();
+    let web = "spiffe://cluster.local/ns/default/sa/web";
+    let now = SystemTime::now();
+    let mint = |edit: &dyn Fn(&mut meshid_ca::TokenClaims)| {
+        let mut c = fx.claims("default", "web-0");
+        edit(&mut c);
+        bearer(&fx.issuer.mint(&c).unwrap())
+    };
+    let gone = mint(&|c| c.pod = Some(("web-0".into(), "uid-of-a-deleted-pod".into())));
+    let expired = mint(&|c| {
+        c.issued_at = now - Duration::from_secs(7200);
+        c.not_before = Some(c.issued_at);
+        c.expires_at = now - Duration::from_secs(3600);
+    });
+    let audience = mint(&|c| c.audiences = vec!["elsewhere".into()]);
+    let zt_b = bearer(&fx.token("istio-system", "ztunnel-b"));
+    let db = bearer(&fx.token("default", "db-0"));
+    let web_token = bearer(&fx.token("default", "web-0"));
+    let db_csr = key().csr_for(&id("default", "db")).unwrap();
+    let cases = [
+        (
+            fx.call(&csr, 60, Some(&gone), |_| {}).await,
+            "request authenticate failure: token invalidated",
+            "pod default/web-0 (uid uid-of-a-deleted-pod) is not running",
+        ),
+        (
+            fx.call(&csr, 60, Some(&expired), |_| {}).await,
+            "request authenticate failure: token expired",
+            "the token has expired",
+        ),
+        (
+            fx.call(&csr, 60, Some(&audience), |_| {}).await,
+            "request authenticate failure: token audience not accepted",
+            "wrong audience",
+        ),
+        (
+            fx.call(&csr, 60, Some(&zt_b), impersonate(web)).await,
+            "request impersonation authentication failure: identity not allowed",
+            "no pod of service account default/web runs on node \"node-b\"",
+        ),
+        (
+            fx.call(&csr, 60, Some(&db), impersonate(web)).await,
+            "request impersonation authentication failure: not allowed to impersonate",
+            "default/db is not a trusted node account",
+        ),
+        (
+            fx.call(&db_csr, 60, Some(&web_token), |_| {}).await,
+            "CSR identity not allowed",
+            "the CSR asks for spiffe://cluster.local/ns/default/sa/db",
+        ),
+        (
+            fx.call(&csr, 60, Some(&web_token), |r| {
+                r.metadata_mut()
+                    .insert("clusterid", "cluster-2".parse().unwrap());
+            })
+            .await,
+            "request authenticate failure: cluster id not accepted",
+            "unknown clusterid \"cluster-2\"",
+        ),
+    ];
+    for (result, category, detail) in cases {
+        let status = result.expect_err(category);
+        assert!(
+            status.message().starts_with(category),
+            "{:?} should start with {category:?}",
+            status.message()
+        );
+        support::check_opaque(status.message(), category, detail);
+    }
+
+    // A sane caller-supplied x-request-id is kept; anything else is replaced.
+    let with_id = |value: &'static str| {
+        move |r: &mut tonic::Request<meshid_common::proto::istio_ca::IstioCertificateRequest>| {
+            r.metadata_mut()
+                .insert("x-request-id", value.parse().unwrap());
+        }
+    };
+    let status = fx
+        .call(&csr, 60, Some(&gone), with_id("req-42.a_b:c"))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().ends_with("(request id req-42.a_b:c)"),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.metadata().get("x-request-id").unwrap(),
+        "req-42.a_b:c"
+    );
+    let status = fx
+        .call(&csr, 60, Some(&gone), with_id("<script> and more"))
+        .await
+        .unwrap_err();
+    let id = support::request_id_of(status.message());
+    assert_eq!(id.len(), 32, "{status:?}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{status:?}");
+    assert!(!status.message().contains("script"), "{status:?}");
+
+    // A success carries its request id too.
+    let mut request =
+        tonic::Request::new(meshid_common::proto::istio_ca::IstioCertificateRequest {
+            csr: csr.clone(),
+            validity_duration: 60,
+            metadata: None,
+        });
+    request
+        .metadata_mut()
+        .insert("authorization", web_token.parse().unwrap());
+    with_id("ok-1")(&mut request);
+    let ok = fx.client().raw().create_certificate(request).await.unwrap();
+    assert_eq!(ok.metadata().get("x-request-id").unwrap(), "ok-1");
 }
 
 // ---------------------------------------------------------------- impersonation and cluster
@@ -1269,7 +1414,7 @@ async fn a_token_with_a_new_key_id_makes_the_jwks_url_be_fetched_again() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(
-        status.message().contains("unknown signing key"),
+        status.message().contains("token signing key unknown"),
         "{status:?}"
     );
     assert_eq!(fetches.load(SeqCst), 2, "at most one fetch per gap");

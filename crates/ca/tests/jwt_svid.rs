@@ -101,7 +101,7 @@ async fn no_audience_or_a_long_ttl_is_invalid_argument() {
     let token = fx.token("default", "web-0");
     let (code, message) = code_and_message(mint(&fx, &token, &[]).await.unwrap_err());
     assert_eq!(code, Code::InvalidArgument, "{message}");
-    assert!(message.contains("audience is required"), "{message}");
+    support::check_opaque(&message, "JWT-SVID request invalid", "audience is required");
 
     let (code, message) = code_and_message(
         fx.client()
@@ -110,7 +110,7 @@ async fn no_audience_or_a_long_ttl_is_invalid_argument() {
             .unwrap_err(),
     );
     assert_eq!(code, Code::InvalidArgument, "{message}");
-    assert!(message.contains("ttl_seconds"), "{message}");
+    support::check_opaque(&message, "JWT-SVID request invalid", "ttl_seconds");
 }
 
 #[tokio::test]
@@ -172,9 +172,10 @@ async fn refusals_are_as_create_certificate() {
             .unwrap_err(),
     );
     assert_eq!(code, Code::Unauthenticated, "{message}");
-    assert!(
-        message.contains("default/web is not a trusted node account"),
-        "{message}"
+    support::check_opaque(
+        &message,
+        "not allowed to impersonate",
+        "default/web is not a trusted node account",
     );
     assert!(!message.contains(&web_token));
 
@@ -195,9 +196,10 @@ async fn refusals_are_as_create_certificate() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status.message().contains("not a valid SPIFFE ID"),
-        "{status:?}"
+    support::check_opaque(
+        status.message(),
+        "impersonated identity invalid",
+        "not a valid SPIFFE ID",
     );
 }
 
@@ -242,7 +244,8 @@ async fn the_node_account_mints_for_workloads_of_its_node_only() {
             .unwrap_err(),
     );
     assert_eq!(code, Code::Unauthenticated, "{message}");
-    assert!(message.contains("node-b"), "{message}");
+    // The answer does not tell where web runs; the log does.
+    support::check_opaque(&message, "identity not allowed", "runs on node \"node-b\"");
 }
 
 #[tokio::test]

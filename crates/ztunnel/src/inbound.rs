@@ -19,6 +19,7 @@
 //! | answer | when |
 //! |---|---|
 //! | 400 | not `CONNECT`, or `:authority` is not `ip:port` |
+//! | 431 | the headers exceed [`MAX_HEADER_LIST_SIZE`] (answered by h2) |
 //! | 404 | no workload of this node listens at `:authority` |
 //! | 401 | the workload is not the identity the client dialled, or its policy denies the client |
 //! | 503 | the workload does not accept the TCP connection |
@@ -68,6 +69,10 @@ pub const COPY_BUFFER: usize = 32 * 1024;
 
 /// HTTP/2 streams one HBONE connection may carry at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// The largest header list an HBONE request may carry (hyper's server
+/// default, which a real ztunnel keeps); h2 alone would take 16 MiB. A
+/// request above it is answered 431.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// What every inbound connection needs.
 #[derive(Debug)]
@@ -142,6 +147,7 @@ impl Inbound {
         let (tls, info) = conn;
         let built = h2::server::Builder::new()
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .initial_window_size(crate::pool::STREAM_WINDOW)
             .initial_connection_window_size(crate::pool::CONNECTION_WINDOW)
             .max_frame_size(crate::pool::MAX_FRAME_SIZE)

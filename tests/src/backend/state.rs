@@ -32,6 +32,9 @@ pub struct MeshState {
     pub(crate) ca_monitoring: SocketAddr,
     pub(crate) pods: Vec<Pod>,
     pub(crate) ambient: Vec<Ambient>,
+    /// Each node's HBONE address as the harness reaches it, where the
+    /// backend can tell (process); the bad-input suite dials it.
+    pub(crate) hbone: Vec<(String, SocketAddr)>,
     pub(crate) otlp: OtlpReceiver,
     /// The OpenBao dev server of a `--signer vault` run.
     pub(crate) vault: Option<meshid_ca::vault::testing::DevBao>,
@@ -65,6 +68,7 @@ impl MeshState {
             ca_monitoring,
             pods: Vec::new(),
             ambient: Vec::new(),
+            hbone: Vec::new(),
             otlp,
             dir,
             spec,

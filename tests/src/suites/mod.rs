@@ -1,6 +1,7 @@
 //! The end-to-end suites. Each case is an independent async function over a
 //! [`Topology`]; [`run`] times each one and records it in the report.
 
+pub mod badinput;
 pub mod issuance;
 pub mod mtls;
 pub mod reliability;
@@ -20,6 +21,7 @@ pub const ALL: &[&str] = &[
     "rotation",
     "tracing",
     "reliability",
+    "badinput",
     "revocation-by-ttl",
 ];
 

@@ -19,7 +19,9 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{AuthContext, AuthError, Authenticator, Caller, parse_service_account_subject};
+use super::{
+    AuthContext, AuthError, Authenticator, Caller, TokenRefusal, parse_service_account_subject,
+};
 use crate::directory::PodDirectory;
 use crate::error::{Error, Result};
 
@@ -430,8 +432,9 @@ impl JwtAuthenticator {
     }
 
     async fn check(&self, token: &str) -> Result<Caller, AuthError> {
-        let fail = |m: String| AuthError::Jwt(m);
-        let (alg, kid) = header_alg_and_kid(token).map_err(fail)?;
+        use TokenRefusal as R;
+        let fail = |kind: TokenRefusal, m: String| AuthError::Jwt(kind, m);
+        let (alg, kid) = header_alg_and_kid(token).map_err(|(kind, m)| fail(kind, m))?;
         let matches = |k: &VerificationKey| k.alg == alg && (kid.is_none() || k.kid == kid);
         let mut jwks = self.jwks.current();
         if kid.is_some() && !jwks.keys.iter().any(matches) {
@@ -442,12 +445,15 @@ impl JwtAuthenticator {
         }
         let candidates: Vec<&VerificationKey> = jwks.keys.iter().filter(|k| matches(k)).collect();
         if candidates.is_empty() {
-            return Err(fail(match &kid {
-                Some(kid) => {
-                    format!("unknown signing key id {kid:?} (not in the JWKS for {alg:?})")
-                }
-                None => format!("no JWKS key for algorithm {alg:?}"),
-            }));
+            return Err(fail(
+                R::SigningKey,
+                match &kid {
+                    Some(kid) => {
+                        format!("unknown signing key id {kid:?} (not in the JWKS for {alg:?})")
+                    }
+                    None => format!("no JWKS key for algorithm {alg:?}"),
+                },
+            ));
         }
         let mut validation = Validation::new(alg);
         validation.set_audience(&self.audiences);
@@ -464,18 +470,24 @@ impl JwtAuthenticator {
                 }
                 Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
                 }
-                Err(e) => return Err(fail(self.describe(&e))),
+                Err(e) => {
+                    let (kind, detail) = self.describe(&e);
+                    return Err(fail(kind, detail));
+                }
             }
         }
         let Some(claims) = claims else {
-            return Err(fail(if kid.is_some() {
-                "the signature does not verify with the JWKS key of that id".into()
-            } else {
-                "the signature does not verify with any JWKS key (unknown signing key)".into()
-            }));
+            return Err(fail(
+                R::Signature,
+                if kid.is_some() {
+                    "the signature does not verify with the JWKS key of that id".into()
+                } else {
+                    "the signature does not verify with any JWKS key (unknown signing key)".into()
+                },
+            ));
         };
         let (ns, sa) = parse_service_account_subject(&claims.sub).ok_or_else(|| {
-            fail(format!(
+            fail(R::Claims, format!(
                 "subject {:?} is not a service account (system:serviceaccount:<namespace>:<name>)",
                 claims.sub
             ))
@@ -484,48 +496,68 @@ impl JwtAuthenticator {
         if let Some(claimed) = k8s.and_then(|k| k.namespace.as_deref())
             && claimed != ns
         {
-            return Err(fail(format!(
-                "kubernetes.io.namespace {claimed:?} does not match the subject's {ns:?}"
-            )));
+            return Err(fail(
+                R::Claims,
+                format!("kubernetes.io.namespace {claimed:?} does not match the subject's {ns:?}"),
+            ));
         }
         if let Some(claimed) = k8s.and_then(|k| k.serviceaccount.as_ref())
             && claimed.name != sa
         {
-            return Err(fail(format!(
-                "kubernetes.io.serviceaccount {:?} does not match the subject's {sa:?}",
-                claimed.name
-            )));
+            return Err(fail(
+                R::Claims,
+                format!(
+                    "kubernetes.io.serviceaccount {:?} does not match the subject's {sa:?}",
+                    claimed.name
+                ),
+            ));
         }
         let pod = k8s.and_then(|k| k.pod.as_ref()).ok_or_else(|| {
-            fail("the token is not bound to a pod (no kubernetes.io.pod claim)".into())
+            fail(
+                R::NotBoundToPod,
+                "the token is not bound to a pod (no kubernetes.io.pod claim)".into(),
+            )
         })?;
         let live = self
             .directory
             .live_pod(ns, &pod.name, &pod.uid)
             .await
-            .map_err(|e| fail(format!("pod lookup failed: {e}")))?
+            .map_err(|e| fail(R::Unverifiable, format!("pod lookup failed: {e}")))?
             .ok_or_else(|| {
-                fail(format!(
-                    "pod {ns}/{} (uid {}) is not running: the token's pod is gone",
-                    pod.name, pod.uid
-                ))
+                fail(
+                    R::Invalidated,
+                    format!(
+                        "pod {ns}/{} (uid {}) is not running: the token's pod is gone",
+                        pod.name, pod.uid
+                    ),
+                )
             })?;
         if live.service_account != sa {
-            return Err(fail(format!(
-                "pod {ns}/{} runs as {:?}, not {sa:?}",
-                pod.name, live.service_account
-            )));
+            return Err(fail(
+                R::Invalidated,
+                format!(
+                    "pod {ns}/{} runs as {:?}, not {sa:?}",
+                    pod.name, live.service_account
+                ),
+            ));
         }
         if let Some(node) = k8s.and_then(|k| k.node.as_ref())
             && node.name != live.node
         {
-            return Err(fail(format!(
-                "token is bound to node {:?} but pod {ns}/{} runs on {:?}",
-                node.name, pod.name, live.node
-            )));
+            return Err(fail(
+                R::Invalidated,
+                format!(
+                    "token is bound to node {:?} but pod {ns}/{} runs on {:?}",
+                    node.name, pod.name, live.node
+                ),
+            ));
         }
-        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa)
-            .map_err(|e| fail(format!("the service account makes no valid SPIFFE ID: {e}")))?;
+        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa).map_err(|e| {
+            fail(
+                R::Claims,
+                format!("the service account makes no valid SPIFFE ID: {e}"),
+            )
+        })?;
         Ok(Caller {
             id,
             namespace: ns.to_owned(),
@@ -536,60 +568,83 @@ impl JwtAuthenticator {
         })
     }
 
-    fn describe(&self, e: &jsonwebtoken::errors::Error) -> String {
+    fn describe(&self, e: &jsonwebtoken::errors::Error) -> (TokenRefusal, String) {
+        use TokenRefusal as R;
         use jsonwebtoken::errors::ErrorKind;
         match e.kind() {
-            ErrorKind::ExpiredSignature => "the token has expired (exp is in the past)".into(),
-            ErrorKind::ImmatureSignature => {
-                "the token is not valid yet (nbf is in the future)".into()
-            }
-            ErrorKind::InvalidAudience => format!(
-                "wrong audience: the token's aud is not one of {:?}",
-                self.audiences
+            ErrorKind::ExpiredSignature => (
+                R::Expired,
+                "the token has expired (exp is in the past)".into(),
             ),
-            ErrorKind::InvalidIssuer => {
-                format!("wrong issuer: the token's iss is not {:?}", self.issuer)
+            ErrorKind::ImmatureSignature => (
+                R::NotYetValid,
+                "the token is not valid yet (nbf is in the future)".into(),
+            ),
+            ErrorKind::InvalidAudience => (
+                R::Audience,
+                format!(
+                    "wrong audience: the token's aud is not one of {:?}",
+                    self.audiences
+                ),
+            ),
+            ErrorKind::InvalidIssuer => (
+                R::Issuer,
+                format!("wrong issuer: the token's iss is not {:?}", self.issuer),
+            ),
+            ErrorKind::MissingRequiredClaim(c) => {
+                (R::Claims, format!("the token has no {c:?} claim"))
             }
-            ErrorKind::MissingRequiredClaim(c) => format!("the token has no {c:?} claim"),
-            ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key".into(),
+            ErrorKind::InvalidAlgorithm => (
+                R::Algorithm,
+                "the token's algorithm does not match its key".into(),
+            ),
             ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
-                "the token's claims are malformed".into()
+                (R::Malformed, "the token's claims are malformed".into())
             }
             ErrorKind::Base64(_) | ErrorKind::InvalidToken | ErrorKind::Utf8(_) => {
-                "the token is malformed".into()
+                (R::Malformed, "the token is malformed".into())
             }
-            other => format!("the token is invalid ({other:?})"),
+            other => (R::Malformed, format!("the token is invalid ({other:?})")),
         }
     }
 }
 
 /// Reads `alg` and `kid` from the header without trusting anything else,
 /// so `none`, HMAC and unknown algorithms get a clear refusal.
-fn header_alg_and_kid(token: &str) -> std::result::Result<(Algorithm, Option<String>), String> {
+fn header_alg_and_kid(
+    token: &str,
+) -> std::result::Result<(Algorithm, Option<String>), (TokenRefusal, String)> {
+    let malformed = |m: &str| (TokenRefusal::Malformed, m.to_owned());
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err("the token is not a JWT (expected three dot-separated parts)".into());
+        return Err(malformed(
+            "the token is not a JWT (expected three dot-separated parts)",
+        ));
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
-        .map_err(|_| "the token header is not base64url".to_owned())?;
+        .map_err(|_| malformed("the token header is not base64url"))?;
     let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| "the token header is not JSON".to_owned())?;
+        serde_json::from_slice(&bytes).map_err(|_| malformed("the token header is not JSON"))?;
     let alg = value
         .get("alg")
         .and_then(|a| a.as_str())
-        .ok_or_else(|| "the token header has no alg".to_owned())?;
+        .ok_or_else(|| malformed("the token header has no alg"))?;
     let alg = match alg {
         "RS256" => Algorithm::RS256,
         "ES256" => Algorithm::ES256,
         a if a.eq_ignore_ascii_case("none") => {
-            return Err("unsigned tokens (alg none) are not accepted".into());
+            return Err((
+                TokenRefusal::Algorithm,
+                "unsigned tokens (alg none) are not accepted".into(),
+            ));
         }
         other => {
-            return Err(format!(
-                "algorithm {other:?} is not accepted (only RS256 and ES256)"
+            return Err((
+                TokenRefusal::Algorithm,
+                format!("algorithm {other:?} is not accepted (only RS256 and ES256)"),
             ));
         }
     };
@@ -631,14 +686,18 @@ mod tests {
         assert!(
             header_alg_and_kid(&t(r#"{"alg":"none"}"#))
                 .unwrap_err()
+                .1
                 .contains("alg none")
         );
         assert!(
             header_alg_and_kid(&t(r#"{"alg":"HS256"}"#))
                 .unwrap_err()
+                .1
                 .contains("\"HS256\"")
         );
-        assert!(header_alg_and_kid("abc").unwrap_err().contains("three"));
+        let (kind, detail) = header_alg_and_kid("abc").unwrap_err();
+        assert_eq!(kind, TokenRefusal::Malformed);
+        assert!(detail.contains("three"));
         let (alg, kid) = header_alg_and_kid(&t(r#"{"alg":"ES256","kid":"k1"}"#)).unwrap();
         assert_eq!(alg, Algorithm::ES256);
         assert_eq!(kid.as_deref(), Some("k1"));

@@ -2,7 +2,8 @@
 //! first that accepts wins: the TLS client certificate (a workload renewing
 //! with its current SVID), then the bearer JWT against the issuer's JWKS,
 //! then (feature `kube`) a Kubernetes TokenReview. If none accepts, every
-//! reason is reported. Tokens never appear in a reason.
+//! reason is logged and the caller is told each reason's category only
+//! ([`AuthError::category`]). Tokens never appear in a reason.
 
 pub mod client_cert;
 pub mod jwt;
@@ -44,8 +45,8 @@ pub enum AuthError {
     MalformedAuthorization(&'static str),
     #[error("client certificate: {0}")]
     ClientCert(String),
-    #[error("JWT: {0}")]
-    Jwt(String),
+    #[error("JWT: {1}")]
+    Jwt(TokenRefusal, String),
     #[error("TokenReview: {0}")]
     TokenReview(String),
     /// The credential could not be checked now (the API server is down):
@@ -54,6 +55,65 @@ pub enum AuthError {
     Unavailable(String),
     #[error("unknown clusterid {got:?}: this CA serves cluster {expected:?}")]
     UnknownCluster { got: String, expected: String },
+}
+
+impl AuthError {
+    /// What the caller is told: the kind of problem, not the registry facts
+    /// behind it (the detail is logged under the request id).
+    pub fn category(&self) -> &'static str {
+        match self {
+            AuthError::NoCredential => "no credential",
+            AuthError::MalformedAuthorization(_) => "malformed authorization header",
+            AuthError::ClientCert(_) => "client certificate not accepted",
+            AuthError::Jwt(kind, _) => kind.as_str(),
+            AuthError::TokenReview(_) => "token not accepted",
+            AuthError::Unavailable(_) => "token could not be checked now: the cluster API is unavailable",
+            AuthError::UnknownCluster { .. } => "cluster id not accepted",
+        }
+    }
+}
+
+/// Why a bearer token was refused, as the answer names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Not a JWT, or its parts do not decode.
+    Malformed,
+    /// `none`, HMAC or another algorithm than RS256 / ES256.
+    Algorithm,
+    /// No key of the JWKS has that id or algorithm.
+    SigningKey,
+    Signature,
+    Expired,
+    NotYetValid,
+    Audience,
+    Issuer,
+    /// The subject or `kubernetes.io` claims are not a service account's.
+    Claims,
+    NotBoundToPod,
+    /// The pod, service account or node it is bound to is gone or differs
+    /// (kube-apiserver: "the token has been invalidated").
+    Invalidated,
+    /// The registry could not be asked.
+    Unverifiable,
+}
+
+impl TokenRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRefusal::Malformed => "token malformed",
+            TokenRefusal::Algorithm => "token algorithm not accepted",
+            TokenRefusal::SigningKey => "token signing key unknown",
+            TokenRefusal::Signature => "token signature invalid",
+            TokenRefusal::Expired => "token expired",
+            TokenRefusal::NotYetValid => "token not yet valid",
+            TokenRefusal::Audience => "token audience not accepted",
+            TokenRefusal::Issuer => "token issuer not accepted",
+            TokenRefusal::Claims => "token claims not accepted",
+            TokenRefusal::NotBoundToPod => "token not bound to a pod",
+            TokenRefusal::Invalidated => "token invalidated",
+            TokenRefusal::Unverifiable => "token could not be checked",
+        }
+    }
 }
 
 /// What an authenticator sees of a request.

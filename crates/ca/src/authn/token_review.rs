@@ -276,7 +276,7 @@ mod tests {
         assert!(matches!(err, AuthError::TokenReview(_)), "{err:?}");
         assert!(err.to_string().contains("forbidden"), "{err}");
         assert!(err.to_string().contains("403"), "{err}");
-        let status = Error::Authentication { reasons: vec![err] }.to_status();
+        let status = Error::Authentication { reasons: vec![err] }.to_status("rid-1");
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
 
@@ -288,10 +288,11 @@ mod tests {
         let err = authn.check("good").await.unwrap_err();
         assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
         assert!(err.to_string().contains("could not be reached"), "{err}");
-        let status = Error::Authentication { reasons: vec![err] }.to_status();
+        let status = Error::Authentication { reasons: vec![err] }.to_status("rid-1");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
-            status.message().contains("TokenReview"),
+            status.message()
+                == "token could not be checked now: the cluster API is unavailable (request id rid-1)",
             "{}",
             status.message()
         );

@@ -235,3 +235,58 @@ pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Names, UIDs and nodes of [`sample_registry`]: a refusal must tell none
+/// of them (they stay in the CA's log, under the request id).
+pub const REGISTRY_FACTS: &[&str] = &[
+    "web-0",
+    "db-0",
+    "ztunnel-a",
+    "ztunnel-b",
+    "uid-",
+    "node-a",
+    "node-b",
+];
+
+/// The request id of a refusal's message (`… (request id <id>)`).
+#[track_caller]
+pub fn request_id_of(message: &str) -> String {
+    let (_, rest) = message
+        .rsplit_once("(request id ")
+        .unwrap_or_else(|| panic!("the refusal {message:?} carries no request id"));
+    rest.trim_end_matches(')').to_owned()
+}
+
+/// The captured log lines that name `request_id`.
+pub fn logged_under(request_id: &str) -> Vec<String> {
+    let logs = captured_logs();
+    let logs = logs.lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| l.contains(request_id))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks a refusal's message: it has the request id and the `category`,
+/// tells no registry fact, and the CA logged `detail` under that id.
+#[track_caller]
+pub fn check_opaque(message: &str, category: &str, detail: &str) -> String {
+    assert!(
+        message.contains(category),
+        "{message:?} should name the category {category:?}"
+    );
+    for fact in REGISTRY_FACTS {
+        assert!(
+            !message.contains(fact),
+            "the refusal {message:?} tells a registry fact ({fact:?})"
+        );
+    }
+    let id = request_id_of(message);
+    let lines = logged_under(&id);
+    assert!(
+        lines.iter().any(|l| l.contains(detail)),
+        "no log line under request id {id} has {detail:?}: {lines:#?}"
+    );
+    id
+}

@@ -121,6 +121,9 @@ impl ProcessMesh {
             .map(|_| free_port())
             .collect::<Result<_, _>>()?;
         let root = self.state.root_pem()?;
+        for (node, addr) in nodes.iter().zip(&hbone) {
+            self.state.hbone.push((node.name.clone(), *addr));
+        }
         for (n, node) in nodes.iter().enumerate() {
             let cwd = self.state.dir.join("nodes").join(&node.name);
             write(
