@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::backend::docker::DockerMesh;
+use crate::backend::kind::KindMesh;
 use crate::backend::process::ProcessMesh;
 use crate::report::Report;
 use crate::spec::{MeshSpec, NodeSpec, PodSpec, SignerKind};
@@ -120,9 +121,9 @@ pub async fn run(args: Args) -> u8 {
         );
         return 2;
     }
-    if args.backend != "process" && args.backend != "docker" {
+    if !["process", "docker", "kind"].contains(&args.backend.as_str()) {
         eprintln!(
-            "meshid-e2e: the {} backend is not built yet; --backend process and docker run today",
+            "meshid-e2e: no backend {:?}; the backends are process, docker and kind",
             args.backend
         );
         return 2;
@@ -172,6 +173,23 @@ pub async fn run(args: Args) -> u8 {
         "e2e: starting the mesh ({} backend, {} signer, TTL {} s)",
         args.backend, args.signer, args.ttl
     );
+    if args.backend == "kind" {
+        let mesh = tokio::select! {
+            m = KindMesh::start(spec) => match m {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("meshid-e2e: the mesh in kind-meshid is not usable: {e}");
+                    return 2;
+                }
+            },
+            _ = shutdown_signal() => {
+                eprintln!("meshid-e2e: interrupted while starting");
+                return 130;
+            }
+        };
+        let logs = std::path::PathBuf::from("kubectl --context kind-meshid logs");
+        return drive(mesh, &args, &chosen, started, logs).await;
+    }
     if args.backend == "docker" {
         let mesh = tokio::select! {
             m = DockerMesh::start(spec) => match m {

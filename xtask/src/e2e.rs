@@ -227,6 +227,9 @@ pub(crate) fn build_bins(release: bool, what: &str) -> anyhow::Result<PathBuf> {
 
 /// Builds the binaries, runs the harness, and maps its exit code.
 pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
+    if args.backend == Backend::Kind {
+        crate::kind::prepare_e2e()?;
+    }
     let bin_dir = build_bins(args.release, "e2e")?;
     let harness = bin_dir.join("meshid-e2e");
     let out = target_dir().join("e2e");
@@ -239,6 +242,9 @@ pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
         .current_dir(crate::workspace_root())
         .status()
         .with_context(|| format!("could not start the harness {}", harness.display()))?;
+    if args.backend == Backend::Kind && !args.keep {
+        crate::kind::finish_e2e()?;
+    }
     Ok(match status.code() {
         Some(0) => Outcome::Passed,
         Some(code) => Outcome::Failed(u8::try_from(code).unwrap_or(1)),
@@ -247,6 +253,18 @@ pub fn run(args: &E2eArgs) -> anyhow::Result<Outcome> {
 }
 
 pub fn main(args: &E2eArgs) -> anyhow::Result<ExitCode> {
+    // The kind backend drives a cluster with kind, kubectl and docker: say
+    // at once, before any build, when one of them is missing.
+    if args.backend == Backend::Kind
+        && let Some(sentence) = crate::kind::missing_tools(
+            "cargo xtask e2e --backend kind",
+            &["kind", "kubectl", "docker"],
+            std::env::var_os("PATH").as_deref(),
+        )
+    {
+        eprintln!("xtask: {sentence}");
+        return Ok(ExitCode::from(crate::kind::MISSING_TOOL));
+    }
     match run(args)? {
         Outcome::Passed => {
             eprintln!("e2e: every suite passed ({})", args.describe());

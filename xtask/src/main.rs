@@ -7,6 +7,7 @@ mod bench;
 mod ci;
 mod e2e;
 mod images;
+mod kind;
 
 use std::{
     ffi::OsString,
@@ -37,8 +38,10 @@ enum Task {
     E2e(e2e::E2eArgs),
     /// Run the benchmarks: all of them, or the one named.
     Bench(bench::BenchArgs),
-    /// Build the e2e docker backend's images (meshid/mesh:dev, meshid/envoy:dev) from target/debug.
+    /// Build the images: the e2e docker backend's (debug), or the release set (--release).
     Images(images::ImagesArgs),
+    /// meshid in a kind cluster: up, load, deploy, down; validate the manifests offline.
+    Kind(kind::KindArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Task::E2e(args) => e2e::main(args),
         Task::Bench(args) => bench::run(args),
         Task::Images(args) => images::run(args),
+        Task::Kind(args) => kind::run(args),
     };
     match result {
         Ok(code) => code,
