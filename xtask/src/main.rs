@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod e2e;
+mod fuzz;
 mod images;
 
 use std::{
@@ -39,6 +40,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Build the e2e docker backend's images (meshid/mesh:dev, meshid/envoy:dev) from target/debug.
     Images(images::ImagesArgs),
+    /// Build the cargo-fuzz targets of fuzz/ and run each (or the one named) for --time seconds.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Task::E2e(args) => e2e::main(args),
         Task::Bench(args) => bench::run(args),
         Task::Images(args) => images::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => code,
