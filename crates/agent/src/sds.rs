@@ -563,6 +563,10 @@ mod tests {
         assert_eq!(no_node.code(), tonic::Code::InvalidArgument);
         assert!(inspect_request(&request("", &["default"]), false, &deny).is_ok());
         let empty_name = inspect_request(&request("n", &[""]), true, &deny).unwrap_err();
-        assert_eq!(empty_name.code(), tonic::Code::NotFound, "{empty_name:?}");
+        assert_eq!(
+            empty_name.code(),
+            tonic::Code::InvalidArgument,
+            "{empty_name:?}"
+        );
     }
 }
