@@ -42,9 +42,17 @@ pub struct Scan {
 /// DER openings of private keys: version then algorithm (PKCS#8), or
 /// version then the key (SEC1, PKCS#1).
 const DER_MARKERS: &[(&str, &[u8])] = &[
-    // PKCS#8: INTEGER 0, AlgorithmIdentifier { id-ecPublicKey, ...
+    // PKCS#8: INTEGER 0, AlgorithmIdentifier { id-ecPublicKey, secp384r1 }
+    // (the SEQUENCE is shorter than P-256's: the curve OID is 5 bytes).
     (
-        "PKCS#8 EC",
+        "PKCS#8 EC P-384",
+        &[
+            0x02, 0x01, 0x00, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+        ],
+    ),
+    // PKCS#8: INTEGER 0, AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
+    (
+        "PKCS#8 EC P-256",
         &[
             0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
         ],
