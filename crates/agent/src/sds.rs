@@ -178,6 +178,10 @@ fn check_request(req: &DiscoveryRequest, need_node: bool) -> Result<(), Status> 
     Ok(())
 }
 
+/// A resource name and what became of it: served from the credentials later
+/// (`Ok(false)`), a file secret read now (`Ok(true)`), or refused.
+pub type NameOutcome = (String, Result<bool, FileError>);
+
 /// What the agent makes of one request before any credentials exist: the
 /// checks of a subscribing request (`need_node` for the first one of a
 /// stream), then each name resolved as a stream resolves it — served from
@@ -188,7 +192,7 @@ pub fn inspect_request(
     req: &DiscoveryRequest,
     need_node: bool,
     allow: &FileAllow,
-) -> Result<Vec<(String, Result<bool, FileError>)>, Status> {
+) -> Result<Vec<NameOutcome>, Status> {
     check_request(req, need_node)?;
     let mut files = BTreeMap::new();
     Ok(req
