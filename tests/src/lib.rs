@@ -16,6 +16,7 @@ pub mod http;
 pub mod otlp;
 pub mod report;
 pub mod runner;
+pub mod secrets;
 pub mod spec;
 pub mod suites;
 pub mod topology;

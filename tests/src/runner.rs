@@ -247,6 +247,16 @@ async fn drive(
         mesh.teardown().await;
         return 130;
     }
+    // The scan looks at what the run left, so it runs after teardown
+    // (a --keep session reports it when the mesh stops).
+    let run_dir = logs
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| logs.clone());
+    if !args.keep {
+        mesh.teardown().await;
+        secrets_case(&run_dir, &mut report);
+    }
     println!("\n{}", report.table());
     if let Some(trace) = suites::tracing::issuance_trace(&mesh.spans().all()) {
         println!(
@@ -270,9 +280,56 @@ async fn drive(
     if args.keep {
         println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
         let _ = shutdown_signal().await;
+        mesh.teardown().await;
+        secrets_case(&run_dir, &mut report);
+        if let Some(case) = report.cases.last() {
+            println!(
+                "secrets: {:?} {}",
+                case.outcome,
+                case.message.as_deref().unwrap_or("")
+            );
+        }
     }
-    mesh.teardown().await;
     u8::from(report.failed() > 0)
+}
+
+/// The `secrets` case: no private key anywhere under the run's directory
+/// (which holds every working directory, the logs and the components'
+/// `TMPDIR`) but the CA's own key files ([`crate::secrets`]).
+fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
+    let started = Instant::now();
+    let allowed = crate::secrets::ca_keys_only(run_dir);
+    let (outcome, message) = match crate::secrets::scan(&[run_dir.to_path_buf()], &allowed) {
+        Ok(scan) if scan.leaks.is_empty() => {
+            eprintln!(
+                "e2e: secrets scan: {} files, {} bytes under {}: no private key outside the CA's key files ({} hits there)",
+                scan.files,
+                scan.bytes,
+                run_dir.display(),
+                scan.allowed.len()
+            );
+            (crate::report::Outcome::Passed, None)
+        }
+        Ok(scan) => (
+            crate::report::Outcome::Failed,
+            Some(format!(
+                "private-key material in {} places outside the CA's key files:\n{}",
+                scan.leaks.len(),
+                crate::secrets::describe(&scan.leaks, 20)
+            )),
+        ),
+        Err(e) => (
+            crate::report::Outcome::Failed,
+            Some(format!("scanning {}: {e}", run_dir.display())),
+        ),
+    };
+    report.cases.push(crate::report::CaseResult {
+        suite: "secrets".into(),
+        case: "no private key on disk outside the CA's key files".into(),
+        outcome,
+        duration: started.elapsed(),
+        message,
+    });
 }
 
 async fn run_suites(mesh: &mut impl Topology, chosen: &[&str], report: &mut Report) {

@@ -28,6 +28,10 @@ pub struct CiArgs {
     /// Do not run the end-to-end suites (the step is reported as SKIP).
     #[arg(long)]
     pub no_e2e: bool,
+
+    /// Do not run the short fuzzing step (the step is reported as SKIP).
+    #[arg(long)]
+    pub no_fuzz: bool,
 }
 
 /// What a step does.
@@ -41,6 +45,8 @@ enum Action {
     KindValidate,
     /// Run the e2e suites in-process.
     E2e,
+    /// Build the fuzz targets and run each briefly (`cargo xtask fuzz`).
+    Fuzz,
     /// Do nothing, for this reason.
     Skip(&'static str),
 }
@@ -136,6 +142,11 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
     } else {
         Action::E2e
     };
+    let fuzz = if args.no_fuzz {
+        Action::Skip("--no-fuzz")
+    } else {
+        Action::Fuzz
+    };
     [
         ("fmt", fmt),
         ("clippy", clippy),
@@ -146,6 +157,7 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
         ("test-kube", test_kube),
         ("doctest", doctest),
         ("e2e", e2e),
+        ("fuzz", fuzz),
     ]
     .into_iter()
     .map(|(name, action)| Step { name, action })
@@ -297,6 +309,30 @@ fn run_step(step: &Step, index: usize, total: usize) -> StepReport {
                 Ok(e2e::Outcome::Passed) => (Verdict::Pass, String::new()),
                 Ok(e2e::Outcome::Failed(code)) => {
                     (Verdict::Fail, format!("the harness exited with {code}"))
+                }
+                Err(err) => (Verdict::Fail, format!("{err:#}")),
+            }
+        }
+        Action::Fuzz => {
+            eprintln!(
+                "==> [{index}/{total}] {}: every fuzz target for {} s",
+                step.name,
+                crate::fuzz::CI_SECONDS
+            );
+            match crate::fuzz::ci() {
+                Ok(runs) => {
+                    eprint!("{}", crate::fuzz::table(&runs));
+                    let crashed: Vec<&str> = runs
+                        .iter()
+                        .filter(|r| r.crashed)
+                        .map(|r| r.target)
+                        .collect();
+                    let executions: u64 = runs.iter().map(|r| r.executions).sum();
+                    if crashed.is_empty() {
+                        (Verdict::Pass, format!("{executions} executions"))
+                    } else {
+                        (Verdict::Fail, format!("crashed: {}", crashed.join(", ")))
+                    }
                 }
                 Err(err) => (Verdict::Fail, format!("{err:#}")),
             }
@@ -566,7 +602,8 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
                 "test",
                 "test-kube",
                 "doctest",
-                "e2e"
+                "e2e",
+                "fuzz"
             ]
         );
         assert_eq!(all[4].action, Action::KindValidate);
@@ -577,6 +614,7 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
                 skip_fmt: true,
                 skip_clippy: true,
                 no_e2e: true,
+                no_fuzz: true,
             },
             false,
         );
@@ -584,7 +622,9 @@ e2e    | SKIP   |     0.0 | not built yet (issue 7)
         assert_eq!(skipping[0].action, Action::Skip("--skip-fmt"));
         assert_eq!(skipping[1].action, Action::Skip("--skip-clippy"));
         assert_eq!(skipping[2].action, Action::Skip("--skip-clippy"));
-        assert_eq!(skipping[7].action, Action::Skip("--no-e2e"));
+        assert_eq!(skipping[8].action, Action::Skip("--no-e2e"));
+        assert_eq!(all[9].action, Action::Fuzz);
+        assert_eq!(skipping[9].action, Action::Skip("--no-fuzz"));
     }
 
     #[test]

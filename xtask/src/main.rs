@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod e2e;
+mod fuzz;
 mod images;
 mod kind;
 
@@ -42,6 +43,8 @@ enum Task {
     Images(images::ImagesArgs),
     /// meshid in a kind cluster: up, load, deploy, down; validate the manifests offline.
     Kind(kind::KindArgs),
+    /// Build the cargo-fuzz targets of fuzz/ and run each (or the one named) for --time seconds.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(args),
         Task::Images(args) => images::run(args),
         Task::Kind(args) => kind::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => code,

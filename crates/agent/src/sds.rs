@@ -178,6 +178,33 @@ fn check_request(req: &DiscoveryRequest, need_node: bool) -> Result<(), Status> 
     Ok(())
 }
 
+/// A resource name and what became of it: served from the credentials later
+/// (`Ok(false)`), a file secret read now (`Ok(true)`), or refused.
+pub type NameOutcome = (String, Result<bool, FileError>);
+
+/// What the agent makes of one request before any credentials exist: the
+/// checks of a subscribing request (`need_node` for the first one of a
+/// stream), then each name resolved as a stream resolves it — served from
+/// the credentials later (`Ok(false)`), or a file secret read now under
+/// `allow` (`Ok(true)`), or a refusal. The agent's own path, without a
+/// running server: the SDS fuzz target runs it on decoded bytes.
+pub fn inspect_request(
+    req: &DiscoveryRequest,
+    need_node: bool,
+    allow: &FileAllow,
+) -> Result<Vec<NameOutcome>, Status> {
+    check_request(req, need_node)?;
+    let mut files = BTreeMap::new();
+    Ok(req
+        .resource_names
+        .iter()
+        .map(|name| {
+            let served = resource(name, None, allow, &mut files).map(|r| r.is_some());
+            (name.clone(), served)
+        })
+        .collect())
+}
+
 /// One secret ready to send: its version and its encoding.
 type Served = (String, prost_types::Any);
 
@@ -516,5 +543,50 @@ impl StreamTask {
         self.sent = versions;
         self.last_nonce = Some(nonce);
         Some(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_common::proto::envoy_core::Node;
+
+    fn request(node: &str, names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: Some(Node {
+                id: node.into(),
+                ..Default::default()
+            }),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            type_url: SECRET_TYPE_URL.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_and_names_resolved_without_credentials() {
+        let deny = FileAllow::default();
+        let out = inspect_request(
+            &request("n", &["default", "ROOTCA", "file-root:/etc/passwd"]),
+            true,
+            &deny,
+        )
+        .unwrap();
+        assert!(matches!(out[0], (ref n, Ok(false)) if n == "default"));
+        assert!(matches!(out[1], (ref n, Ok(false)) if n == "ROOTCA"));
+        assert!(
+            matches!(out[2].1, Err(FileError::NotAllowed { .. })),
+            "{:?}",
+            out[2]
+        );
+        let no_node = inspect_request(&request("", &["default"]), true, &deny).unwrap_err();
+        assert_eq!(no_node.code(), tonic::Code::InvalidArgument);
+        assert!(inspect_request(&request("", &["default"]), false, &deny).is_ok());
+        let empty_name = inspect_request(&request("n", &[""]), true, &deny).unwrap_err();
+        assert_eq!(
+            empty_name.code(),
+            tonic::Code::InvalidArgument,
+            "{empty_name:?}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use meshid_common::SpiffeId;
-use meshid_common::keys::parse_csr_pem;
+use meshid_common::keys::{ParsedCsr, parse_csr_pem};
 use meshid_common::proto::istio_ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -239,37 +239,6 @@ impl CaCore {
         Ok(requested)
     }
 
-    /// istiod ignores the CSR's SANs; meshid refuses a CSR that asks for
-    /// anything but the identity it will get.
-    fn check_csr_identity(&self, uri_sans: &[String], identity: &SpiffeId) -> Result<()> {
-        match uri_sans {
-            [] => Ok(()),
-            [uri] => {
-                let requested = SpiffeId::parse(uri).map_err(|e| Error::CsrUri {
-                    uri: uri.chars().take(256).collect(),
-                    reason: e.to_string(),
-                })?;
-                // A trust domain alias names the same identity (Istio's
-                // trustDomainAliases): compare in the primary trust domain.
-                let Some(primary) = self.authz.in_primary_trust_domain(&requested) else {
-                    return Err(Error::CsrTrustDomain {
-                        requested: requested.to_string(),
-                        requested_td: requested.trust_domain().to_owned(),
-                        trust_domain: self.trust_domain.clone(),
-                    });
-                };
-                if &primary != identity {
-                    return Err(Error::CsrIdentity {
-                        requested: requested.to_string(),
-                        allowed: identity.to_string(),
-                    });
-                }
-                Ok(())
-            }
-            many => Err(Error::CsrUriSans { count: many.len() }),
-        }
-    }
-
     /// Who is calling: the `clusterid` check and the authenticator chain,
     /// the same for every CA service (CreateCertificate, JWT-SVIDs).
     pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
@@ -309,8 +278,7 @@ impl CaCore {
             tracing::info_span!("ca.sign", spiffe.id = %identity, signer = self.signer.kind());
         let (ttl, csr) = span.in_scope(|| {
             let ttl = self.ttl(body.validity_duration)?;
-            let csr = parse_csr_pem(&body.csr).map_err(Error::Csr)?;
-            self.check_csr_identity(&csr.uri_sans, &identity)?;
+            let csr = check_csr(&body.csr, &identity, &self.authz, &self.trust_domain)?;
             Ok::<_, Error>((ttl, csr))
         })?;
         let issued = self
@@ -325,6 +293,46 @@ impl CaCore {
             .await?;
         Ok((caller, identity, issued))
     }
+}
+
+/// What the CA does with a CSR's bytes before it signs for `identity`:
+/// parse the PEM and the DER, verify the self-signature, and refuse a URI
+/// SAN naming anyone else. istiod ignores the CSR's SANs; meshid refuses a
+/// CSR that asks for anything but the identity it will get, compared in the
+/// primary trust domain. Pure, so the CSR fuzz target runs it as the CA does.
+pub fn check_csr(
+    csr_pem: &str,
+    identity: &SpiffeId,
+    authz: &Authorizer,
+    trust_domain: &str,
+) -> Result<ParsedCsr> {
+    let csr = parse_csr_pem(csr_pem).map_err(Error::Csr)?;
+    match csr.uri_sans.as_slice() {
+        [] => {}
+        [uri] => {
+            let requested = SpiffeId::parse(uri).map_err(|e| Error::CsrUri {
+                uri: uri.chars().take(256).collect(),
+                reason: e.to_string(),
+            })?;
+            // A trust domain alias names the same identity (Istio's
+            // trustDomainAliases): compare in the primary trust domain.
+            let Some(primary) = authz.in_primary_trust_domain(&requested) else {
+                return Err(Error::CsrTrustDomain {
+                    requested: requested.to_string(),
+                    requested_td: requested.trust_domain().to_owned(),
+                    trust_domain: trust_domain.to_owned(),
+                });
+            };
+            if &primary != identity {
+                return Err(Error::CsrIdentity {
+                    requested: requested.to_string(),
+                    allowed: identity.to_string(),
+                });
+            }
+        }
+        many => return Err(Error::CsrUriSans { count: many.len() }),
+    }
+    Ok(csr)
 }
 
 #[tonic::async_trait]

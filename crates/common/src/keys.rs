@@ -335,7 +335,8 @@ pub fn parse_csr_der(der: &[u8]) -> Result<ParsedCsr> {
     })
 }
 
-pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
+/// PEM text of `der` under `label` (64-column base64).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 32);

@@ -398,8 +398,9 @@ impl Inbound {
             );
             Err(status)
         };
-        if req.method() != Method::CONNECT {
-            return refuse(StatusCode::BAD_REQUEST, "not a CONNECT request");
+        let head = parse_connect(req);
+        if let Err(ConnectRefusal::NotConnect) = head {
+            return refuse(StatusCode::BAD_REQUEST, ConnectRefusal::NotConnect.reason());
         }
         if std::time::SystemTime::now() > conn.peer_not_after {
             return refuse(
@@ -407,13 +408,11 @@ impl Inbound {
                 "the client certificate of this connection has expired",
             );
         }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return refuse(StatusCode::BAD_REQUEST, ":authority is not ip:port");
+        let head = match head {
+            Ok(head) => head,
+            Err(refusal) => return refuse(StatusCode::BAD_REQUEST, refusal.reason()),
         };
+        let target = head.target;
         tracing::Span::current().record("dst.addr", tracing::field::display(target));
         let Some(dst) = self.directory.borrow().local_at(target).cloned() else {
             return refuse(
@@ -439,18 +438,12 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         };
-        let header = |name: &str| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
         Ok(Accepted {
             upstream,
             dst,
             target,
-            forwarded: header("forwarded"),
-            traceparent: header("traceparent"),
+            forwarded: head.forwarded,
+            traceparent: head.traceparent,
         })
     }
 
@@ -547,6 +540,59 @@ impl Inbound {
         .await;
         Ok(())
     }
+}
+
+/// What an HBONE request asks for, read from its head alone (no I/O, no
+/// state): the part of [`Inbound`]'s routing that a peer's bytes reach
+/// first, kept pure so it is fuzzed (fuzz/fuzz_targets/hbone_connect.rs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectHead {
+    /// `:authority`, which must be `ip:port`.
+    pub target: SocketAddr,
+    /// The `forwarded` header, when it is valid UTF-8.
+    pub forwarded: Option<String>,
+    /// The `traceparent` header, when it is valid UTF-8.
+    pub traceparent: Option<String>,
+}
+
+/// Why a request head is refused with 400.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    NotConnect,
+    BadAuthority,
+}
+
+impl ConnectRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ConnectRefusal::NotConnect => "not a CONNECT request",
+            ConnectRefusal::BadAuthority => ":authority is not ip:port",
+        }
+    }
+}
+
+/// Reads an HBONE request head: a `CONNECT` to `ip:port`, and the headers
+/// the access log and the metrics use.
+pub fn parse_connect<B>(req: &Request<B>) -> std::result::Result<ConnectHead, ConnectRefusal> {
+    if req.method() != Method::CONNECT {
+        return Err(ConnectRefusal::NotConnect);
+    }
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(ConnectRefusal::BadAuthority)?;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Ok(ConnectHead {
+        target,
+        forwarded: header("forwarded"),
+        traceparent: header("traceparent"),
+    })
 }
 
 /// The address of a `forwarded: for="<ip>"` header (RFC 7239; the first
@@ -652,6 +698,30 @@ async fn forward<C>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_heads_are_read_or_refused() {
+        let req = |method: Method, uri: &str| {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("forwarded", "for=\"10.0.0.7\"")
+                .body(())
+                .unwrap()
+        };
+        let head = parse_connect(&req(Method::CONNECT, "10.0.0.9:8080")).unwrap();
+        assert_eq!(head.target, "10.0.0.9:8080".parse().unwrap());
+        assert_eq!(head.forwarded.as_deref(), Some("for=\"10.0.0.7\""));
+        assert_eq!(head.traceparent, None);
+        assert_eq!(
+            parse_connect(&req(Method::GET, "10.0.0.9:8080")),
+            Err(ConnectRefusal::NotConnect)
+        );
+        assert_eq!(
+            parse_connect(&req(Method::CONNECT, "backend.default:8080")),
+            Err(ConnectRefusal::BadAuthority)
+        );
+    }
 
     #[test]
     fn forwarded_for_reads_the_source_address() {

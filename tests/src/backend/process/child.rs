@@ -71,8 +71,14 @@ impl Managed {
             .map_err(|e| Error::io(&log, e))?;
         let err = out.try_clone().map_err(|e| Error::io(&log, e))?;
         std::fs::create_dir_all(&spec.cwd).map_err(|e| Error::io(&spec.cwd, e))?;
+        // The run's own temp dir (beside logs/): whatever a component puts
+        // in its temp dir stays in the run's directory, which the secrets
+        // scan reads (crate::secrets).
+        let tmp = log_dir.parent().unwrap_or(log_dir).join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let child = Command::new(&spec.program)
             .args(&spec.args)
+            .env("TMPDIR", &tmp)
             .envs(&spec.env)
             .current_dir(&spec.cwd)
             .stdin(Stdio::null())
