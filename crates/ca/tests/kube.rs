@@ -126,7 +126,10 @@ async fn two_replicas_starting_together_end_with_one_root() {
         a.root_bundle().to_pem(),
         "the root in use is the stored one"
     );
-    assert_eq!(a.builtin_signer().unwrap().current().source, Source::SelfSigned);
+    assert_eq!(
+        a.builtin_signer().unwrap().current().source,
+        Source::SelfSigned
+    );
     // Nothing of the root was written to disk.
     assert!(!d1.path().join("cacerts/self-signed-ca-key.pem").exists());
     assert!(!d2.path().join("cacerts/self-signed-ca-key.pem").exists());
@@ -235,7 +238,10 @@ async fn plugged_in_ca_from_cacerts_rotates_and_is_published_everywhere() {
     )
     .await
     .unwrap();
-    assert_eq!(app.builtin_signer().unwrap().current().source, Source::PluggedIn);
+    assert_eq!(
+        app.builtin_signer().unwrap().current().source,
+        Source::PluggedIn
+    );
     assert_eq!(app.root_bundle(), old.bundle());
     assert!(
         fake.get("api/v1", "secrets", NS, "istio-ca-secret")

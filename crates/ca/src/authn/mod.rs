@@ -67,7 +67,9 @@ impl AuthError {
             AuthError::ClientCert(_) => "client certificate not accepted",
             AuthError::Jwt(kind, _) => kind.as_str(),
             AuthError::TokenReview(_) => "token not accepted",
-            AuthError::Unavailable(_) => "token could not be checked now: the cluster API is unavailable",
+            AuthError::Unavailable(_) => {
+                "token could not be checked now: the cluster API is unavailable"
+            }
             AuthError::UnknownCluster { .. } => "cluster id not accepted",
         }
     }
