@@ -308,6 +308,14 @@ impl Error {
             Error::JwtRequest(_) => "JWT-SVID request invalid".into(),
             Error::Signing(_) | Error::JwtSigning(_) => "signing failed".into(),
             Error::SignerExpired { .. } => "CA not ready".into(),
+            // An external signer's trouble is named (the caller learns it
+            // must retry, or that the CA's PKI is misconfigured), its detail
+            // is logged.
+            Error::VaultUnavailable { .. } => "signer unavailable: Vault did not answer".into(),
+            Error::VaultRefused { .. } => "signing failed: Vault refused the request".into(),
+            Error::OffProfile { .. } => {
+                "signing failed: Vault issued a certificate outside the X.509-SVID profile".into()
+            }
             _ => "internal error".into(),
         }
     }

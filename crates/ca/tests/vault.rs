@@ -207,11 +207,10 @@ async fn a_role_that_issues_off_profile_leaves_is_refused_internal_and_counted()
         let started = Instant::now();
         let err = v.issue(csr, 3600).await.unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{patch}: {err:?}");
-        assert!(
-            err.message().contains("outside the X.509-SVID profile")
-                && err.message().contains(needle),
-            "{patch}: {}",
-            err.message()
+        support::check_opaque(
+            err.message(),
+            "Vault issued a certificate outside the X.509-SVID profile",
+            needle,
         );
         assert!(started.elapsed() < Duration::from_secs(3));
         let metrics = v.metrics();
@@ -244,10 +243,10 @@ async fn the_token_file_is_read_again_when_it_changes() {
     std::fs::write(&v.bao.token_file, "s.not-a-token").unwrap();
     let err = v.issue(&csr, 600).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert!(
-        err.message().contains("permission denied"),
-        "{}",
-        err.message()
+    support::check_opaque(
+        err.message(),
+        "Vault refused the request",
+        "permission denied",
     );
     assert!(!err.message().contains("s.not-a-token"), "token echoed");
 
@@ -275,12 +274,13 @@ async fn sealed_hung_or_stopped_vault_is_unavailable_within_the_deadline() {
     let started = Instant::now();
     let err = v.issue(&csr, 600).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let id = support::check_opaque(err.message(), "Vault did not answer", "sealed");
     assert!(
-        err.message().contains("Vault at https://127.0.0.1:"),
-        "{}",
-        err.message()
+        support::logged_under(&id)
+            .iter()
+            .any(|l| l.contains("Vault at https://127.0.0.1:")),
+        "the log names the Vault address"
     );
-    assert!(err.message().contains("sealed"), "{}", err.message());
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -306,10 +306,10 @@ async fn sealed_hung_or_stopped_vault_is_unavailable_within_the_deadline() {
     let waited = started.elapsed();
     signal("-CONT");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        err.message().contains("no answer within 2s"),
-        "{}",
-        err.message()
+    support::check_opaque(
+        err.message(),
+        "Vault did not answer",
+        "no answer within 2s",
     );
     assert!(waited < Duration::from_secs(4), "{waited:?}");
 
@@ -318,7 +318,7 @@ async fn sealed_hung_or_stopped_vault_is_unavailable_within_the_deadline() {
     let started = Instant::now();
     let err = v.issue(&csr, 600).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("connect"), "{}", err.message());
+    support::check_opaque(err.message(), "Vault did not answer", "connect");
     assert!(started.elapsed() < Duration::from_secs(1));
     // /ready keeps saying ready: the roots in use are still valid and the
     // CA answers; the metric counts the outage as CA_NOT_READY.
@@ -557,9 +557,9 @@ async fn kubernetes_auth_logs_in_with_the_service_account_jwt_and_again_before_e
     tokio::time::sleep(Duration::from_secs(7)).await;
     let err = v.issue(&csr, 600).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert!(
-        err.message().contains("auth/kubernetes/login"),
-        "{}",
-        err.message()
+    support::check_opaque(
+        err.message(),
+        "Vault refused the request",
+        "auth/kubernetes/login",
     );
 }
