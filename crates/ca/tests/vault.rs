@@ -11,7 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use meshid_ca::vault::testing::{DevBao, ROLE, SERVING_ROLE};
+use meshid_ca::vault::testing::DevBao;
 use meshid_ca::{Config, TokenAlgorithm};
 use meshid_common::cert::{CertInfo, parse_pem_certs};
 use meshid_common::{KeyType, PrivateKey, SpiffeId, TrustBundle, Usage};
@@ -48,24 +48,19 @@ async fn start_bao(test: &str) -> Option<(DevBao, tempfile::TempDir)> {
 }
 
 async fn start_ca(bao: DevBao, dir: tempfile::TempDir, extra: &[&str]) -> VaultCa {
-    let ca_cert = bao.ca_cert.display().to_string();
-    let mut args: Vec<&str> = vec![
-        "--signer",
-        "vault",
-        "--vault-addr",
-        bao.addr.as_str(),
-        "--vault-role",
-        ROLE,
-        "--vault-serving-role",
-        SERVING_ROLE,
-        "--vault-ca-cert",
-        ca_cert.as_str(),
-        "--vault-roots-poll-interval",
-        "200ms",
-        "--vault-timeout",
-        "2s",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = bao.ca_args();
+    args.extend(
+        [
+            "--vault-roots-poll-interval",
+            "200ms",
+            "--vault-timeout",
+            "2s",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let fx = Fixture::start_with(TokenAlgorithm::Es256, &args).await;
     VaultCa { fx, bao, _dir: dir }
 }
@@ -306,11 +301,7 @@ async fn sealed_hung_or_stopped_vault_is_unavailable_within_the_deadline() {
     let waited = started.elapsed();
     signal("-CONT");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    support::check_opaque(
-        err.message(),
-        "Vault did not answer",
-        "no answer within 2s",
-    );
+    support::check_opaque(err.message(), "Vault did not answer", "no answer within 2s");
     assert!(waited < Duration::from_secs(4), "{waited:?}");
 
     // Gone: refused connections are answered at once.

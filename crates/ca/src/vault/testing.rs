@@ -456,6 +456,27 @@ impl DevBao {
     }
 
     /// Stops the server (SIGKILL; the dev server keeps nothing).
+    /// The CA flags that sign through this server with the [`ROLE`] and
+    /// [`SERVING_ROLE`] of [`DevBao::setup_pki`]; the caller adds how the CA
+    /// logs in (`--vault-token-file` or the Kubernetes flags).
+    pub fn ca_args(&self) -> Vec<String> {
+        [
+            "--signer",
+            "vault",
+            "--vault-addr",
+            &self.addr,
+            "--vault-role",
+            ROLE,
+            "--vault-serving-role",
+            SERVING_ROLE,
+            "--vault-ca-cert",
+            &self.ca_cert.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -219,33 +219,22 @@ impl ProcessMesh {
 
     /// The CA's signer flags: none for the built-in signer.
     fn signer_args(&self) -> Vec<String> {
-        use meshid_ca::vault::testing::{ROLE, SERVING_ROLE};
         let Some(bao) = &self.state.vault else {
             return Vec::new();
         };
-        let token_file = bao.token_file.display().to_string();
-        let ca_cert = bao.ca_cert.display().to_string();
-        [
-            "--signer",
-            "vault",
-            "--vault-addr",
-            bao.addr.as_str(),
-            "--vault-role",
-            ROLE,
-            "--vault-serving-role",
-            SERVING_ROLE,
-            "--vault-token-file",
-            token_file.as_str(),
-            "--vault-ca-cert",
-            ca_cert.as_str(),
-            "--vault-roots-poll-interval",
-            "1s",
-            "--vault-timeout",
-            "2s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args = bao.ca_args();
+        args.extend(
+            [
+                "--vault-token-file",
+                &bao.token_file.display().to_string(),
+                "--vault-roots-poll-interval",
+                "1s",
+                "--vault-timeout",
+                "2s",
+            ]
+            .map(str::to_owned),
+        );
+        args
     }
 
     async fn start_ca(&mut self) -> Result<(), Error> {
