@@ -198,16 +198,22 @@ pub const CA_KEY_FILES: &[&str] = &[
     "jwt-signing-key.pem",
 ];
 
+/// The TLS key the dev OpenBao of `--signer vault` writes for its own
+/// listener (`bao server -dev-tls`): a peer's key, not meshid's.
+pub const DEV_VAULT_TLS_KEY: &str = "vault/tls/vault-key.pem";
+
 /// The policy of an e2e run in `run_dir`: the CA's key files under
-/// `<run>/ca/`, nothing else.
+/// `<run>/ca/` (and the dev Vault's own listener key), nothing else.
 pub fn ca_keys_only(run_dir: &Path) -> impl Fn(&Path) -> bool + '_ {
     let ca = run_dir.join("ca");
+    let vault_tls = run_dir.join(DEV_VAULT_TLS_KEY);
     move |path: &Path| {
-        path.starts_with(&ca)
-            && path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| CA_KEY_FILES.contains(&n))
+        path == vault_tls
+            || path.starts_with(&ca)
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| CA_KEY_FILES.contains(&n))
     }
 }
 
@@ -346,5 +352,7 @@ mod tests {
         assert!(!allowed(Path::new("/tmp/run/pods/web/key.pem")));
         assert!(!allowed(Path::new("/tmp/run/pods/web/ca-key.pem")));
         assert!(!allowed(Path::new("/tmp/run/logs/ca.log")));
+        assert!(allowed(Path::new("/tmp/run/vault/tls/vault-key.pem")));
+        assert!(!allowed(Path::new("/tmp/run/vault/tls/other-key.pem")));
     }
 }
