@@ -11,7 +11,8 @@
 //! `target/fuzz/corpus/<target>`; the committed seeds in
 //! `fuzz/corpus/<target>` and crash inputs kept in
 //! `fuzz/regressions/<target>` are read, never written. A crash leaves its
-//! input in `target/fuzz/artifacts/<target>/` and fails the run.
+//! input in `target/fuzz/artifacts/<target>/` and fails the run. In ci the
+//! committed inputs are first replayed by the fuzz crate's plain tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -98,11 +99,31 @@ pub fn run(args: &FuzzArgs) -> anyhow::Result<ExitCode> {
 
 /// The short run `cargo xtask ci` does: every target for [`CI_SECONDS`].
 pub fn ci() -> anyhow::Result<Vec<TargetRun>> {
+    replay()?;
     build(false)?;
     TARGETS
         .iter()
         .map(|t| run_target(t, CI_SECONDS, 1))
         .collect()
+}
+
+/// The fuzz crate's own tests, as a plain `cargo test` sharing the debug
+/// build: every committed seed and kept crash input replayed through its
+/// target without libFuzzer, and the seeds checked to reach past the first
+/// check. Cheap, and it keeps the crate compiling.
+fn replay() -> anyhow::Result<()> {
+    let manifest = workspace_root().join("fuzz/Cargo.toml");
+    eprintln!("fuzz: cargo test --manifest-path {}", manifest.display());
+    let status = cargo(["test", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", crate::e2e::target_dir())
+        .stdin(Stdio::null())
+        .status()
+        .context("running the fuzz crate's tests")?;
+    if !status.success() {
+        bail!("the fuzz crate's tests (corpus replay) failed ({status})");
+    }
+    Ok(())
 }
 
 fn fuzz_target_dir() -> PathBuf {
