@@ -283,17 +283,21 @@ pub(crate) async fn all_agents(
     Ok(())
 }
 
-/// Continuous pod-to-pod traffic through every outbound route until
-/// stopped: (requests that went through, failures).
-pub(crate) struct Traffic;
+/// Continuous pod-to-pod traffic through every outbound route, from
+/// [`Traffic::start`] until [`Traffic::finish`].
+pub(crate) struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Counted>,
+}
 
-type TrafficTask = tokio::task::JoinHandle<(u32, Vec<String>)>;
+/// What a [`Traffic`] run came to: requests that went through, failures.
+pub(crate) struct Counted {
+    ok: u32,
+    failures: Vec<String>,
+}
 
 impl Traffic {
-    pub(crate) fn start(
-        mesh: &impl Topology,
-        payload: &'static [u8],
-    ) -> Result<(std::sync::Arc<std::sync::atomic::AtomicBool>, TrafficTask), String> {
+    pub(crate) fn start(mesh: &impl Topology, payload: &'static [u8]) -> Result<Traffic, String> {
         let routes: Vec<(SocketAddr, String)> = mesh
             .pods()
             .iter()
@@ -315,9 +319,34 @@ impl Traffic {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (ok, failures)
+            Counted { ok, failures }
         });
-        Ok((stop, task))
+        Ok(Traffic { stop, task })
+    }
+
+    /// A little more traffic after the last step, then stops and counts.
+    pub(crate) async fn finish(self) -> Result<Counted, String> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.map_err(|e| e.to_string())
+    }
+}
+
+impl Counted {
+    /// No request failed `during` the fault, and more than 20 went through.
+    pub(crate) fn check(&self, during: &str) -> Result<(), String> {
+        let Counted { ok, failures } = self;
+        ensure(failures.is_empty(), || {
+            format!(
+                "{} of {} requests failed during {during}; first: {}",
+                failures.len(),
+                *ok as usize + failures.len(),
+                failures[0]
+            )
+        })?;
+        ensure(*ok > 20, || {
+            format!("only {ok} requests went through during {during}")
+        })
     }
 }
 
@@ -340,7 +369,7 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
             ..CaOptions::new(&td, Duration::from_secs(86_400 * 7))
         })
         .map_err(|e| e.to_string())?;
-    let (stop, traffic) = Traffic::start(mesh, b"root rotation\n")?;
+    let traffic = Traffic::start(mesh, b"root rotation\n")?;
 
     let steps = async {
         let both = format!("{a}{}", b.cert_pem());
@@ -372,10 +401,7 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
         .await
     }
     .await;
-    // A little traffic after the last step too.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failures) = traffic.await.map_err(|e| e.to_string())?;
+    let counted = traffic.finish().await?;
     steps?;
     // An agent that has to reconnect after the rotation (a restart here) must
     // still reach the CA, whose serving certificate now chains to B only.
@@ -387,17 +413,7 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
     mesh.restart(&agent)
         .await
         .map_err(|e| format!("{agent} did not come back after the root rotation: {e}"))?;
-    ensure(failures.is_empty(), || {
-        format!(
-            "{} of {} requests failed during the root rotation; first: {}",
-            failures.len(),
-            ok as usize + failures.len(),
-            failures[0]
-        )
-    })?;
-    ensure(ok > 20, || {
-        format!("only {ok} requests went through during the rotation")
-    })
+    counted.check("the root rotation")
 }
 
 /// Every ambient workload's certificate on its ztunnel gets a new serial
