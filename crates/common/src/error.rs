@@ -112,6 +112,16 @@ pub enum Error {
 
     #[error("SDS secret {name:?} rejected: {reason}")]
     BadSecret { name: String, reason: String },
+
+    /// The Kubernetes API refused or failed a call (`code` is the HTTP
+    /// status of an API answer, 0 when there was none: no connection, a
+    /// broken stream).
+    #[error("{what}: {reason}")]
+    KubeApi {
+        what: String,
+        code: u16,
+        reason: String,
+    },
 }
 
 impl Error {

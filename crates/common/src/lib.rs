@@ -12,7 +12,9 @@
 //! cluster ([`registry`]), logs/traces with W3C propagation ([`telemetry`]),
 //! and how every component serves and stops: one accept loop, one drain,
 //! one admin router ([`serve`]). Config files and what each process runs
-//! live in the component crates. Test fixtures (`testing`, and the fake CA
+//! live in the component crates. With the `kube` cargo feature, `kube` is the
+//! one list/watch engine (a reflector) that the CA's and the ztunnel's
+//! cluster modes run on. Test fixtures (`testing`, and the fake CA
 //! `identity::fake`) exist only under the `testing` cargo feature, for other
 //! crates' dev-dependencies.
 
@@ -23,6 +25,8 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod keys;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod metrics;
 pub mod proto;
 pub mod refresh;

@@ -15,25 +15,25 @@
 //! pod that stops qualifying (deleted, finished, relabelled, its namespace
 //! unlabelled) leaves the registry.
 //!
-//! Each watch resumes from the last resource version it saw; when the API
-//! server has forgotten that version (`410 Gone`) or the watch fails, the
-//! objects are listed again, with a capped backoff between failures, and the
-//! last good registry stays in force meanwhile. Needs RBAC `list` and
-//! `watch` on pods and namespaces.
+//! Both are followed by the workspace's one list/watch engine,
+//! [`meshid_common::kube::Reflector`] (the CA's cluster mode runs on it
+//! too): each watch resumes from the last resource version it saw; when the
+//! API server has forgotten that version (`410 Gone`) or the watch fails,
+//! the objects are listed again, with a capped backoff between failures,
+//! and the last good registry stays in force meanwhile. Needs RBAC `list`
+//! and `watch` on pods and namespaces.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
-use kube::api::{ListParams, WatchEvent, WatchParams};
+use meshid_common::kube::{Change, Reflector};
 use meshid_common::registry::{Registry, Workload};
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 
@@ -42,13 +42,6 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// The value of [`DATAPLANE_MODE_LABEL`] the ztunnel serves, and the `mode`
 /// of every workload it publishes.
 pub const AMBIENT: &str = "ambient";
-/// How long one watch call lasts on the server's side before it is renewed.
-pub const WATCH_TIMEOUT_SECS: u32 = 290;
-const INITIAL_RETRY: Duration = Duration::from_millis(500);
-const MAX_RETRY: Duration = Duration::from_secs(30);
-/// A watch that ends sooner than this without news counts as a failure
-/// (backoff), so a server that closes watches at once is not hammered.
-const MIN_WATCH_LIFE: Duration = Duration::from_secs(1);
 
 fn dataplane_mode(meta: &kube::api::ObjectMeta) -> Option<&str> {
     meta.labels
@@ -180,9 +173,9 @@ fn apply_namespace(state: &mut State, ns: &Namespace, deleted: bool) {
     }
 }
 
-/// Follows the pods of one node (and the ambient namespaces) through the API
-/// server and publishes the registry they make. The watching tasks end when
-/// every receiver is gone.
+/// Follows the pods of every node (and the ambient namespaces) through the
+/// API server and publishes the registry they make. The watching tasks end
+/// when every receiver is gone.
 #[derive(Debug, Clone)]
 pub struct KubeRegistry {
     rx: watch::Receiver<Arc<Registry>>,
@@ -197,34 +190,24 @@ impl KubeRegistry {
         Self::spawn(client, node).await
     }
 
-    /// Lists the pods of `node` and the ambient namespaces (an error if that
-    /// fails: the ztunnel does not start blind) and starts watching them.
-    /// Must be called inside a Tokio runtime.
+    /// Lists the pods and the ambient namespaces (an error if that fails:
+    /// the ztunnel does not start blind) and starts watching them. Must be
+    /// called inside a Tokio runtime.
     pub async fn spawn(client: kube::Client, node: &str) -> Result<Self> {
+        let pods = Reflector::new(Api::<Pod>::all(client.clone()), "pods");
+        let namespaces = Reflector::new(Api::<Namespace>::all(client), "ambient namespaces")
+            .labels(format!("{DATAPLANE_MODE_LABEL}={AMBIENT}"));
+        let blind =
+            |e: meshid_common::Error| Error::Kube(format!("{e}, for the ztunnel of node {node}"));
+        let first_pods = pods.list().await.map_err(blind)?;
+        let first_namespaces = namespaces.list().await.map_err(blind)?;
         let state = Arc::new(Mutex::new(State::default()));
-        let pods = Follower {
-            api: Api::<Pod>::all(client.clone()),
-            what: "pods",
-            node: node.to_owned(),
-            fields: None,
-            labels: None,
-            state: state.clone(),
-            replace: replace_pods,
-            apply: apply_pod,
+        let first = {
+            let mut s = lock(&state);
+            replace_pods(&mut s, &first_pods.items);
+            replace_namespaces(&mut s, &first_namespaces.items);
+            s.registry()
         };
-        let namespaces = Follower {
-            api: Api::<Namespace>::all(client),
-            what: "namespaces",
-            node: node.to_owned(),
-            fields: None,
-            labels: Some(format!("{DATAPLANE_MODE_LABEL}={AMBIENT}")),
-            state: state.clone(),
-            replace: replace_namespaces,
-            apply: apply_namespace,
-        };
-        let pods_version = pods.list().await?;
-        let namespaces_version = namespaces.list().await?;
-        let first = lock(&state).registry();
         tracing::info!(
             node,
             workloads = first.workloads.len(),
@@ -232,8 +215,32 @@ impl KubeRegistry {
         );
         let (tx, rx) = watch::channel(Arc::new(first));
         let tx = Arc::new(tx);
-        tokio::spawn(pods.run(tx.clone(), pods_version));
-        tokio::spawn(namespaces.run(tx, namespaces_version));
+        let cancel = CancellationToken::new();
+        tokio::spawn({
+            let (tx, cancel) = (tx.clone(), cancel.clone());
+            async move {
+                tx.closed().await;
+                cancel.cancel();
+            }
+        });
+        let span = |what: &str| tracing::info_span!("ztunnel.registry", node, what);
+        tokio::spawn(
+            pods.run_from(
+                first_pods.resource_version,
+                publisher(&state, &tx, replace_pods, apply_pod),
+                cancel.clone(),
+            )
+            .instrument(span("pods")),
+        );
+        tokio::spawn(
+            namespaces
+                .run_from(
+                    first_namespaces.resource_version,
+                    publisher(&state, &tx, replace_namespaces, apply_namespace),
+                    cancel,
+                )
+                .instrument(span("namespaces")),
+        );
         Ok(KubeRegistry { rx })
     }
 
@@ -254,38 +261,26 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Why a watch stopped.
-enum WatchEnd {
-    /// The call timed out or the server closed it: resume from the last version.
-    Closed {
-        news: bool,
-    },
-    /// The resource version is too old: list again.
-    Gone,
-    Failed(Error),
-}
-
-/// Lists and watches one kind of object into the shared [`State`].
-struct Follower<K> {
-    api: Api<K>,
-    what: &'static str,
-    node: String,
-    fields: Option<String>,
-    labels: Option<String>,
-    state: Arc<Mutex<State>>,
+/// What one reflector reports to: applies each change to the shared
+/// [`State`] and publishes the registry if it changed, under the lock, so
+/// two reflectors cannot publish out of order.
+fn publisher<K>(
+    state: &Arc<Mutex<State>>,
+    tx: &Arc<watch::Sender<Arc<Registry>>>,
     replace: fn(&mut State, &[K]),
     apply: fn(&mut State, &K, bool),
-}
-
-impl<K> Follower<K>
+) -> impl FnMut(Change<K>) + Send + 'static
 where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Send + 'static,
 {
-    /// Publishes the registry if it changed; under the lock, so two
-    /// followers cannot publish out of order.
-    fn update(&self, tx: &watch::Sender<Arc<Registry>>, change: impl FnOnce(&mut State)) {
-        let mut state = lock(&self.state);
-        change(&mut state);
+    let (state, tx) = (state.clone(), tx.clone());
+    move |change| {
+        let mut state = lock(&state);
+        match change {
+            Change::Listed(items) => replace(&mut state, &items),
+            Change::Applied(o) => apply(&mut state, &o, false),
+            Change::Deleted(o) => apply(&mut state, &o, true),
+        }
         let registry = state.registry();
         let changed = tx.send_if_modified(|current| {
             if **current == registry {
@@ -297,241 +292,22 @@ where
         if changed {
             tracing::debug!(
                 workloads = tx.borrow().workloads.len(),
-                "ambient pods of this node changed"
+                "ambient pods changed"
             );
         }
     }
-
-    /// A fresh list of this kind's objects, and its resource version.
-    async fn fetch(&self) -> Result<(String, Vec<K>)> {
-        let mut params = ListParams::default();
-        if let Some(f) = &self.fields {
-            params = params.fields(f);
-        }
-        if let Some(l) = &self.labels {
-            params = params.labels(l);
-        }
-        let list = self.api.list(&params).await.map_err(|e| {
-            Error::Kube(format!(
-                "listing {} for the ztunnel of node {}: {e}",
-                self.what, self.node
-            ))
-        })?;
-        Ok((
-            list.metadata.resource_version.unwrap_or_default(),
-            list.items,
-        ))
-    }
-
-    /// The first list, before anything is published.
-    async fn list(&self) -> Result<String> {
-        let (version, items) = self.fetch().await?;
-        (self.replace)(&mut lock(&self.state), &items);
-        Ok(version)
-    }
-
-    async fn run(self, tx: Arc<watch::Sender<Arc<Registry>>>, mut version: String) {
-        let mut retry = INITIAL_RETRY;
-        loop {
-            let started = Instant::now();
-            let end = tokio::select! {
-                end = self.watch(&tx, &mut version) => end,
-                _ = tx.closed() => return,
-            };
-            let quick = started.elapsed() < MIN_WATCH_LIFE;
-            match end {
-                WatchEnd::Closed { news } if news || !quick => {
-                    retry = INITIAL_RETRY;
-                    continue;
-                }
-                WatchEnd::Closed { .. } => {
-                    // Closed at once with nothing to say: wait, then resume.
-                    if !pause(&tx, &mut retry).await {
-                        return;
-                    }
-                    continue;
-                }
-                WatchEnd::Gone => {
-                    tracing::debug!(what = self.what, "watch expired; listing again");
-                    if quick && !pause(&tx, &mut retry).await {
-                        return;
-                    }
-                }
-                WatchEnd::Failed(e) => {
-                    tracing::warn!(error = %e, retry_in = ?retry, "watch failed; keeping the last good registry");
-                    if !pause(&tx, &mut retry).await {
-                        return;
-                    }
-                }
-            }
-            // List again until it works; the last good registry stays meanwhile.
-            loop {
-                let listed = tokio::select! {
-                    r = self.fetch() => r,
-                    _ = tx.closed() => return,
-                };
-                match listed {
-                    Ok((v, items)) => {
-                        version = v;
-                        self.update(&tx, |state| (self.replace)(state, &items));
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?retry, "cannot list; keeping the last good registry");
-                        if !pause(&tx, &mut retry).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// One watch call from `version`, applying events as they come.
-    async fn watch(&self, tx: &watch::Sender<Arc<Registry>>, version: &mut String) -> WatchEnd {
-        let mut params = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
-        if let Some(f) = &self.fields {
-            params = params.fields(f);
-        }
-        if let Some(l) = &self.labels {
-            params = params.labels(l);
-        }
-        let fail = |how: String| {
-            WatchEnd::Failed(Error::Kube(format!(
-                "the watch of {} for the ztunnel of node {} {how}",
-                self.what, self.node
-            )))
-        };
-        let stream = match self.api.watch(&params, version).await {
-            Ok(s) => s,
-            Err(kube::Error::Api(status)) if status.code == 410 => return WatchEnd::Gone,
-            Err(e) => return fail(format!("could not start: {e}")),
-        };
-        let mut stream = std::pin::pin!(stream);
-        let mut news = false;
-        while let Some(event) = stream.next().await {
-            news = true;
-            let (object, deleted) = match event {
-                Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => (o, false),
-                Ok(WatchEvent::Deleted(o)) => (o, true),
-                Ok(WatchEvent::Bookmark(b)) => {
-                    *version = b.metadata.resource_version;
-                    continue;
-                }
-                Ok(WatchEvent::Error(status)) if status.code == 410 => return WatchEnd::Gone,
-                Ok(WatchEvent::Error(status)) => {
-                    return fail(format!("failed: {} ({})", status.message, status.code));
-                }
-                Err(e) => return fail(format!("broke: {e}")),
-            };
-            if let Some(v) = &object.meta().resource_version {
-                v.clone_into(version);
-            }
-            self.update(tx, |state| (self.apply)(state, &object, deleted));
-        }
-        WatchEnd::Closed { news }
-    }
-}
-
-/// Sleeps `retry` and doubles it (capped); false if every receiver left meanwhile.
-async fn pause(tx: &watch::Sender<Arc<Registry>>, retry: &mut Duration) -> bool {
-    let keep_going = tokio::select! {
-        _ = tokio::time::sleep(*retry) => true,
-        _ = tx.closed() => false,
-    };
-    *retry = (*retry * 2).min(MAX_RETRY);
-    keep_going
 }
 
 #[cfg(test)]
 mod tests {
+    //! Against the shared fake API server (`meshid_common::testing::kube`:
+    //! real HTTP, the API's JSON, 410 on compaction, dropped watches).
     use super::*;
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
 
-    use http_body_util::combinators::UnsyncBoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
-    use hyper::body::{Bytes, Frame};
+    use meshid_common::kube::client_for_url;
+    use meshid_common::testing::kube::{FakeApiServer, status};
     use serde_json::{Value, json};
-    use tokio::sync::mpsc;
-
-    type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-    /// A fake API server: lists `pods` and `namespaces`, and streams each
-    /// watch call the events sent on the next of that kind's `*_watches` (a
-    /// watch with none left hangs).
-    #[derive(Default)]
-    struct Fake {
-        pods: Mutex<Vec<Value>>,
-        namespaces: Mutex<Vec<Value>>,
-        pod_watches: Mutex<VecDeque<mpsc::UnboundedReceiver<Value>>>,
-        namespace_watches: Mutex<VecDeque<mpsc::UnboundedReceiver<Value>>>,
-        /// `path?query` of every request, `%3D` decoded.
-        requests: Mutex<Vec<String>>,
-        pod_lists: AtomicUsize,
-        refuse_lists: AtomicBool,
-    }
-
-    impl Fake {
-        fn answer(&self, req: &http::Request<kube::client::Body>) -> http::Response<Body> {
-            let path = req.uri().path();
-            let query = req.uri().query().unwrap_or("").replace("%3D", "=");
-            self.requests
-                .lock()
-                .unwrap()
-                .push(format!("{path}?{query}"));
-            let (items, watches) = match path {
-                "/api/v1/pods" => (&self.pods, &self.pod_watches),
-                "/api/v1/namespaces" => (&self.namespaces, &self.namespace_watches),
-                _ => (&self.pods, &self.pod_watches),
-            };
-            let known = path == "/api/v1/pods" || path == "/api/v1/namespaces";
-            if !known || self.refuse_lists.load(Ordering::SeqCst) {
-                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                    "code": 403, "reason": "Forbidden", "message": "pods is forbidden"});
-                return http::Response::builder()
-                    .status(403)
-                    .body(Full::new(Bytes::from(status.to_string())).boxed_unsync())
-                    .unwrap();
-            }
-            if query.contains("watch=true") {
-                let body = match watches.lock().unwrap().pop_front() {
-                    Some(rx) => StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
-                        let event = rx.recv().await?;
-                        Some((Ok(Frame::data(Bytes::from(format!("{event}\n")))), rx))
-                    }))
-                    .boxed_unsync(),
-                    None => StreamBody::new(futures::stream::pending::<
-                        Result<Frame<Bytes>, Infallible>,
-                    >())
-                    .boxed_unsync(),
-                };
-                return http::Response::new(body);
-            }
-            let n = if path == "/api/v1/pods" {
-                self.pod_lists.fetch_add(1, Ordering::SeqCst)
-            } else {
-                0
-            };
-            let list = json!({
-                "apiVersion": "v1", "kind": "List",
-                "metadata": {"resourceVersion": format!("{}", 100 + n)},
-                "items": *items.lock().unwrap(),
-            });
-            http::Response::new(Full::new(Bytes::from(list.to_string())).boxed_unsync())
-        }
-    }
-
-    fn client(fake: &Arc<Fake>) -> kube::Client {
-        let fake = fake.clone();
-        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let answer = fake.answer(&req);
-            async move { Ok::<_, Infallible>(answer) }
-        });
-        kube::Client::new(service, "default")
-    }
 
     /// A running, ambient pod of `default` on `node` at `ip`.
     fn pod(name: &str, node: &str, ip: &str) -> Value {
@@ -546,8 +322,7 @@ mod tests {
         }
         json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
-                         "resourceVersion": "7", "labels": labels},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
             "spec": {"serviceAccountName": "web", "nodeName": node, "containers": []},
             "status": {"phase": "Running", "podIP": ip}
         })
@@ -560,20 +335,28 @@ mod tests {
             json!({})
         };
         json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": name, "resourceVersion": "8", "labels": labels}})
+               "metadata": {"name": name, "labels": labels}})
     }
 
-    fn request(fake: &Fake, what: impl Fn(&str) -> bool) -> String {
-        let requests = fake.requests.lock().unwrap();
-        requests
-            .iter()
-            .find(|r| what(r))
-            .unwrap_or_else(|| panic!("no such request among {requests:?}"))
-            .clone()
+    fn uid(fake: &FakeApiServer, namespace: &str, name: &str) -> String {
+        fake.get("api/v1", "pods", namespace, name).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
-    fn event(kind: &str, object: Value) -> Value {
-        json!({"type": kind, "object": object})
+    async fn spawn(fake: &FakeApiServer) -> KubeRegistry {
+        KubeRegistry::spawn(client_for_url(&fake.url()).unwrap(), "node-a")
+            .await
+            .unwrap()
+    }
+
+    fn pod_lists(fake: &FakeApiServer) -> usize {
+        fake.count(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+    }
+
+    fn pod_watches(fake: &FakeApiServer) -> usize {
+        fake.count(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
     }
 
     fn names(r: &Registry) -> Vec<&str> {
@@ -598,9 +381,19 @@ mod tests {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", names(&rx.borrow())))
     }
 
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
     #[tokio::test]
     async fn follows_the_ambient_running_pods_of_every_node() {
-        let fake = Arc::new(Fake::default());
+        let fake = FakeApiServer::start().await.unwrap();
         let mut default_sa = pod("db-0", "node-a", "10.0.0.6");
         default_sa["spec"]
             .as_object_mut()
@@ -610,17 +403,17 @@ mod tests {
         sidecar["metadata"]["labels"] = json!({"app": "plain"});
         let mut pending = pod("pending-0", "node-a", "10.0.0.9");
         pending["status"] = json!({"phase": "Pending"});
-        *fake.pods.lock().unwrap() = vec![
+        for p in [
             pod("web-0", "node-a", "10.0.0.5"),
             default_sa,
             pod("far-0", "node-b", "10.0.1.5"),
             sidecar,
             pending.clone(),
-        ];
-        let (events, rx) = mpsc::unbounded_channel();
-        fake.pod_watches.lock().unwrap().push_back(rx);
+        ] {
+            fake.insert("pods", p);
+        }
 
-        let kube = KubeRegistry::spawn(client(&fake), "node-a").await.unwrap();
+        let kube = spawn(&fake).await;
         let first = kube.current();
         assert_eq!(names(&first), ["db-0", "far-0", "web-0"], "initial list");
         // Another node's pod is known with its node, so this ztunnel can dial
@@ -641,7 +434,7 @@ mod tests {
                 namespace: "default".into(),
                 service_account: "web".into(),
                 node: "node-a".into(),
-                uid: "uid-web-0".into(),
+                uid: uid(&fake, "default", "web-0"),
                 address: Some("10.0.0.5".into()),
                 mode: Some("ambient".into()),
             }
@@ -650,89 +443,89 @@ mod tests {
             first.pod("default", "db-0").unwrap().service_account,
             "default"
         );
-        let list_query = request(&fake, |r| r.starts_with("/api/v1/pods?"));
-        assert!(!list_query.contains("fieldSelector"), "{list_query}");
+        let requests = fake.requests();
+        let list = requests
+            .iter()
+            .find(|r| r.starts_with("GET /api/v1/pods?"))
+            .unwrap();
+        assert!(!list.contains("fieldSelector"), "{list}");
 
         let mut rx = kube.subscribe();
-        events
-            .send(event("ADDED", pod("api-0", "node-a", "10.0.0.7")))
-            .unwrap();
+        fake.insert("pods", pod("api-0", "node-a", "10.0.0.7"));
         until(&mut rx, "api-0 to be added", |r| {
             r.pod("default", "api-0").is_some()
         })
         .await;
 
         // Another node's pod is added under its node, a non-ambient pod goes
-        // by unseen, and the pending pod shows up once it runs with an IP.
+        // by unseen, and the pending pod shows up once it runs with an IP
+        // (an update).
         let mut sidecar = pod("plain-1", "node-a", "10.0.0.10");
         sidecar["metadata"]["labels"] = json!({DATAPLANE_MODE_LABEL: "none"});
-        events
-            .send(event("ADDED", pod("far-1", "node-b", "10.0.1.6")))
-            .unwrap();
-        events.send(event("ADDED", sidecar)).unwrap();
+        fake.insert("pods", pod("far-1", "node-b", "10.0.1.6"));
+        fake.insert("pods", sidecar);
         pending["status"] = json!({"phase": "Running", "podIP": "10.0.0.9"});
-        events.send(event("MODIFIED", pending)).unwrap();
-        until(&mut rx, "pending-0 to run", |r| {
+        fake.insert("pods", pending);
+        let r = until(&mut rx, "pending-0 to run", |r| {
             r.pod("default", "pending-0").is_some()
-        })
-        .await;
-        let r = until(&mut rx, "far-1 to be known", |r| {
-            r.pod("default", "far-1").is_some()
         })
         .await;
         assert_eq!(
             names(&r),
             ["api-0", "db-0", "far-0", "far-1", "pending-0", "web-0"]
         );
+        // An update that moves the pod's IP.
+        fake.insert("pods", pod("api-0", "node-a", "10.0.0.70"));
+        until(&mut rx, "api-0's new IP", |r| {
+            r.pod("default", "api-0").unwrap().address.as_deref() == Some("10.0.0.70")
+        })
+        .await;
 
-        events
-            .send(event("DELETED", pod("web-0", "node-a", "10.0.0.5")))
-            .unwrap();
+        fake.delete("api/v1", "pods", "default", "web-0");
         let r = until(&mut rx, "web-0 to go", |r| {
             r.pod("default", "web-0").is_none()
         })
         .await;
         assert_eq!(names(&r), ["api-0", "db-0", "far-0", "far-1", "pending-0"]);
 
-        let watch_query = request(&fake, |r| {
-            r.starts_with("/api/v1/pods?") && r.contains("watch")
-        });
-        assert!(!watch_query.contains("fieldSelector"), "{watch_query}");
-        for want in ["watch=true", "resourceVersion=100"] {
-            assert!(watch_query.contains(want), "{want} in {watch_query}");
-        }
-        assert_eq!(
-            fake.pod_lists.load(Ordering::SeqCst),
-            1,
-            "one list, then only the watch"
-        );
+        let requests = fake.requests();
+        let watch = requests
+            .iter()
+            .find(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
+            .unwrap();
+        assert!(!watch.contains("fieldSelector"), "{watch}");
+        // The watch starts where the list left off (5 pods inserted: version 5).
+        assert!(watch.contains("resourceVersion=5"), "{watch}");
+        assert_eq!(pod_lists(&fake), 1, "one list, then only the watch");
     }
 
     #[tokio::test]
     async fn a_namespace_label_puts_its_unlabelled_pods_in_ambient_mode() {
-        let fake = Arc::new(Fake::default());
-        *fake.namespaces.lock().unwrap() = vec![namespace("mesh", true)];
-        *fake.pods.lock().unwrap() = vec![
+        let fake = FakeApiServer::start().await.unwrap();
+        fake.insert("namespaces", namespace("mesh", true));
+        fake.insert("namespaces", namespace("default", false));
+        for p in [
             pod_in("mesh", "a-0", "node-a", "10.0.0.5", None),
             pod_in("mesh", "optout-0", "node-a", "10.0.0.6", Some("none")),
             pod_in("default", "b-0", "node-a", "10.0.0.7", None),
             pod_in("mesh", "far-0", "node-b", "10.0.1.5", None),
-        ];
-        let (ns_events, rx) = mpsc::unbounded_channel();
-        fake.namespace_watches.lock().unwrap().push_back(rx);
-        let kube = KubeRegistry::spawn(client(&fake), "node-a").await.unwrap();
+        ] {
+            fake.insert("pods", p);
+        }
+        let kube = spawn(&fake).await;
         assert_eq!(names(&kube.current()), ["a-0", "far-0"]);
-        let ns_query = request(&fake, |r| r.starts_with("/api/v1/namespaces?"));
+        let requests = fake.requests();
+        let ns_list = requests
+            .iter()
+            .find(|r| r.starts_with("GET /api/v1/namespaces?"))
+            .unwrap();
         assert!(
-            ns_query.contains("labelSelector=istio.io/dataplane-mode=ambient")
-                || ns_query.contains("labelSelector=istio.io%2Fdataplane-mode=ambient"),
-            "{ns_query}"
+            ns_list.contains("labelSelector=istio.io/dataplane-mode=ambient"),
+            "{ns_list}"
         );
 
         let mut rx = kube.subscribe();
-        ns_events
-            .send(event("ADDED", namespace("default", true)))
-            .unwrap();
+        fake.insert("namespaces", namespace("default", true));
         let r = until(&mut rx, "default to join", |r| {
             r.pod("default", "b-0").is_some()
         })
@@ -742,45 +535,101 @@ mod tests {
             ["b-0", "a-0", "far-0"],
             "sorted by namespace, then name"
         );
-        // The label removed: a label-selected watch reports it as deleted.
-        ns_events
-            .send(event("DELETED", namespace("mesh", false)))
-            .unwrap();
+        fake.delete("api/v1", "namespaces", "", "mesh");
         let r = until(&mut rx, "mesh to leave", |r| r.pod("mesh", "a-0").is_none()).await;
         assert_eq!(names(&r), ["b-0"]);
     }
 
+    /// A dropped watch is resumed from the last version (no new list).
     #[tokio::test]
-    async fn an_expired_watch_lists_again() {
-        let fake = Arc::new(Fake::default());
-        *fake.pods.lock().unwrap() = vec![pod("web-0", "node-a", "10.0.0.5")];
-        let (events, rx) = mpsc::unbounded_channel();
-        fake.pod_watches.lock().unwrap().push_back(rx);
-        let kube = KubeRegistry::spawn(client(&fake), "node-a").await.unwrap();
-        assert_eq!(names(&kube.current()), ["web-0"]);
-
-        // The pod was replaced while the watch was away.
-        *fake.pods.lock().unwrap() = vec![pod("web-1", "node-a", "10.0.0.6")];
-        let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                          "code": 410, "reason": "Expired", "message": "too old resource version"});
-        events.send(event("ERROR", gone)).unwrap();
+    async fn a_dropped_watch_resumes_without_a_list() {
+        let fake = FakeApiServer::start().await.unwrap();
+        fake.insert("pods", pod("web-0", "node-a", "10.0.0.5"));
+        let kube = spawn(&fake).await;
+        eventually("the first watch", || pod_watches(&fake) == 1).await;
+        fake.drop_watches();
+        fake.insert("pods", pod("web-1", "node-a", "10.0.0.6"));
         let mut rx = kube.subscribe();
-        let r = until(&mut rx, "the relist", |r| {
+        let r = until(&mut rx, "web-1 through the resumed watch", |r| {
             r.pod("default", "web-1").is_some()
         })
         .await;
+        assert_eq!(names(&r), ["web-0", "web-1"]);
+        assert_eq!(pod_watches(&fake), 2);
+        assert_eq!(
+            pod_lists(&fake),
+            1,
+            "a dropped watch is resumed, not relisted"
+        );
+        let requests = fake.requests();
+        let resumed = requests
+            .iter()
+            .rfind(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
+            .unwrap();
+        assert!(resumed.contains("resourceVersion=1"), "{resumed}");
+    }
+
+    /// History compacted while the watch was away: the resume gets 410 Gone
+    /// and a new list replaces the pods (a replacement made meanwhile).
+    #[tokio::test]
+    async fn an_expired_watch_lists_again() {
+        let fake = FakeApiServer::start().await.unwrap();
+        fake.insert("pods", pod("web-0", "node-a", "10.0.0.5"));
+        let kube = spawn(&fake).await;
+        assert_eq!(names(&kube.current()), ["web-0"]);
+        eventually("the first watch", || pod_watches(&fake) == 1).await;
+
+        fake.compact();
+        fake.drop_watches();
+        fake.delete("api/v1", "pods", "default", "web-0");
+        fake.insert("pods", pod("web-1", "node-a", "10.0.0.6"));
+        let mut rx = kube.subscribe();
+        let r = until(&mut rx, "the relist", |r| {
+            r.pod("default", "web-1").is_some() && r.pod("default", "web-0").is_none()
+        })
+        .await;
         assert_eq!(names(&r), ["web-1"]);
-        assert_eq!(fake.pod_lists.load(Ordering::SeqCst), 2);
+        assert_eq!(pod_lists(&fake), 2);
     }
 
     #[tokio::test]
     async fn a_refused_first_list_is_an_error() {
-        let fake = Arc::new(Fake::default());
-        fake.refuse_lists.store(true, Ordering::SeqCst);
-        let err = KubeRegistry::spawn(client(&fake), "node-a")
+        let fake = FakeApiServer::start().await.unwrap();
+        fake.react(|req| {
+            (req.resource == "pods").then(|| {
+                (
+                    403,
+                    status(
+                        403,
+                        "Forbidden",
+                        "pods is forbidden: User \"system:serviceaccount:istio-system:ztunnel\" cannot list resource \"pods\"",
+                    ),
+                )
+            })
+        });
+        let err = KubeRegistry::spawn(client_for_url(&fake.url()).unwrap(), "node-a")
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("node-a") && err.contains("forbidden"), "{err}");
+        assert!(
+            err.contains("listing pods")
+                && err.contains("forbidden")
+                && err.contains("403")
+                && err.contains("node-a"),
+            "{err}"
+        );
+    }
+
+    /// The watches end once nobody holds the registry.
+    #[tokio::test]
+    async fn the_watches_end_with_the_last_receiver() {
+        let fake = FakeApiServer::start().await.unwrap();
+        let kube = spawn(&fake).await;
+        eventually("the first watch", || pod_watches(&fake) == 1).await;
+        drop(kube);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fake.drop_watches();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(pod_watches(&fake), 1, "{:?}", fake.requests());
     }
 }

@@ -19,7 +19,7 @@ use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::reflector::sleep;
+use meshid_common::kube::sleep;
 
 /// client-go's defaults.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);

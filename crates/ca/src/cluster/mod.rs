@@ -6,7 +6,9 @@
 //! `istio-ca-secret`, created once whatever the number of replicas
 //! ([`secrets`]); and the root bundle is published to the
 //! `istio-ca-root-cert` ConfigMap of every namespace ([`publish`]) by the one
-//! replica holding a Lease ([`election`]). Every watch is a [`reflector`].
+//! replica holding a Lease ([`election`]). Every watch runs on the
+//! workspace's one list/watch engine, [`meshid_common::kube::Reflector`],
+//! which the ztunnel's cluster mode shares.
 //!
 //! The module is named `cluster`, not `kube`, so that `kube::` always means
 //! the kube crate.
@@ -14,7 +16,6 @@
 pub mod election;
 pub mod pods;
 pub mod publish;
-pub mod reflector;
 pub mod secrets;
 
 use std::sync::Arc;
@@ -36,14 +37,7 @@ pub async fn connect() -> Result<kube::Client> {
 /// kubeconfig and no credentials: for tests against a fake API server.
 #[cfg(any(test, feature = "testing"))]
 pub fn client_for_url(url: &str) -> Result<kube::Client> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| Error::Config(format!("API server URL {url:?}: {e}")))?;
-    let mut config = kube::Config::new(uri);
-    // Tests cut connections on purpose: fail fast rather than retry.
-    config.connect_timeout = Some(std::time::Duration::from_secs(2));
-    config.read_timeout = None;
-    kube::Client::try_from(config).map_err(|e| Error::Kube(format!("client for {url}: {e}")))
+    meshid_common::kube::client_for_url(url).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// The signer of cluster mode (see [`secrets`]), and a task following the

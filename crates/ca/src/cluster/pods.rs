@@ -20,10 +20,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::reflector::{Change, Reflector};
 use crate::directory::{PodDirectory, PodInfo};
 use crate::error::{Error, Result};
+use meshid_common::kube::{Change, Reflector};
 
 #[derive(Debug, Default)]
 struct State {
@@ -73,7 +74,7 @@ impl PodCache {
         let (tx, synced) = watch::channel(false);
         let reflector = Reflector::new(Api::<Pod>::all(client), "pods");
         let shared = state.clone();
-        tokio::spawn(reflector.run(
+        let run = reflector.run(
             move |change| {
                 let mut s = shared.write().unwrap_or_else(|e| e.into_inner());
                 match change {
@@ -104,7 +105,8 @@ impl PodCache {
                 }
             },
             cancel,
-        ));
+        );
+        tokio::spawn(run.instrument(tracing::info_span!("ca.pod_cache")));
         PodCache { state, synced }
     }
 

@@ -21,9 +21,9 @@ use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::reflector::{Change, Reflector};
 use crate::sign::CertSigner;
 use crate::signer::ROOT_CERT_FILE;
+use meshid_common::kube::{Change, Reflector};
 
 /// How often every namespace is checked again even without news.
 pub const RESYNC: Duration = Duration::from_secs(60);

@@ -26,11 +26,11 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio_util::sync::CancellationToken;
 
-use super::reflector::{Change, Reflector};
 use crate::error::{Error, Result};
 use crate::signer::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE, Signer, SignerOptions, SigningState,
 };
+use meshid_common::kube::{Change, Reflector};
 
 /// istiod's type for `istio-ca-secret`.
 pub const CA_SECRET_TYPE: &str = "istio.io/ca-root";
