@@ -592,3 +592,353 @@ async fn the_pod_cache_resumes_dropped_watches_and_relists_on_410() {
         "a finished pod is not live"
     );
 }
+
+// ---- istiod compatibility: Secrets as istiod and Istio's docs write them ----
+//
+// Facts from istio/istio (security/pkg/pki/ca/ca.go, pki/util/generate_cert.go,
+// pki/util/crypto.go, pki/util/keycertbundle.go, k8s/secret/secret_util.go,
+// tools/certs/common.mk): istiod's self-signed root is RSA-2048 (caKeySize),
+// subject `O=<trust domain>` and nothing else, BasicConstraints CA (critical,
+// no path length), KeyUsage keyCertSign only (critical), no SAN, a random
+// 128-bit serial, ten years; its key is PKCS#1 (`RSA PRIVATE KEY`). It is
+// stored in `istio-ca-secret`, type `istio.io/ca-root`, under `ca-cert.pem`
+// and `ca-key.pem`, with `cert-chain.pem`, `key.pem` and `root-cert.pem`
+// empty. istiod reads a key as `EC PRIVATE KEY`, `RSA PRIVATE KEY` or
+// `PRIVATE KEY` and checks that ca-cert.pem verifies against itself (Go's
+// default verify: no EKU, or one allowing serverAuth) and matches the key.
+// Istio's cert tools make `cacerts` from RSA-4096 `openssl genrsa` keys: a
+// root `O=Istio, CN=Root CA` and an intermediate `O=Istio, CN=Intermediate
+// CA, L=<cluster>` with pathlen 0, KeyUsage digitalSignature,
+// nonRepudiation, keyEncipherment, keyCertSign, SAN DNS
+// `istiod.istio-system.svc`; cert-chain.pem is the intermediate then the root.
+
+mod istiod {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::KeySize;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, PKCS_RSA_SHA256, SanType, SerialNumber,
+    };
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    use x509_parser::der_parser::parse_der;
+
+    /// An RSA key as PKCS#8 DER, rcgen's key pair over it, and its PKCS#1
+    /// PEM (`RSA PRIVATE KEY`, Go's `x509.MarshalPKCS1PrivateKey`).
+    pub struct RsaKey {
+        pub pkcs8: Vec<u8>,
+        pub pair: KeyPair,
+    }
+
+    impl RsaKey {
+        pub fn generate(size: KeySize) -> Self {
+            let key = aws_lc_rs::rsa::KeyPair::generate(size).unwrap();
+            let pkcs8 = key.as_der().unwrap().as_ref().to_vec();
+            let pair = KeyPair::from_pkcs8_der_and_sign_algo(
+                &PrivatePkcs8KeyDer::from(pkcs8.clone()),
+                &PKCS_RSA_SHA256,
+            )
+            .unwrap();
+            RsaKey { pkcs8, pair }
+        }
+
+        /// The RSAPrivateKey inside the PKCS#8 PrivateKeyInfo.
+        pub fn pkcs1_pem(&self) -> String {
+            let (_, info) = parse_der(&self.pkcs8).unwrap();
+            let fields = info.as_sequence().unwrap();
+            let pkcs1 = fields[2].as_slice().unwrap();
+            meshid_common::keys::pem_encode("RSA PRIVATE KEY", pkcs1)
+        }
+
+        pub fn pkcs8_pem(&self) -> String {
+            meshid_common::keys::pem_encode("PRIVATE KEY", &self.pkcs8)
+        }
+    }
+
+    fn serial() -> SerialNumber {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes).unwrap();
+        bytes[0] &= 0x7f;
+        SerialNumber::from_slice(&bytes)
+    }
+
+    fn years(n: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+        let now = time::OffsetDateTime::now_utc();
+        (now, now + time::Duration::days(365 * n))
+    }
+
+    /// A root as istiod's `GenCertKeyFromOptions` makes it for its
+    /// self-signed CA (see the facts above).
+    pub fn self_signed_root(org: &str) -> (String, RsaKey) {
+        let key = RsaKey::generate(KeySize::Rsa2048);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, org);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.serial_number = Some(serial());
+        (params.not_before, params.not_after) = years(10);
+        let cert = params.self_signed(&key.pair).unwrap();
+        (cert.pem(), key)
+    }
+
+    /// `cacerts` as Istio's cert tools make it: (root PEM, intermediate PEM,
+    /// intermediate key).
+    pub fn plugged_in(cluster: &str) -> (String, String, RsaKey) {
+        let usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::ContentCommitment,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        let root_key = RsaKey::generate(KeySize::Rsa4096);
+        let mut root = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Istio");
+        dn.push(DnType::CommonName, "Root CA");
+        root.distinguished_name = dn;
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root.key_usages = usages.clone();
+        root.serial_number = Some(serial());
+        (root.not_before, root.not_after) = years(10);
+        let root_cert = root.self_signed(&root_key.pair).unwrap();
+
+        let inter_key = RsaKey::generate(KeySize::Rsa4096);
+        let mut inter = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Istio");
+        dn.push(DnType::CommonName, "Intermediate CA");
+        dn.push(DnType::LocalityName, cluster);
+        inter.distinguished_name = dn;
+        inter.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        inter.key_usages = usages;
+        inter.subject_alt_names = vec![SanType::DnsName(
+            "istiod.istio-system.svc".try_into().unwrap(),
+        )];
+        inter.serial_number = Some(serial());
+        (inter.not_before, inter.not_after) = years(2);
+        let issuer = Issuer::new(root, &root_key.pair);
+        let inter_cert = inter.signed_by(&inter_key.pair, &issuer).unwrap();
+        (root_cert.pem(), inter_cert.pem(), inter_key)
+    }
+}
+
+/// The Secret as istiod stores it: its five keys, three of them empty,
+/// and its type.
+fn istiod_ca_secret(cert_pem: &str, key_pem: &str) -> Value {
+    let mut s = secret(
+        "istio-ca-secret",
+        &[
+            ("ca-cert.pem", cert_pem),
+            ("ca-key.pem", key_pem),
+            ("cert-chain.pem", ""),
+            ("key.pem", ""),
+            ("root-cert.pem", ""),
+        ],
+    );
+    s["type"] = json!("istio.io/ca-root");
+    s
+}
+
+/// A leaf from the app's signer for `default/sa/web`, checked against
+/// `root_pem` alone.
+fn issue_and_verify(app: &App, root_pem: &str) -> meshid_common::CertInfo {
+    use meshid_common::keys::{KeyType, PrivateKey};
+    use meshid_common::spiffe::SpiffeId;
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let issued = app
+        .builtin_signer()
+        .unwrap()
+        .sign(key.public_key_spki(), &id, Duration::from_secs(3600))
+        .unwrap();
+    let chain: Vec<_> = issued
+        .chain
+        .iter()
+        .flat_map(|pem| meshid_common::cert::parse_pem_certs(pem).unwrap())
+        .collect();
+    meshid_common::TrustBundle::from_pem(root_pem)
+        .unwrap()
+        .verify(
+            &chain,
+            meshid_common::Usage::ClientAuth,
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+}
+
+/// (a) A user migrating from istiod keeps its root: the `istio-ca-secret`
+/// istiod wrote (RSA-2048, PKCS#1, its key names, empty extras) is loaded,
+/// leaves chain to that root, and no new root or Secret write happens.
+#[tokio::test]
+async fn an_istiod_written_root_secret_is_taken_over() {
+    init();
+    let fake = FakeApiServer::start().await.unwrap();
+    let (root_pem, key) = istiod::self_signed_root("cluster.local");
+    let key_pem = key.pkcs1_pem();
+    assert!(key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let stored = fake.insert("secrets", istiod_ca_secret(&root_pem, &key_pem));
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::build_with_kube(
+        cluster_config(dir.path()),
+        client_for_url(&fake.url()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        app.root_bundle().to_pem(),
+        meshid_common::TrustBundle::from_pem(&root_pem)
+            .unwrap()
+            .to_pem(),
+        "the root in use is istiod's"
+    );
+    assert_eq!(
+        app.builtin_signer().unwrap().current().source,
+        Source::SelfSigned
+    );
+    let leaf = issue_and_verify(&app, &root_pem);
+    assert_eq!(leaf.issuer, "O=cluster.local", "{leaf:?}");
+    assert_eq!(
+        fake.count(|r| !r.starts_with("GET") && r.contains("/secrets")),
+        0,
+        "no Secret written: {:?}",
+        fake.requests()
+    );
+    assert_eq!(
+        fake.get("api/v1", "secrets", NS, "istio-ca-secret"),
+        Some(stored),
+        "istiod's Secret is left as it was"
+    );
+    app.shutdown().await;
+}
+
+/// (b) `cacerts` as Istio's docs make it (RSA-4096 root and intermediate,
+/// cert-chain.pem = intermediate + root), with the key as PKCS#1 (OpenSSL
+/// 1.1's `genrsa`) and as PKCS#8 (OpenSSL 3's); and as Istio's
+/// `samples/certs` lay it out, cert-chain.pem holding the intermediate only.
+#[tokio::test]
+async fn a_cacerts_secret_made_by_istios_cert_tools_is_loaded() {
+    init();
+    let (root_pem, inter_pem, inter_key) = istiod::plugged_in("cluster1");
+    let full_chain = format!("{inter_pem}{root_pem}");
+    for (key_pem, chain) in [
+        (inter_key.pkcs1_pem(), full_chain.as_str()),
+        (inter_key.pkcs8_pem(), full_chain.as_str()),
+        (inter_key.pkcs1_pem(), inter_pem.as_str()),
+    ] {
+        let fake = FakeApiServer::start().await.unwrap();
+        fake.insert(
+            "secrets",
+            secret(
+                "cacerts",
+                &[
+                    ("ca-cert.pem", inter_pem.as_str()),
+                    ("ca-key.pem", key_pem.as_str()),
+                    ("cert-chain.pem", chain),
+                    ("root-cert.pem", root_pem.as_str()),
+                ],
+            ),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let app = App::build_with_kube(
+            cluster_config(dir.path()),
+            client_for_url(&fake.url()).unwrap(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{} / {} chain: {e}", &key_pem[..32], chain.len()));
+        assert_eq!(
+            app.builtin_signer().unwrap().current().source,
+            Source::PluggedIn
+        );
+        let leaf = issue_and_verify(&app, &root_pem);
+        assert!(leaf.issuer.contains("CN=Intermediate CA"), "{leaf:?}");
+        assert_eq!(
+            fake.count(|r| r.starts_with("POST")),
+            0,
+            "no self-signed root next to cacerts"
+        );
+        app.shutdown().await;
+    }
+}
+
+/// (c) The `istio-ca-secret` meshid-ca writes is one istiod can read back
+/// (a user going back to istiod keeps the root): istiod's type and five
+/// keys, one CERTIFICATE in ca-cert.pem, a key in a PEM type istiod's
+/// ParsePemEncodedKey takes, matching the certificate, a self-signed CA
+/// with no EKU (Go's default verify asks for serverAuth) and `O=<trust
+/// domain>` (istiod's root rotator takes the org from there).
+#[tokio::test]
+async fn the_root_secret_meshid_writes_is_one_istiod_reads() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    init();
+    let fake = FakeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::build_with_kube(
+        cluster_config(dir.path()),
+        client_for_url(&fake.url()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let stored = fake
+        .get("api/v1", "secrets", NS, "istio-ca-secret")
+        .unwrap();
+    assert_eq!(stored["type"], "istio.io/ca-root");
+    let data = stored["data"].as_object().unwrap();
+    let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "key.pem",
+            "root-cert.pem"
+        ]
+    );
+    let text = |k: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(data[k].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    for empty in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+        assert_eq!(text(empty), "", "{empty}");
+    }
+    let cert_pem = text("ca-cert.pem");
+    let key_pem = text("ca-key.pem");
+    let certs = meshid_common::cert::parse_pem_certs(&cert_pem).unwrap();
+    assert_eq!(certs.len(), 1);
+    assert!(cert_pem.starts_with("-----BEGIN CERTIFICATE-----\n"));
+    let key_type = key_pem
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("-----BEGIN "))
+        .and_then(|l| l.strip_suffix("-----"))
+        .unwrap();
+    assert!(
+        ["EC PRIVATE KEY", "RSA PRIVATE KEY", "PRIVATE KEY"].contains(&key_type),
+        "istiod cannot parse a {key_type:?}"
+    );
+    let key = meshid_common::keys::PrivateKey::from_pem(&key_pem).unwrap();
+    let (_, cert) = X509Certificate::from_der(&certs[0]).unwrap();
+    assert_eq!(cert.public_key().raw, key.public_key_spki(), "key ≠ cert");
+    assert!(cert.is_ca());
+    assert_eq!(cert.subject(), cert.issuer());
+    cert.verify_signature(None).unwrap();
+    let ku = cert.key_usage().unwrap().expect("a KeyUsage").value;
+    assert!(ku.key_cert_sign());
+    if let Some(eku) = cert.extended_key_usage().unwrap() {
+        assert!(eku.value.any || eku.value.server_auth, "{:?}", eku.value);
+    }
+    let orgs: Vec<_> = cert
+        .subject()
+        .iter_organization()
+        .map(|o| o.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(orgs, ["cluster.local"]);
+    assert_eq!(app.root_bundle().roots(), &certs[..]);
+    app.shutdown().await;
+}

@@ -65,8 +65,9 @@ pub struct Cli {
     /// The node this ztunnel serves [env: NODE_NAME] [default: node-a]
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Where workloads come from: `file` (the registry file) or `kube` (pods
-    /// of this node in the Kubernetes API; needs feature `kube`)
+    /// Where workloads come from: `file` (the registry file) or `kube` (the
+    /// ambient pods of every node, listed and watched in the Kubernetes API;
+    /// needs feature `kube`)
     /// [env: REGISTRY_SOURCE] [default: file]
     #[arg(long = "registry")]
     pub registry_source: Option<String>,
@@ -156,8 +157,9 @@ pub enum RegistrySource {
     /// The registry file, polled for changes.
     #[default]
     File,
-    /// The pods of this node, listed and watched in the Kubernetes API
-    /// (only in a build with feature `kube`).
+    /// The ambient pods (of every node: this one's are served, the others'
+    /// dialled), listed and watched in the Kubernetes API (only in a build
+    /// with feature `kube`).
     Kube,
 }
 
