@@ -42,6 +42,11 @@ fn cluster_config(dir: &std::path::Path) -> Config {
     c
 }
 
+/// A cluster-mode CA against `fake`, its `--root-ca-dir` under `dir`.
+async fn build(fake: &FakeApiServer, dir: &std::path::Path) -> meshid_ca::Result<App> {
+    App::build_with_kube(cluster_config(dir), client_for_url(&fake.url()).unwrap()).await
+}
+
 fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
            "status": {"phase": "Active"}})
@@ -96,16 +101,7 @@ async fn two_replicas_starting_together_end_with_one_root() {
         })
     });
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = tokio::join!(
-        App::build_with_kube(
-            cluster_config(d1.path()),
-            client_for_url(&fake.url()).unwrap()
-        ),
-        App::build_with_kube(
-            cluster_config(d2.path()),
-            client_for_url(&fake.url()).unwrap()
-        ),
-    );
+    let (a, b) = tokio::join!(build(&fake, d1.path()), build(&fake, d2.path()),);
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(
         fake.count(|r| r.starts_with("POST /api/v1/namespaces/istio-system/secrets")),
@@ -162,13 +158,7 @@ async fn a_corrupt_root_secret_stops_the_start_naming_the_secret() {
         ),
     );
     let dir = tempfile::tempdir().unwrap();
-    let err = App::build_with_kube(
-        cluster_config(dir.path()),
-        client_for_url(&fake.url()).unwrap(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = build(&fake, dir.path()).await.unwrap_err().to_string();
     assert!(err.contains("Secret istio-system/istio-ca-secret"), "{err}");
     assert!(err.contains("ca-cert.pem"), "{err}");
     assert_eq!(
@@ -182,13 +172,7 @@ async fn a_corrupt_root_secret_stops_the_start_naming_the_secret() {
         "secrets",
         secret("istio-ca-secret", &[("ca-cert.pem", "x")]),
     );
-    let err = App::build_with_kube(
-        cluster_config(dir.path()),
-        client_for_url(&fake.url()).unwrap(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = build(&fake, dir.path()).await.unwrap_err().to_string();
     assert!(err.contains("ca-key.pem is missing"), "{err}");
 }
 
@@ -232,12 +216,7 @@ async fn plugged_in_ca_from_cacerts_rotates_and_is_published_everywhere() {
         cacerts(&old.root.cert_pem(), old_inter, &old.root.cert_pem()),
     );
     let dir = tempfile::tempdir().unwrap();
-    let app = App::build_with_kube(
-        cluster_config(dir.path()),
-        client_for_url(&fake.url()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let app = build(&fake, dir.path()).await.unwrap();
     assert_eq!(
         app.builtin_signer().unwrap().current().source,
         Source::PluggedIn
@@ -779,12 +758,7 @@ async fn an_istiod_written_root_secret_is_taken_over() {
     assert!(key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
     let stored = fake.insert("secrets", istiod_ca_secret(&root_pem, &key_pem));
     let dir = tempfile::tempdir().unwrap();
-    let app = App::build_with_kube(
-        cluster_config(dir.path()),
-        client_for_url(&fake.url()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let app = build(&fake, dir.path()).await.unwrap();
     assert_eq!(
         app.root_bundle().to_pem(),
         meshid_common::TrustBundle::from_pem(&root_pem)
@@ -840,12 +814,9 @@ async fn a_cacerts_secret_made_by_istios_cert_tools_is_loaded() {
             ),
         );
         let dir = tempfile::tempdir().unwrap();
-        let app = App::build_with_kube(
-            cluster_config(dir.path()),
-            client_for_url(&fake.url()).unwrap(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{} / {} chain: {e}", &key_pem[..32], chain.len()));
+        let app = build(&fake, dir.path())
+            .await
+            .unwrap_or_else(|e| panic!("{} / {} chain: {e}", &key_pem[..32], chain.len()));
         assert_eq!(
             app.builtin_signer().unwrap().current().source,
             Source::PluggedIn
@@ -873,12 +844,7 @@ async fn the_root_secret_meshid_writes_is_one_istiod_reads() {
     init();
     let fake = FakeApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let app = App::build_with_kube(
-        cluster_config(dir.path()),
-        client_for_url(&fake.url()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let app = build(&fake, dir.path()).await.unwrap();
     let stored = fake
         .get("api/v1", "secrets", NS, "istio-ca-secret")
         .unwrap();
