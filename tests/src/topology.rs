@@ -137,12 +137,18 @@ pub trait Topology {
     async fn resume(&mut self, component: &str) -> Result<(), Error> {
         Err(self.unsupported("resume", component))
     }
-    /// The error of a step this backend cannot do.
+    /// The error of a step this backend cannot do: the case is skipped.
     fn unsupported(&self, step: &str, component: &str) -> Error {
-        Error::Setup(format!(
-            "{step} {component}: not supported by the {} backend",
-            self.backend()
-        ))
+        self.unsupported_because(step, component, "not implemented")
+    }
+    /// [`Topology::unsupported`] saying why.
+    fn unsupported_because(&self, step: &str, component: &str, reason: &str) -> Error {
+        Error::Unsupported {
+            backend: self.backend(),
+            step: step.into(),
+            component: component.into(),
+            reason: reason.into(),
+        }
     }
     /// Replaces sidecar pod `pod`'s projected service-account token file
     /// (atomically, as the kubelet does) with `token`.

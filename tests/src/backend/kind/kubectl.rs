@@ -2,8 +2,10 @@
 //! read them) and run with `tokio::process`. Every call names the context
 //! `kind-meshid`, so a user's current context is never touched.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::OnceLock;
 
 use tokio::process::{Child, Command};
 
@@ -64,6 +66,82 @@ pub fn pod_of_app(namespace: &str, app: &str) -> Vec<String> {
         "--field-selector=status.phase=Running",
         "-o",
         "jsonpath={.items[0].metadata.name}",
+    ])
+}
+
+/// `name node` of the running pods of service account `sa` in `namespace`
+/// (how the ambient sample workloads are found: the spec names them
+/// `frontend-0`, the manifests' Deployments and accounts `frontend`).
+pub fn pods_of_service_account(namespace: &str, sa: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "get",
+        "pods",
+        &format!("--field-selector=spec.serviceAccountName={sa},status.phase=Running"),
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
+    ])
+}
+
+/// `kubectl apply -f -`: the objects come on standard input (never from a
+/// file, so no key material touches the disk).
+pub fn apply_stdin() -> Vec<String> {
+    args(["apply", "-f", "-"])
+}
+
+/// The `cacerts` Secret as JSON, or nothing when there is none.
+pub fn get_secret_json(namespace: &str, name: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "get",
+        "secret",
+        name,
+        "--ignore-not-found",
+        "-o",
+        "json",
+    ])
+}
+
+/// Waits until pod `namespace/pod` is Ready.
+pub fn wait_ready(namespace: &str, pod: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "wait",
+        "--for=condition=Ready",
+        &format!("pod/{pod}"),
+        "--timeout=120s",
+    ])
+}
+
+/// The label of the test clients' pods the backend creates.
+pub const CLIENT_LABEL: &str = "meshid.io/e2e-client";
+
+/// Deletes the test clients' pods of `namespace`.
+pub fn delete_clients(namespace: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "delete",
+        "pods",
+        "-l",
+        &format!("{CLIENT_LABEL}=true"),
+        "--wait=false",
+    ])
+}
+
+/// A strategic-merge patch of Deployment or DaemonSet `what` (`kind/name`).
+pub fn patch(namespace: &str, what: &str, json: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "patch",
+        what,
+        "--type=strategic",
+        "-p",
+        json,
     ])
 }
 
@@ -160,10 +238,38 @@ pub fn rollout_restart(namespace: &str, kind: &str) -> Vec<String> {
     args(["-n", namespace, "rollout", "restart", kind])
 }
 
+/// The `PATH` the backend's tools (kubectl, docker, kind) are found on and
+/// run with, when a test set one ([`use_path`]); the process's otherwise.
+static SEARCH_PATH: OnceLock<OsString> = OnceLock::new();
+
+/// Makes the backend find its tools on `path` instead of the process's
+/// `PATH` (a test puts a fake kubectl first on it); once per process.
+/// False when a path was already set.
+pub fn use_path(path: OsString) -> bool {
+    SEARCH_PATH.set(path).is_ok()
+}
+
+/// The `PATH` the backend's tools are looked up on.
+pub fn search_path() -> Option<OsString> {
+    SEARCH_PATH
+        .get()
+        .cloned()
+        .or_else(|| std::env::var_os("PATH"))
+}
+
+/// `program` (kubectl, docker), found and run on [`search_path`].
+pub fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    if let Some(path) = SEARCH_PATH.get() {
+        c.env("PATH", path);
+    }
+    c
+}
+
 /// Runs kubectl; its standard output, or an error with what it said.
 pub async fn output(argv: &[String], stdin: Option<&str>) -> Result<String, Error> {
     let action = format!("kubectl {}", argv.join(" "));
-    let mut child = Command::new("kubectl")
+    let mut child = command("kubectl")
         .args(argv)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -197,7 +303,7 @@ pub async fn output(argv: &[String], stdin: Option<&str>) -> Result<String, Erro
 
 /// Starts a long-running kubectl (a port-forward), killed when dropped.
 pub fn spawn(argv: &[String]) -> Result<Child, Error> {
-    Command::new("kubectl")
+    command("kubectl")
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
