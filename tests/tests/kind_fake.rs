@@ -129,7 +129,8 @@ async fn the_kind_backend_drives_kubectl_as_the_suites_need() {
         &started,
         "--context kind-meshid -n meshid-ambient get pods \
          --field-selector=spec.serviceAccountName=frontend,status.phase=Running \
-         -o jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}"
+         -o jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} \
+         {.metadata.deletionTimestamp}{\"\\n\"}{end}"
     ));
 
     // The pods as the suites see them.

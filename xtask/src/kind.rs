@@ -513,6 +513,13 @@ pp = apps[("Deployment", "productpage")]["spec"]["template"]["spec"]
 shim = [x for x in pp.get("initContainers", []) + pp["containers"] if x["name"] == "envoy-shim"][0]
 route = "--outbound=127.0.0.1:15001=" + vip + ":15006,spiffe://cluster.local/ns/meshid-demo/sa/reviews"
 assert route in shim["args"], w + ": productpage's shim needs " + route
+# The backend patches SECRET_TTL into these containers by name.
+envoy = objects("kind/overlays/sidecar-envoy/workload.yaml")
+for (objs, name) in [(apps, "productpage"), (apps, "reviews"), (apps, "legacy"), (envoy, "ratings")]:
+    inits = objs[("Deployment", name)]["spec"]["template"]["spec"].get("initContainers", [])
+    assert any(x["name"] == "meshid-agent" for x in inits), name + ": no init container meshid-agent"
+zt = objects("kind/overlays/ztunnel/daemonset.yaml")[("DaemonSet", "ztunnel")]["spec"]["template"]["spec"]
+assert any(x["name"] == "ztunnel" for x in zt["containers"]), "the ztunnel DaemonSet has no container ztunnel"
 legacy = apps[("Deployment", "legacy")]["spec"]["template"]["spec"]
 sleep = [x for x in legacy["containers"] if x["name"] == "app"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
 assert legacy["terminationGracePeriodSeconds"] > sleep, w + ": legacy's grace period must outlast its app's preStop sleep"

@@ -35,6 +35,12 @@ fn pod(ns: &str, name: &str, app: &str, sa: &str, node: &str) -> Value {
     json!({"namespace": ns, "name": name, "app": app, "sa": sa, "node": node})
 }
 
+/// `pod` with a `deletionTimestamp`.
+fn terminating(mut pod: Value) -> Value {
+    pod["deleted"] = "2026-12-02T09:00:00Z".into();
+    pod
+}
+
 /// The cluster `cargo xtask kind deploy` leaves: the manifests' pods.
 fn initial() -> Value {
     json!({
@@ -61,6 +67,9 @@ fn initial() -> Value {
             pod("meshid-demo", "productpage-6b7d9-r5t2k", "productpage", "productpage", "meshid-worker"),
             pod("meshid-demo", "reviews-5c8f4-m9n3p", "reviews", "reviews", "meshid-worker2"),
             pod("meshid-demo", "ratings-7d6c5-h4j8l", "ratings", "ratings", "meshid-worker"),
+            // The pod a rollout replaced, still terminating (legacy's preStop
+            // sleep): listed first, phase still Running.
+            terminating(pod("meshid-demo", "legacy-5a6b7-old00", "legacy", "legacy", "meshid-worker")),
             pod("meshid-demo", "legacy-84b9f-x7v2c", "legacy", "legacy", "meshid-worker2"),
             pod("meshid-ambient", "frontend-5f6d7-a1b2c", "frontend", "frontend", "meshid-worker"),
             pod("meshid-ambient", "cart-6c7d8-d3e4f", "cart", "cart", "meshid-worker"),
@@ -490,21 +499,13 @@ fn kubectl(args: &[String]) -> ExitCode {
 /// `-o jsonpath=…` of a pod list, as the backend asks for it.
 fn jsonpath_pods(found: &[&Value], out: &str) -> ExitCode {
     match out {
-        "jsonpath={.items[0].metadata.name}" => match found.first() {
-            Some(p) => print!("{}", p["name"].as_str().unwrap_or("")),
-            None => {
-                return fail(
-                    "error: error executing jsonpath \"{.items[0].metadata.name}\": \
-                     Error executing template: array index out of bounds: index 0, length 0.",
-                );
-            }
-        },
-        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}" => {
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}" => {
             for p in found {
                 println!(
-                    "{} {}",
+                    "{} {} {}",
                     p["name"].as_str().unwrap_or(""),
-                    p["node"].as_str().unwrap_or("")
+                    p["node"].as_str().unwrap_or(""),
+                    p["deleted"].as_str().unwrap_or("")
                 );
             }
         }

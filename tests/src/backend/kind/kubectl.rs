@@ -54,20 +54,12 @@ pub fn create_token(namespace: &str, sa: &str, bound_pod: Option<&str>) -> Vec<S
     v
 }
 
-/// The name of the first pod labelled `app=<app>` in `namespace`.
-pub fn pod_of_app(namespace: &str, app: &str) -> Vec<String> {
-    args([
-        "-n",
-        namespace,
-        "get",
-        "pods",
-        "-l",
-        &format!("app={app}"),
-        "--field-selector=status.phase=Running",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])
-}
+/// One line a pod: `name node`, and its `deletionTimestamp` third when it is
+/// terminating (its phase stays Running until its containers exit, e.g.
+/// through legacy's preStop sleep after a rollout), so that such a pod is
+/// told apart ([`crate::backend::kind::parse_pods_and_nodes`] skips it).
+pub const POD_LINES: &str = "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} \
+                             {.metadata.deletionTimestamp}{\"\\n\"}{end}";
 
 /// `name node` of the running pods of service account `sa` in `namespace`
 /// (how the ambient sample workloads are found: the spec names them
@@ -80,7 +72,7 @@ pub fn pods_of_service_account(namespace: &str, sa: &str) -> Vec<String> {
         "pods",
         &format!("--field-selector=spec.serviceAccountName={sa},status.phase=Running"),
         "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
+        POD_LINES,
     ])
 }
 
@@ -145,7 +137,7 @@ pub fn patch(namespace: &str, what: &str, json: &str) -> Vec<String> {
     ])
 }
 
-/// `name node` of every running pod labelled `app=<app>` in `namespace`.
+/// [`POD_LINES`] of every running pod labelled `app=<app>` in `namespace`.
 pub fn pods_and_nodes(namespace: &str, app: &str) -> Vec<String> {
     args([
         "-n",
@@ -156,7 +148,7 @@ pub fn pods_and_nodes(namespace: &str, app: &str) -> Vec<String> {
         &format!("app={app}"),
         "--field-selector=status.phase=Running",
         "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
+        POD_LINES,
     ])
 }
 
@@ -358,9 +350,10 @@ mod tests {
     #[test]
     fn lookups_and_changes_name_their_namespace_and_context() {
         assert_eq!(
-            line(pod_of_app("meshid-demo", "productpage")),
+            line(pods_and_nodes("meshid-demo", "productpage")),
             "--context kind-meshid -n meshid-demo get pods -l app=productpage \
-             --field-selector=status.phase=Running -o jsonpath={.items[0].metadata.name}"
+             --field-selector=status.phase=Running -o jsonpath={range .items[*]}\
+             {.metadata.name} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}"
         );
         assert_eq!(
             line(root_configmap("meshid-demo")),

@@ -246,16 +246,14 @@ impl KindMesh {
     async fn open_pods(&mut self) -> Result<(), Error> {
         let td = self.state.spec.trust_domain.clone();
         for p in self.state.spec.pods.clone() {
-            let name = kubectl::output(&kubectl::pod_of_app(DEMO_NAMESPACE, &p.name), None)
-                .await?
-                .trim()
-                .to_owned();
-            if name.is_empty() {
+            let found =
+                kubectl::output(&kubectl::pods_and_nodes(DEMO_NAMESPACE, &p.name), None).await?;
+            let Some((name, _)) = parse_pods_and_nodes(&found).into_iter().next() else {
                 return Err(Error::Setup(format!(
                     "no running pod labelled app={} in {DEMO_NAMESPACE}",
                     p.name
                 )));
-            }
+            };
             let route = OUTBOUND_ROUTES
                 .iter()
                 .find(|(from, to)| {
@@ -472,12 +470,13 @@ fn cacerts_secret(
     })
 }
 
-/// `name node` lines of [`kubectl::pods_and_nodes`].
+/// `(name, node)` of the live pods in [`kubectl::POD_LINES`] output: a line
+/// with a third field (a `deletionTimestamp`) is a terminating pod, skipped.
 pub fn parse_pods_and_nodes(text: &str) -> Vec<(String, String)> {
     text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_owned(), it.next()?.to_owned()))
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, node] => Some((name.to_owned(), node.to_owned())),
+            _ => None,
         })
         .collect()
 }
@@ -913,5 +912,12 @@ mod tests {
         );
         assert!(parse_pods_and_nodes("").is_empty());
         assert!(parse_pods_and_nodes("lonely\n").is_empty());
+        // A terminating pod (its deletionTimestamp third) is not live.
+        assert_eq!(
+            parse_pods_and_nodes(
+                "legacy-old meshid-worker 2026-12-02T09:00:00Z\nlegacy-new meshid-worker2 \n"
+            ),
+            [("legacy-new".to_owned(), "meshid-worker2".to_owned())]
+        );
     }
 }
