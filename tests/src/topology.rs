@@ -161,6 +161,16 @@ pub trait Topology {
             .join("var/run/secrets/tokens");
         crate::cluster::write_ca_files(&dir, &[("istio-token", token.to_owned())])
     }
+    /// The directory of sidecar pod `pod`'s agent sockets (SDS `socket`,
+    /// `workload.sock`) as the harness reaches it.
+    fn pod_uds_dir(&self, pod: &str) -> Result<std::path::PathBuf, Error> {
+        Ok(self
+            .state()
+            .dir
+            .join("pods")
+            .join(pod)
+            .join("var/run/secrets/workload-spiffe-uds"))
+    }
     /// A token of sidecar pod `namespace/pod` that expired `ago`.
     fn expired_token_for(
         &self,

@@ -24,8 +24,9 @@
 //! [`Error::Unsupported`] (the case is reported skipped, with the reason):
 //! stopping, starting or freezing one container of a pod, writing a pod's
 //! token file, an already-expired token, a load fleet of pods, the Envoy
-//! pod's mode. Ambient workloads get no outbound listener (nothing leads
-//! their traffic into the ztunnel here).
+//! pod's mode, the agents' Unix sockets. Ambient workloads get no outbound
+//! listener (nothing leads their traffic into the ztunnel here), and the
+//! ztunnels' HBONE address is not told (CONNECT targets are pod IPs).
 //!
 //! Nothing here has run against a real cluster on the machines this project
 //! is built on (no kind CLI, no node image): the command lines are
@@ -709,6 +710,14 @@ impl Topology for KindMesh {
             "set_pod_token",
             pod,
             "the kubelet owns the pod's projected token file; the harness cannot write it",
+        ))
+    }
+
+    fn pod_uds_dir(&self, pod: &str) -> Result<std::path::PathBuf, Error> {
+        Err(self.unsupported_because(
+            "the agent's Unix sockets of",
+            pod,
+            "they live in the pod's memory volume; a port-forward carries TCP only",
         ))
     }
 
