@@ -383,4 +383,5 @@ async fn the_kind_backend_drives_kubectl_as_the_suites_need() {
             .is_err(),
         "the CA's port-forward still listens after teardown"
     );
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap());
 }
