@@ -39,11 +39,25 @@ pub enum Error {
     Http { url: String, message: String },
     #[error("{0}")]
     Setup(String),
+    /// A step this backend cannot do; the case that needs it is reported as
+    /// skipped with this reason, never as passed or failed. Its text starts
+    /// with [`UNSUPPORTED`], which survives the suites' `to_string()`.
+    #[error("{UNSUPPORTED}{step} {component} on the {backend} backend: {reason}")]
+    Unsupported {
+        backend: &'static str,
+        step: String,
+        component: String,
+        reason: String,
+    },
     /// A Docker operation (image build, network, container) failed; `action`
     /// names it and the image, network or container it was about.
     #[error("docker: {action}: {message}")]
     Docker { action: String, message: String },
 }
+
+/// How an [`Error::Unsupported`] reads, in every message that carries it:
+/// [`suites::record`] reports a case whose error holds it as skipped.
+pub const UNSUPPORTED: &str = "unsupported: ";
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {

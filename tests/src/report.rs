@@ -10,6 +10,9 @@ use std::time::Duration;
 pub enum Outcome {
     Passed,
     Failed,
+    /// The backend cannot do a step the case needs ([`crate::Error::Unsupported`]):
+    /// neither passed nor failed, with the reason as its message.
+    Skipped,
 }
 
 /// One case's result.
@@ -20,7 +23,7 @@ pub struct CaseResult {
     pub outcome: Outcome,
     #[serde(serialize_with = "secs")]
     pub duration: Duration,
-    /// The failure, for a failed case.
+    /// The failure, for a failed case; the reason, for a skipped one.
     pub message: Option<String>,
 }
 
@@ -46,7 +49,17 @@ impl Report {
     }
 
     pub fn failed(&self) -> usize {
-        self.cases.len() - self.passed()
+        self.cases
+            .iter()
+            .filter(|c| c.outcome == Outcome::Failed)
+            .count()
+    }
+
+    pub fn skipped(&self) -> usize {
+        self.cases
+            .iter()
+            .filter(|c| c.outcome == Outcome::Skipped)
+            .count()
     }
 
     /// The terminal table, with failures spelled out below it and the plain
@@ -77,6 +90,7 @@ impl Report {
             let result = match c.outcome {
                 Outcome::Passed => "PASS",
                 Outcome::Failed => "FAIL",
+                Outcome::Skipped => "SKIP",
             };
             let _ = writeln!(
                 out,
@@ -87,10 +101,15 @@ impl Report {
                 c.duration.as_secs_f64()
             );
         }
-        for c in self.cases.iter().filter(|c| c.outcome == Outcome::Failed) {
+        for c in self.cases.iter().filter(|c| c.outcome != Outcome::Passed) {
             let _ = writeln!(
                 out,
-                "\nFAIL {}::{}: {}",
+                "\n{} {}::{}: {}",
+                if c.outcome == Outcome::Failed {
+                    "FAIL"
+                } else {
+                    "SKIP"
+                },
                 c.suite,
                 c.case,
                 c.message.as_deref().unwrap_or("")
@@ -102,12 +121,22 @@ impl Report {
             self.wall_time.as_secs_f64(),
             self.backend
         );
-        let _ = writeln!(
-            out,
-            "e2e: {} passed, {} failed",
-            self.passed(),
-            self.failed()
-        );
+        if self.skipped() > 0 {
+            let _ = writeln!(
+                out,
+                "e2e: {} passed, {} failed, {} skipped",
+                self.passed(),
+                self.failed(),
+                self.skipped()
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "e2e: {} passed, {} failed",
+                self.passed(),
+                self.failed()
+            );
+        }
         out
     }
 
@@ -118,9 +147,10 @@ impl Report {
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         let _ = writeln!(
             out,
-            "<testsuites name=\"meshid-e2e\" tests=\"{}\" failures=\"{}\" time=\"{:.3}\">",
+            "<testsuites name=\"meshid-e2e\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">",
             self.cases.len(),
             self.failed(),
+            self.skipped(),
             self.wall_time.as_secs_f64()
         );
         for suite in suites {
@@ -129,10 +159,14 @@ impl Report {
                 .iter()
                 .filter(|c| c.outcome == Outcome::Failed)
                 .count();
+            let skipped = cases
+                .iter()
+                .filter(|c| c.outcome == Outcome::Skipped)
+                .count();
             let time: f64 = cases.iter().map(|c| c.duration.as_secs_f64()).sum();
             let _ = writeln!(
                 out,
-                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" time=\"{time:.3}\">",
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{time:.3}\">",
                 xml_escape(suite),
                 cases.len()
             );
@@ -152,7 +186,14 @@ impl Report {
                             ">\n      <failure message=\"{msg}\">{msg}</failure>\n    </testcase>"
                         );
                     }
-                    _ => out.push_str("/>\n"),
+                    (Outcome::Skipped, msg) => {
+                        let msg = xml_escape(msg.as_deref().unwrap_or("skipped"));
+                        let _ = writeln!(
+                            out,
+                            ">\n      <skipped message=\"{msg}\"/>\n    </testcase>"
+                        );
+                    }
+                    (Outcome::Passed, _) => out.push_str("/>\n"),
                 }
             }
             out.push_str("  </testsuite>\n");
@@ -231,6 +272,34 @@ mod tests {
             x.contains(
                 "<testcase classname=\"issuance\" name=\"sidecar_gets_svid\" time=\"1.500\"/>"
             ),
+            "{x}"
+        );
+    }
+
+    #[test]
+    fn a_skipped_case_is_counted_apart_with_its_reason() {
+        let mut r = report();
+        r.cases.push(CaseResult {
+            suite: "reliability".into(),
+            case: "frozen".into(),
+            outcome: Outcome::Skipped,
+            duration: Duration::ZERO,
+            message: Some("unsupported: pause ca on the kind backend: no <SIGSTOP>".into()),
+        });
+        let t = r.table();
+        assert!(t.contains("reliability  frozen"), "{t}");
+        assert!(
+            t.contains("SKIP reliability::frozen: unsupported: pause ca"),
+            "{t}"
+        );
+        assert_eq!(t.lines().last(), Some("e2e: 1 passed, 1 failed, 1 skipped"));
+        let x = r.junit();
+        assert!(
+            x.contains("tests=\"3\" failures=\"1\" skipped=\"1\""),
+            "{x}"
+        );
+        assert!(
+            x.contains("<skipped message=\"unsupported: pause ca on the kind backend: no &lt;SIGSTOP&gt;\"/>"),
             "{x}"
         );
     }

@@ -137,12 +137,18 @@ pub trait Topology {
     async fn resume(&mut self, component: &str) -> Result<(), Error> {
         Err(self.unsupported("resume", component))
     }
-    /// The error of a step this backend cannot do.
+    /// The error of a step this backend cannot do: the case is skipped.
     fn unsupported(&self, step: &str, component: &str) -> Error {
-        Error::Setup(format!(
-            "{step} {component}: not supported by the {} backend",
-            self.backend()
-        ))
+        self.unsupported_because(step, component, "not implemented")
+    }
+    /// [`Topology::unsupported`] saying why.
+    fn unsupported_because(&self, step: &str, component: &str, reason: &str) -> Error {
+        Error::Unsupported {
+            backend: self.backend(),
+            step: step.into(),
+            component: component.into(),
+            reason: reason.into(),
+        }
     }
     /// Replaces sidecar pod `pod`'s projected service-account token file
     /// (atomically, as the kubelet does) with `token`.
@@ -154,6 +160,16 @@ pub trait Topology {
             .join(pod)
             .join("var/run/secrets/tokens");
         crate::cluster::write_ca_files(&dir, &[("istio-token", token.to_owned())])
+    }
+    /// The directory of sidecar pod `pod`'s agent sockets (SDS `socket`,
+    /// `workload.sock`) as the harness reaches it.
+    fn pod_uds_dir(&self, pod: &str) -> Result<std::path::PathBuf, Error> {
+        Ok(self
+            .state()
+            .dir
+            .join("pods")
+            .join(pod)
+            .join("var/run/secrets/workload-spiffe-uds"))
     }
     /// A token of sidecar pod `namespace/pod` that expired `ago`.
     fn expired_token_for(

@@ -471,7 +471,10 @@ pub(crate) fn check_objects(validator: &Path, files: &[PathBuf]) -> anyhow::Resu
 
 /// Checks the files that are not Kubernetes objects: the kind cluster
 /// config and istio-piecemeal's Helm values and IstioOperator must parse and
-/// point Istio at meshid-ca.
+/// point Istio at meshid-ca (with the environment names pilot-agent reads);
+/// and what the e2e kind backend counts on in the manifests: the reviews
+/// ClusterIP productpage's shim dials, legacy outliving its deletion, the
+/// ambient workloads pinned to the two workers.
 const CHECK_EXTRA: &str = r#"
 import sys, yaml
 root = sys.argv[1]
@@ -485,13 +488,50 @@ assert c["name"] == "meshid", "kind/cluster.yaml must name the cluster meshid"
 d = "kind/overlays/istio-piecemeal/"
 i = load(d + "values-istiod.yaml")
 assert i["global"]["caAddress"] == ca, d + "values-istiod.yaml: global.caAddress"
-assert i["meshConfig"]["defaultConfig"]["proxyMetadata"]["CA_ADDRESS"] == ca, d + "values-istiod.yaml: proxyMetadata.CA_ADDRESS"
+# pilot-agent reads CA_ADDR; CA_ADDRESS is the Rust ztunnel's name, which
+# pilot-agent ignores.
+pm = i["meshConfig"]["defaultConfig"]["proxyMetadata"]
+assert pm.get("CA_ADDR") == ca and "CA_ADDRESS" not in pm, d + "values-istiod.yaml: proxyMetadata.CA_ADDR"
 z = load(d + "values-ztunnel.yaml")
 assert z["caAddress"] == ca, d + "values-ztunnel.yaml: caAddress"
 o = load(d + "istio-operator.yaml")
 assert o["kind"] == "IstioOperator", d + "istio-operator.yaml: kind"
+opm = o["spec"]["meshConfig"]["defaultConfig"]["proxyMetadata"]
+assert opm.get("CA_ADDR") == ca and "CA_ADDRESS" not in opm, d + "istio-operator.yaml: meshConfig proxyMetadata.CA_ADDR"
 assert o["spec"]["values"]["global"]["caAddress"] == ca, d + "istio-operator.yaml: values.global.caAddress"
 assert o["spec"]["values"]["ztunnel"]["caAddress"] == ca, d + "istio-operator.yaml: values.ztunnel.caAddress"
+# What the e2e kind backend counts on (tests/src/backend/kind).
+import ipaddress
+def objects(p):
+    with open(root + "/" + p) as f:
+        return {(x["kind"], x["metadata"]["name"]): x for x in yaml.safe_load_all(f) if x}
+w = "kind/overlays/sidecar-app/workloads.yaml"
+apps = objects(w)
+vip = apps[("Service", "reviews")]["spec"].get("clusterIP")
+assert vip and ipaddress.ip_address(vip) in ipaddress.ip_network(c["networking"]["serviceSubnet"]), w + ": the reviews Service's pinned clusterIP must lie in cluster.yaml's serviceSubnet"
+pp = apps[("Deployment", "productpage")]["spec"]["template"]["spec"]
+shim = [x for x in pp.get("initContainers", []) + pp["containers"] if x["name"] == "envoy-shim"][0]
+route = "--outbound=127.0.0.1:15001=" + vip + ":15006,spiffe://cluster.local/ns/meshid-demo/sa/reviews"
+assert route in shim["args"], w + ": productpage's shim needs " + route
+# The backend patches SECRET_TTL into these containers by name.
+envoy = objects("kind/overlays/sidecar-envoy/workload.yaml")
+for (objs, name) in [(apps, "productpage"), (apps, "reviews"), (apps, "legacy"), (envoy, "ratings")]:
+    inits = objs[("Deployment", name)]["spec"]["template"]["spec"].get("initContainers", [])
+    assert any(x["name"] == "meshid-agent" for x in inits), name + ": no init container meshid-agent"
+zt = objects("kind/overlays/ztunnel/daemonset.yaml")[("DaemonSet", "ztunnel")]["spec"]["template"]["spec"]
+assert any(x["name"] == "ztunnel" for x in zt["containers"]), "the ztunnel DaemonSet has no container ztunnel"
+legacy = apps[("Deployment", "legacy")]["spec"]["template"]["spec"]
+sleep = [x for x in legacy["containers"] if x["name"] == "app"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+assert legacy["terminationGracePeriodSeconds"] > sleep, w + ": legacy's grace period must outlast its app's preStop sleep"
+workers = {c["name"] + "-worker" + ("" if i == 0 else str(i + 1)) for i in range(sum(n["role"] == "worker" for n in c["nodes"]))}
+a = "kind/overlays/ztunnel/ambient-workloads.yaml"
+placed = {}
+for (kind, name), x in objects(a).items():
+    if kind == "Deployment":
+        node = x["spec"]["template"]["spec"].get("nodeSelector", {}).get("kubernetes.io/hostname")
+        assert node in workers, a + ": " + name + " must be pinned to one of the kind workers " + str(sorted(workers))
+        placed[name] = node
+assert placed["frontend"] == placed["cart"] != placed["backend"] == placed["db"], a + ": frontend and cart on one node, backend and db on the other"
 "#;
 
 fn check_extra(root: &Path, validator: &Path) -> anyhow::Result<()> {

@@ -933,19 +933,18 @@ async fn monitoring_rows(mesh: &mut impl Topology, t: &mut Table) -> Result<(), 
 // ------------------------------------------------------------------ the agent
 
 /// The socket directory of the first shim pod.
-fn pod_uds_dir(mesh: &impl Topology) -> Result<(crate::topology::Pod, PathBuf), String> {
-    let pod = mesh
-        .pods()
+fn strict_shim_pod(mesh: &impl Topology) -> Result<crate::topology::Pod, String> {
+    mesh.pods()
         .iter()
         .find(|p| p.proxy == crate::topology::Proxy::Shim && p.mode == Mode::Strict)
         .cloned()
-        .ok_or("the mesh has no STRICT shim pod")?;
-    let dir = mesh
-        .state()
-        .dir
-        .join("pods")
-        .join(&pod.name)
-        .join("var/run/secrets/workload-spiffe-uds");
+        .ok_or_else(|| "the mesh has no STRICT shim pod".into())
+}
+
+/// The STRICT shim pod and its agent's socket directory.
+fn pod_uds_dir(mesh: &impl Topology) -> Result<(crate::topology::Pod, PathBuf), String> {
+    let pod = strict_shim_pod(mesh)?;
+    let dir = mesh.pod_uds_dir(&pod.name).map_err(err)?;
     Ok((pod, dir))
 }
 
@@ -1255,7 +1254,7 @@ async fn workload_api_rows(mesh: &mut impl Topology, t: &mut Table) -> Result<()
 
 async fn agent_admin_rows(mesh: &mut impl Topology, t: &mut Table) -> Result<(), String> {
     const T: &str = "agent admin";
-    let (pod, _) = pod_uds_dir(mesh)?;
+    let pod = strict_shim_pod(mesh)?;
     let agent = pod.agent.clone();
     t.http(
         T,
@@ -1347,10 +1346,13 @@ async fn hbone_rows(mesh: &mut impl Topology, t: &mut Table) -> Result<(), Strin
         .find(|(n, _)| *n == node)
         .map(|(_, a)| a)
         .ok_or_else(|| {
-            format!(
-                "the {} backend does not tell node {node}'s HBONE address",
-                mesh.backend()
+            mesh.unsupported_because(
+                "HBONE",
+                &format!("{node}'s ztunnel"),
+                "the backend does not tell its HBONE address (nor the workloads' pod addresses \
+                 CONNECT names)",
             )
+            .to_string()
         })?;
     let here: Vec<_> = ambient.iter().filter(|a| a.node == node).cloned().collect();
     let [dst, neighbour] = [&here[0], here.get(1).ok_or("one workload on the node")?];
@@ -1560,7 +1562,7 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyServer {
 
 async fn shim_rows(mesh: &mut impl Topology, t: &mut Table) -> Result<(), String> {
     const T: &str = "shim inbound";
-    let (pod, _) = pod_uds_dir(mesh)?;
+    let pod = strict_shim_pod(mesh)?;
     t.refused(
         T,
         "plaintext to STRICT",

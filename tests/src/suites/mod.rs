@@ -25,7 +25,8 @@ pub const ALL: &[&str] = &[
     "revocation-by-ttl",
 ];
 
-/// Records one case.
+/// Records one case: passed, failed, or skipped when its error carries
+/// [`crate::UNSUPPORTED`] (a step the backend cannot do), the reason kept.
 pub(crate) fn record(
     report: &mut Report,
     suite: &str,
@@ -35,14 +36,17 @@ pub(crate) fn record(
 ) {
     let (outcome, message) = match result {
         Ok(()) => (Outcome::Passed, None),
-        Err(e) => (Outcome::Failed, Some(e)),
+        Err(e) => match e.find(crate::UNSUPPORTED) {
+            Some(at) => (Outcome::Skipped, Some(e[at..].to_owned())),
+            None => (Outcome::Failed, Some(e)),
+        },
     };
     eprintln!(
         "  {suite}::{case} ... {}",
-        if outcome == Outcome::Passed {
-            "ok"
-        } else {
-            "FAILED"
+        match outcome {
+            Outcome::Passed => "ok",
+            Outcome::Failed => "FAILED",
+            Outcome::Skipped => "skipped",
         }
     );
     report.cases.push(CaseResult {
@@ -67,4 +71,45 @@ macro_rules! case {
 /// Fails with `msg` unless `cond`.
 pub(crate) fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
     if cond { Ok(()) } else { Err(msg()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[test]
+    fn an_unsupported_step_is_a_skip_with_its_reason_and_anything_else_a_failure() {
+        let mut report = Report::default();
+        let unsupported = Error::Unsupported {
+            backend: "kind",
+            step: "pause".into(),
+            component: "ca".into(),
+            reason: "no SIGSTOP through kubectl".into(),
+        };
+        // As the suites pass it on: prefixed, through to_string().
+        let passed_on = format!("ca did not freeze: {unsupported}");
+        record(&mut report, "s", "skipped", Instant::now(), Err(passed_on));
+        record(
+            &mut report,
+            "s",
+            "failed",
+            Instant::now(),
+            Err("pause ca: not supported by the kind backend".into()),
+        );
+        record(&mut report, "s", "passed", Instant::now(), Ok(()));
+        let outcomes: Vec<Outcome> = report.cases.iter().map(|c| c.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Skipped, Outcome::Failed, Outcome::Passed]
+        );
+        assert_eq!(
+            report.cases[0].message.as_deref(),
+            Some("unsupported: pause ca on the kind backend: no SIGSTOP through kubectl")
+        );
+        assert_eq!(
+            (report.passed(), report.failed(), report.skipped()),
+            (1, 1, 1)
+        );
+    }
 }

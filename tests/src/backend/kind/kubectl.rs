@@ -2,8 +2,10 @@
 //! read them) and run with `tokio::process`. Every call names the context
 //! `kind-meshid`, so a user's current context is never touched.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::OnceLock;
 
 use tokio::process::{Child, Command};
 
@@ -52,22 +54,90 @@ pub fn create_token(namespace: &str, sa: &str, bound_pod: Option<&str>) -> Vec<S
     v
 }
 
-/// The name of the first pod labelled `app=<app>` in `namespace`.
-pub fn pod_of_app(namespace: &str, app: &str) -> Vec<String> {
+/// One line a pod: `name node`, and its `deletionTimestamp` third when it is
+/// terminating (its phase stays Running until its containers exit, e.g.
+/// through legacy's preStop sleep after a rollout), so that such a pod is
+/// told apart ([`crate::backend::kind::parse_pods_and_nodes`] skips it).
+pub const POD_LINES: &str = "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} \
+                             {.metadata.deletionTimestamp}{\"\\n\"}{end}";
+
+/// `name node` of the running pods of service account `sa` in `namespace`
+/// (how the ambient sample workloads are found: the spec names them
+/// `frontend-0`, the manifests' Deployments and accounts `frontend`).
+pub fn pods_of_service_account(namespace: &str, sa: &str) -> Vec<String> {
     args([
         "-n",
         namespace,
         "get",
         "pods",
-        "-l",
-        &format!("app={app}"),
-        "--field-selector=status.phase=Running",
+        &format!("--field-selector=spec.serviceAccountName={sa},status.phase=Running"),
         "-o",
-        "jsonpath={.items[0].metadata.name}",
+        POD_LINES,
     ])
 }
 
-/// `name node` of every running pod labelled `app=<app>` in `namespace`.
+/// `kubectl apply -f -`: the objects come on standard input (never from a
+/// file, so no key material touches the disk).
+pub fn apply_stdin() -> Vec<String> {
+    args(["apply", "-f", "-"])
+}
+
+/// The `cacerts` Secret as JSON, or nothing when there is none.
+pub fn get_secret_json(namespace: &str, name: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "get",
+        "secret",
+        name,
+        "--ignore-not-found",
+        "-o",
+        "json",
+    ])
+}
+
+/// Waits until pod `namespace/pod` is Ready.
+pub fn wait_ready(namespace: &str, pod: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "wait",
+        "--for=condition=Ready",
+        &format!("pod/{pod}"),
+        "--timeout=120s",
+    ])
+}
+
+/// The label of the test clients' pods the backend creates.
+pub const CLIENT_LABEL: &str = "meshid.io/e2e-client";
+
+/// Deletes the test clients' pods of `namespace`.
+pub fn delete_clients(namespace: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "delete",
+        "pods",
+        "-l",
+        &format!("{CLIENT_LABEL}=true"),
+        "--wait=false",
+    ])
+}
+
+/// A strategic-merge patch of Deployment or DaemonSet `what` (`kind/name`).
+pub fn patch(namespace: &str, what: &str, json: &str) -> Vec<String> {
+    args([
+        "-n",
+        namespace,
+        "patch",
+        what,
+        "--type=strategic",
+        "-p",
+        json,
+    ])
+}
+
+/// [`POD_LINES`] of every running pod labelled `app=<app>` in `namespace`.
 pub fn pods_and_nodes(namespace: &str, app: &str) -> Vec<String> {
     args([
         "-n",
@@ -78,7 +148,7 @@ pub fn pods_and_nodes(namespace: &str, app: &str) -> Vec<String> {
         &format!("app={app}"),
         "--field-selector=status.phase=Running",
         "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
+        POD_LINES,
     ])
 }
 
@@ -160,10 +230,38 @@ pub fn rollout_restart(namespace: &str, kind: &str) -> Vec<String> {
     args(["-n", namespace, "rollout", "restart", kind])
 }
 
+/// The `PATH` the backend's tools (kubectl, docker, kind) are found on and
+/// run with, when a test set one ([`use_path`]); the process's otherwise.
+static SEARCH_PATH: OnceLock<OsString> = OnceLock::new();
+
+/// Makes the backend find its tools on `path` instead of the process's
+/// `PATH` (a test puts a fake kubectl first on it); once per process.
+/// False when a path was already set.
+pub fn use_path(path: OsString) -> bool {
+    SEARCH_PATH.set(path).is_ok()
+}
+
+/// The `PATH` the backend's tools are looked up on.
+pub fn search_path() -> Option<OsString> {
+    SEARCH_PATH
+        .get()
+        .cloned()
+        .or_else(|| std::env::var_os("PATH"))
+}
+
+/// `program` (kubectl, docker), found and run on [`search_path`].
+pub fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    if let Some(path) = SEARCH_PATH.get() {
+        c.env("PATH", path);
+    }
+    c
+}
+
 /// Runs kubectl; its standard output, or an error with what it said.
 pub async fn output(argv: &[String], stdin: Option<&str>) -> Result<String, Error> {
     let action = format!("kubectl {}", argv.join(" "));
-    let mut child = Command::new("kubectl")
+    let mut child = command("kubectl")
         .args(argv)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -197,7 +295,7 @@ pub async fn output(argv: &[String], stdin: Option<&str>) -> Result<String, Erro
 
 /// Starts a long-running kubectl (a port-forward), killed when dropped.
 pub fn spawn(argv: &[String]) -> Result<Child, Error> {
-    Command::new("kubectl")
+    command("kubectl")
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -252,9 +350,10 @@ mod tests {
     #[test]
     fn lookups_and_changes_name_their_namespace_and_context() {
         assert_eq!(
-            line(pod_of_app("meshid-demo", "productpage")),
+            line(pods_and_nodes("meshid-demo", "productpage")),
             "--context kind-meshid -n meshid-demo get pods -l app=productpage \
-             --field-selector=status.phase=Running -o jsonpath={.items[0].metadata.name}"
+             --field-selector=status.phase=Running -o jsonpath={range .items[*]}\
+             {.metadata.name} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}"
         );
         assert_eq!(
             line(root_configmap("meshid-demo")),

@@ -4,28 +4,38 @@
 //! kubectl only:
 //!
 //! - the cluster is real, so the harness does not play it: tokens come from
-//!   `kubectl create token --audience istio-ca`, bound to their pod; the
-//!   root bundle from the `istio-ca-root-cert` ConfigMap meshid-ca
-//!   publishes; deleting a workload deletes its Deployment; new `cacerts`
-//!   are applied to the `cacerts` Secret.
+//!   `kubectl create token --audience istio-ca`, always bound to a live pod
+//!   (meshid-ca accepts no other): a sample pod's own, or a test client's
+//!   pod created on the fly; the root bundle from the `istio-ca-root-cert`
+//!   ConfigMap meshid-ca publishes; deleting a workload deletes its
+//!   Deployment; new `cacerts` go into the `cacerts` Secret; a shim's
+//!   inbound mode is PUT on its admin `/policy`; the agents' and ztunnels'
+//!   `SECRET_TTL` is patched to the spec's TTL.
 //! - the pods are the manifests' (sidecar-app, sidecar-envoy, ztunnel
-//!   overlays), matched to the spec's pods by their `app` label; the
-//!   harness reaches their ports, the CA's and the ztunnels' admin through
-//!   `kubectl port-forward` on 127.0.0.1.
+//!   overlays), matched to the spec's pods by their `app` label and to the
+//!   ambient workloads by service account; the harness reaches their ports,
+//!   the CA's and the ztunnels' admin through `kubectl port-forward` on
+//!   127.0.0.1.
 //! - spans: the meshid-telemetry ConfigMaps are pointed at the harness's
 //!   OTLP receiver, bound on the kind network's gateway, and the workloads
 //!   restarted to read it.
 //!
-//! What a cluster cannot do as the process backend does is refused with an
-//! error saying so: stopping one container of a pod, and changing a pod's
-//! inbound mode at runtime (the manifests give the shim a fixed `--mode`).
+//! What a cluster cannot do as the process backend does is an
+//! [`Error::Unsupported`] (the case is reported skipped, with the reason):
+//! stopping, starting or freezing one container of a pod, writing a pod's
+//! token file, an already-expired token, a load fleet of pods, the Envoy
+//! pod's mode, the agents' Unix sockets. Ambient workloads get no outbound
+//! listener (nothing leads their traffic into the ztunnel here), and the
+//! ztunnels' HBONE address is not told (CONNECT targets are pod IPs).
 //!
 //! Nothing here has run against a real cluster on the machines this project
-//! is built on (no kind CLI, no node image): the command lines are unit-tested.
+//! is built on (no kind CLI, no node image): the command lines are
+//! unit-tested, and `tests/kind_fake.rs` runs the backend's paths against a
+//! fake kubectl (`src/bin/fake-kubectl.rs`).
 
 pub mod kubectl;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -39,7 +49,7 @@ use crate::Error;
 use crate::http::{self, Response};
 use crate::otlp::OtlpReceiver;
 use crate::spec::MeshSpec;
-use crate::topology::{Ambient, Pod, Proxy, Topology};
+use crate::topology::{Ambient, Mode, Pod, Proxy, Topology};
 
 /// Ports in the manifests' pods.
 const CA_GRPC: u16 = 15012;
@@ -55,12 +65,18 @@ const CA_REPLICAS: u32 = 2;
 /// The namespaces whose pods export spans.
 const TELEMETRY_NAMESPACES: &[&str] = &[SYSTEM_NAMESPACE, DEMO_NAMESPACE, AMBIENT_NAMESPACE];
 
+/// The image of the test clients' pods: the e2e image the sample apps run
+/// (`cargo xtask kind load` puts it on the nodes).
+const CLIENT_IMAGE: &str = "meshid/mesh:dev";
+/// The Deployments of the sidecar sample pods (sidecar-app, sidecar-envoy).
+const DEMO_DEPLOYMENTS: &[&str] = &["productpage", "reviews", "ratings", "legacy"];
+
 /// The tools the backend runs, for the sentence when one is missing.
 pub const TOOLS: &[&str] = &["kind", "kubectl", "docker"];
 
-/// Where `program` is on `PATH`, if anywhere.
+/// Whether `program` is on the tools' `PATH` ([`kubectl::search_path`]).
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
+    kubectl::search_path()
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
@@ -85,6 +101,15 @@ impl Forward {
             .iter()
             .map(|r| Ok((free_port()?, *r)))
             .collect::<Result<_, Error>>()?;
+        Self::open(namespace, target, ports).await
+    }
+
+    /// A port-forward on the given (local, remote) ports.
+    async fn open(
+        namespace: &str,
+        target: &str,
+        ports: Vec<(SocketAddr, u16)>,
+    ) -> Result<Self, Error> {
         let argv = kubectl::port_forward(namespace, target, &ports);
         let child = kubectl::spawn(&argv)?;
         let fwd = Forward {
@@ -119,19 +144,38 @@ impl Forward {
     }
 }
 
+/// Where a sample workload of the manifests runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Placed {
+    namespace: &'static str,
+    /// Its Deployment (what deleting the workload deletes).
+    deployment: String,
+    service_account: String,
+    /// The cluster's name of its running pod (what its tokens are bound to).
+    pod: String,
+}
+
+/// The manifests' pod-to-pod routes: the shim of `productpage` dials the
+/// pinned ClusterIP of `reviews` (kind/overlays/sidecar-app), the Envoy of
+/// `ratings` dials `productpage` by DNS (sidecar-envoy); both on 15001.
+const OUTBOUND_ROUTES: &[(&str, &str)] = &[("productpage", "reviews"), ("ratings", "productpage")];
+
 /// A mesh running in the kind cluster.
 #[derive(Debug)]
 pub struct KindMesh {
     state: MeshState,
     /// Port-forwards by component (`ca`, `<pod>`, `<node>/ztunnel`, `<ambient>`).
     forwards: BTreeMap<String, Forward>,
-    /// The cluster's pod name of each spec pod and ambient workload.
-    pod_names: BTreeMap<String, String>,
+    /// Each spec pod and ambient workload, by its spec name.
+    placed: BTreeMap<String, Placed>,
+    /// The test clients' pods created for [`Topology::token_for`] (namespace, pod).
+    clients: BTreeSet<(String, String)>,
 }
 
 impl KindMesh {
-    /// Finds the deployed mesh, points its telemetry at the harness, and
-    /// opens the port-forwards the suites use.
+    /// Finds the deployed mesh, points its telemetry at the harness, gives
+    /// the agents and ztunnels the spec's certificate TTL, and opens the
+    /// port-forwards the suites use.
     pub async fn start(spec: MeshSpec) -> Result<Self, Error> {
         let missing: Vec<&str> = TOOLS.iter().copied().filter(|t| !on_path(t)).collect();
         if !missing.is_empty() {
@@ -162,10 +206,10 @@ impl KindMesh {
             OtlpReceiver::start_forwarding_on(SocketAddr::new(gateway, 0), spec.extra_otlp.clone())
                 .await
                 .map_err(|e| Error::Setup(format!("OTLP receiver on {gateway}: {e}")))?;
+        set_ttl(spec.ttl).await?;
         point_telemetry_at(&otlp.endpoint()).await?;
 
         let dir = std::env::temp_dir().join(format!("meshid-e2e-kind-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let ca =
             Forward::start(SYSTEM_NAMESPACE, "svc/meshid-ca", &[CA_GRPC, CA_MONITORING]).await?;
         let state = MeshState::new(
@@ -178,7 +222,8 @@ impl KindMesh {
         let mut mesh = KindMesh {
             state,
             forwards: BTreeMap::from([("ca".to_owned(), ca)]),
-            pod_names: BTreeMap::new(),
+            placed: BTreeMap::new(),
+            clients: BTreeSet::new(),
         };
         mesh.refresh_root().await?;
         mesh.open_pods().await?;
@@ -187,34 +232,37 @@ impl KindMesh {
     }
 
     /// Writes the root bundle of the `istio-ca-root-cert` ConfigMap where
-    /// [`MeshState::root_pem`] reads it.
-    async fn refresh_root(&self) -> Result<(), Error> {
+    /// [`MeshState::root_pem`] reads it; returns it.
+    async fn refresh_root(&self) -> Result<String, Error> {
         let pem = kubectl::output(&kubectl::root_configmap(DEMO_NAMESPACE), None).await?;
         if !pem.contains("BEGIN CERTIFICATE") {
             return Err(Error::Setup(format!(
                 "the istio-ca-root-cert ConfigMap in {DEMO_NAMESPACE} holds no certificate"
             )));
         }
-        super::write(&self.state.root_out, &pem)
+        super::write(&self.state.root_out, &pem)?;
+        Ok(pem)
     }
 
     async fn open_pods(&mut self) -> Result<(), Error> {
         let td = self.state.spec.trust_domain.clone();
         for p in self.state.spec.pods.clone() {
-            let name = kubectl::output(&kubectl::pod_of_app(DEMO_NAMESPACE, &p.name), None)
-                .await?
-                .trim()
-                .to_owned();
-            if name.is_empty() {
+            let found =
+                kubectl::output(&kubectl::pods_and_nodes(DEMO_NAMESPACE, &p.name), None).await?;
+            let Some((name, _)) = parse_pods_and_nodes(&found).into_iter().next() else {
                 return Err(Error::Setup(format!(
                     "no running pod labelled app={} in {DEMO_NAMESPACE}",
                     p.name
                 )));
-            }
-            // Only the Envoy pod has an outbound route in the manifests (to productpage).
-            let outbound = p.proxy == Proxy::Envoy;
+            };
+            let route = OUTBOUND_ROUTES
+                .iter()
+                .find(|(from, to)| {
+                    *from == p.name && self.state.spec.pods.iter().any(|q| q.name == *to)
+                })
+                .map(|(_, to)| (*to).to_owned());
             let mut remote = vec![INBOUND, APP, PROXY_ADMIN, AGENT_ADMIN];
-            if outbound {
+            if route.is_some() {
                 remote.push(OUTBOUND);
             }
             let fwd = Forward::start(DEMO_NAMESPACE, &format!("pod/{name}"), &remote).await?;
@@ -228,23 +276,33 @@ impl KindMesh {
                 proxy: p.proxy,
                 mode: p.mode,
                 inbound: fwd.local(INBOUND)?,
-                outbound: if outbound {
-                    Some((fwd.local(OUTBOUND)?, "productpage".to_owned()))
-                } else {
-                    None
+                outbound: match route {
+                    Some(to) => Some((fwd.local(OUTBOUND)?, to)),
+                    None => None,
                 },
                 app: fwd.local(APP)?,
                 agent: format!("{}/agent", p.name),
                 proxy_component: format!("{}/proxy", p.name),
             });
-            self.pod_names.insert(p.name.clone(), name);
+            self.placed.insert(
+                p.name.clone(),
+                Placed {
+                    namespace: DEMO_NAMESPACE,
+                    deployment: p.name.clone(),
+                    service_account: p.service_account.clone(),
+                    pod: name,
+                },
+            );
             self.forwards.insert(p.name, fwd);
         }
         Ok(())
     }
 
-    /// The ambient sample workloads, on whichever node the scheduler chose,
-    /// and each node's ztunnel.
+    /// The ambient sample workloads (found by service account: the spec
+    /// names them `frontend-0`, the manifests' Deployments `frontend`), on
+    /// the node their manifest pins them to, and each node's ztunnel. No
+    /// workload gets an outbound listener: nothing leads a pod's traffic into
+    /// the ztunnel in this cluster (see kind/README.md).
     async fn open_ambient(&mut self) -> Result<(), Error> {
         let td = self.state.spec.trust_domain.clone();
         let ztunnels =
@@ -256,12 +314,15 @@ impl KindMesh {
         }
         for node in self.state.spec.nodes.clone() {
             for (name, sa) in &node.workloads {
-                let found =
-                    kubectl::output(&kubectl::pods_and_nodes(AMBIENT_NAMESPACE, name), None)
-                        .await?;
+                let found = kubectl::output(
+                    &kubectl::pods_of_service_account(AMBIENT_NAMESPACE, sa),
+                    None,
+                )
+                .await?;
                 let Some((pod, on)) = parse_pods_and_nodes(&found).into_iter().next() else {
                     return Err(Error::Setup(format!(
-                        "no running pod labelled app={name} in {AMBIENT_NAMESPACE}"
+                        "no running pod of service account {AMBIENT_NAMESPACE}/{sa} \
+                         (workload {name})"
                     )));
                 };
                 let fwd = Forward::start(AMBIENT_NAMESPACE, &format!("pod/{pod}"), &[APP]).await?;
@@ -276,10 +337,35 @@ impl KindMesh {
                     outbound: None,
                     ztunnel: format!("{on}/ztunnel"),
                 });
-                self.pod_names.insert(name.clone(), pod);
+                self.placed.insert(
+                    name.clone(),
+                    Placed {
+                        namespace: AMBIENT_NAMESPACE,
+                        deployment: sa.clone(),
+                        service_account: sa.clone(),
+                        pod,
+                    },
+                );
                 self.forwards.insert(name.clone(), fwd);
             }
         }
+        Ok(())
+    }
+
+    /// A test client's own pod `namespace/pod` of service account `sa`
+    /// (the CA accepts only tokens bound to a live pod): created once,
+    /// with its namespace and account, and waited for.
+    async fn ensure_client(&mut self, namespace: &str, sa: &str, pod: &str) -> Result<(), Error> {
+        let key = (namespace.to_owned(), pod.to_owned());
+        if self.clients.contains(&key) {
+            return Ok(());
+        }
+        let objects = client_objects(namespace, sa, pod).to_string();
+        kubectl::output(&kubectl::apply_stdin(), Some(&objects)).await?;
+        kubectl::output(&kubectl::wait_ready(namespace, pod), None).await?;
+        // meshid-ca finds a token's pod in its watch cache: give it a beat.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        self.clients.insert(key);
         Ok(())
     }
 
@@ -314,12 +400,84 @@ impl KindMesh {
     }
 }
 
-/// `name node` lines of [`kubectl::pods_and_nodes`].
+/// The objects of a test client's pod, for `kubectl apply -f -`: its
+/// namespace, service account, and an idle pod (the echo app of the e2e
+/// image on its loopback) labelled [`kubectl::CLIENT_LABEL`].
+fn client_objects(namespace: &str, sa: &str, pod: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": sa, "namespace": namespace},
+                "automountServiceAccountToken": false
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod,
+                    "namespace": namespace,
+                    "labels": {kubectl::CLIENT_LABEL: "true"}
+                },
+                "spec": {
+                    "serviceAccountName": sa,
+                    "automountServiceAccountToken": false,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "idle",
+                        "image": CLIENT_IMAGE,
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": ["/usr/local/bin/meshid-echo", "--listen", "127.0.0.1:8080"],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "runAsUser": 1337,
+                            "capabilities": {"drop": ["ALL"]}
+                        }
+                    }]
+                }
+            }
+        ]
+    })
+}
+
+/// The `cacerts` Secret holding `current` (its `data`, base64) with `files`
+/// replaced, as JSON for `kubectl apply -f -`.
+fn cacerts_secret(
+    current: &serde_json::Map<String, serde_json::Value>,
+    files: &[(&str, String)],
+) -> serde_json::Value {
+    use base64::Engine as _;
+    let mut data = current.clone();
+    for (name, contents) in files {
+        data.insert(
+            (*name).to_owned(),
+            base64::engine::general_purpose::STANDARD
+                .encode(contents)
+                .into(),
+        );
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": "cacerts", "namespace": SYSTEM_NAMESPACE},
+        "data": data
+    })
+}
+
+/// `(name, node)` of the live pods in [`kubectl::POD_LINES`] output: a line
+/// with a third field (a `deletionTimestamp`) is a terminating pod, skipped.
 pub fn parse_pods_and_nodes(text: &str) -> Vec<(String, String)> {
     text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_owned(), it.next()?.to_owned()))
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, node] => Some((name.to_owned(), node.to_owned())),
+            _ => None,
         })
         .collect()
 }
@@ -327,21 +485,62 @@ pub fn parse_pods_and_nodes(text: &str) -> Vec<(String, String)> {
 /// The gateway of the `kind` docker network: the host's address as the
 /// nodes' pods reach it.
 async fn kind_gateway() -> Result<IpAddr, Error> {
-    let out = crate::backend::docker::cli::docker(
-        "inspect the kind network",
-        [
+    let action = "docker network inspect kind";
+    let out = kubectl::command("docker")
+        .args([
             "network",
             "inspect",
             "kind",
             "--format",
             "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
-        ],
-    )
-    .await?;
-    out.split_whitespace()
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Setup(format!("{action}: cannot run docker: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "{action} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    text.split_whitespace()
         .filter_map(|s| s.parse::<IpAddr>().ok())
         .find(IpAddr::is_ipv4)
-        .ok_or_else(|| Error::Setup(format!("the kind network has no IPv4 gateway ({out:?})")))
+        .ok_or_else(|| Error::Setup(format!("the kind network has no IPv4 gateway ({text:?})")))
+}
+
+/// Gives every sample pod's agent and every ztunnel the spec's certificate
+/// TTL (their `SECRET_TTL`; the manifests leave the 24 h default), as the
+/// process backend passes it on their command lines. The pods restart with
+/// it ([`point_telemetry_at`] waits for the rollouts).
+async fn set_ttl(ttl: Duration) -> Result<(), Error> {
+    let env = serde_json::json!([{"name": "SECRET_TTL", "value": format!("{}s", ttl.as_secs())}]);
+    let agent = serde_json::json!({"spec": {"template": {"spec": {
+        "initContainers": [{"name": "meshid-agent", "env": env}]
+    }}}});
+    for d in DEMO_DEPLOYMENTS {
+        kubectl::output(
+            &kubectl::patch(
+                DEMO_NAMESPACE,
+                &format!("deployment/{d}"),
+                &agent.to_string(),
+            ),
+            None,
+        )
+        .await?;
+    }
+    let ztunnel = serde_json::json!({"spec": {"template": {"spec": {
+        "containers": [{"name": "ztunnel", "env": env}]
+    }}}});
+    kubectl::output(
+        &kubectl::patch(SYSTEM_NAMESPACE, "daemonset/ztunnel", &ztunnel.to_string()),
+        None,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Points every meshid-telemetry ConfigMap at `endpoint` and restarts the
@@ -360,7 +559,7 @@ async fn point_telemetry_at(endpoint: &str) -> Result<(), Error> {
             None,
         )
         .await?;
-        kubectl::output(&kubectl::args(["apply", "-f", "-"]), Some(&yaml)).await?;
+        kubectl::output(&kubectl::apply_stdin(), Some(&yaml)).await?;
     }
     for (ns, kind) in [
         (SYSTEM_NAMESPACE, "deployment"),
@@ -370,14 +569,16 @@ async fn point_telemetry_at(endpoint: &str) -> Result<(), Error> {
         kubectl::output(&kubectl::rollout_restart(ns, kind), None).await?;
     }
     for (ns, what) in [
-        (SYSTEM_NAMESPACE, "deployment/meshid-ca"),
-        (SYSTEM_NAMESPACE, "daemonset/ztunnel"),
-        (DEMO_NAMESPACE, "deployment/productpage"),
-        (DEMO_NAMESPACE, "deployment/reviews"),
-        (DEMO_NAMESPACE, "deployment/ratings"),
-        (DEMO_NAMESPACE, "deployment/legacy"),
-    ] {
-        kubectl::output(&kubectl::rollout_status(ns, what), None).await?;
+        (SYSTEM_NAMESPACE, "deployment/meshid-ca".to_owned()),
+        (SYSTEM_NAMESPACE, "daemonset/ztunnel".to_owned()),
+    ]
+    .into_iter()
+    .chain(
+        DEMO_DEPLOYMENTS
+            .iter()
+            .map(|d| (DEMO_NAMESPACE, format!("deployment/{d}"))),
+    ) {
+        kubectl::output(&kubectl::rollout_status(ns, &what), None).await?;
     }
     Ok(())
 }
@@ -395,18 +596,45 @@ impl Topology for KindMesh {
         &mut self.state
     }
 
+    /// A token from the API server (`kubectl create token`, audience
+    /// istio-ca), bound to a live pod, since meshid-ca accepts no other:
+    /// - a sample pod or ambient workload of the manifests: for the
+    ///   namespace and account its manifest gives it, bound to its running
+    ///   pod. The process backend's namespace `default` is taken to mean
+    ///   the manifests' (`meshid-demo`, `meshid-ambient`); another namespace,
+    ///   or another account, is an error (that pod has no such token);
+    /// - any other pod (a test client's own): the pod is created first in
+    ///   `namespace` with account `service_account` (the process backend
+    ///   registers it), then the token is bound to it.
     async fn token_for(
         &mut self,
         namespace: &str,
         service_account: &str,
         pod: &str,
     ) -> Result<String, Error> {
-        let bound = self.pod_names.get(pod).map(String::as_str);
-        let token = kubectl::output(
-            &kubectl::create_token(namespace, service_account, bound),
-            None,
-        )
-        .await?;
+        let argv = match self.placed.get(pod) {
+            Some(w) => {
+                if namespace != w.namespace && namespace != "default" {
+                    return Err(Error::Setup(format!(
+                        "token_for {namespace}/{pod}: {pod} runs in namespace {} in the cluster",
+                        w.namespace
+                    )));
+                }
+                if service_account != w.service_account {
+                    return Err(Error::Setup(format!(
+                        "token_for {namespace}/{pod} as {service_account}: {pod} runs as \
+                         service account {}/{}",
+                        w.namespace, w.service_account
+                    )));
+                }
+                kubectl::create_token(w.namespace, service_account, Some(&w.pod))
+            }
+            None => {
+                self.ensure_client(namespace, service_account, pod).await?;
+                kubectl::create_token(namespace, service_account, Some(pod))
+            }
+        };
+        let token = kubectl::output(&argv, None).await?;
         Ok(token.trim().to_owned())
     }
 
@@ -416,10 +644,12 @@ impl Topology for KindMesh {
 
     async fn stop(&mut self, component: &str) -> Result<(), Error> {
         if component != "ca" {
-            return Err(Error::Setup(format!(
-                "the kind backend cannot stop {component}: a container of a running pod \
-                 cannot be stopped alone in Kubernetes"
-            )));
+            return Err(self.unsupported_because(
+                "stop",
+                component,
+                "Kubernetes stops no single container of a running pod; only the CA (a \
+                 Deployment of its own) is scaled to 0 and back",
+            ));
         }
         kubectl::output(&kubectl::scale(SYSTEM_NAMESPACE, "meshid-ca", 0), None).await?;
         Ok(())
@@ -427,9 +657,12 @@ impl Topology for KindMesh {
 
     async fn start(&mut self, component: &str) -> Result<(), Error> {
         if component != "ca" {
-            return Err(Error::Setup(format!(
-                "the kind backend cannot start {component} alone"
-            )));
+            return Err(self.unsupported_because(
+                "start",
+                component,
+                "Kubernetes starts no single container of a running pod; only the CA (a \
+                 Deployment of its own) is scaled to 0 and back",
+            ));
         }
         kubectl::output(
             &kubectl::scale(SYSTEM_NAMESPACE, "meshid-ca", CA_REPLICAS),
@@ -448,49 +681,168 @@ impl Topology for KindMesh {
             .remove("ca")
             .ok_or_else(|| Error::Setup("no port-forward to the CA".into()))?;
         let ports: Vec<(SocketAddr, u16)> = old.ports.iter().map(|(r, l)| (*l, *r)).collect();
+        let mut old = old;
+        let _ = old.child.kill().await;
         drop(old);
-        let argv = kubectl::port_forward(SYSTEM_NAMESPACE, "svc/meshid-ca", &ports);
-        let fwd = Forward {
-            child: kubectl::spawn(&argv)?,
-            ports: ports.iter().map(|(l, r)| (*r, *l)).collect(),
-            argv,
-        };
-        fwd.wait_listening().await?;
+        let fwd = Forward::open(SYSTEM_NAMESPACE, "svc/meshid-ca", ports).await?;
         self.forwards.insert("ca".into(), fwd);
         Ok(())
     }
 
-    async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {
-        let namespace = if self.state.ambient.iter().any(|a| a.name == pod) {
-            AMBIENT_NAMESPACE
-        } else {
-            DEMO_NAMESPACE
-        };
-        kubectl::output(&kubectl::delete_deployment(namespace, pod), None).await?;
-        Ok(())
+    async fn pause(&mut self, component: &str) -> Result<(), Error> {
+        Err(self.unsupported_because(
+            "pause",
+            component,
+            "the Kubernetes API cannot freeze a container (no SIGSTOP through kubectl)",
+        ))
     }
 
-    async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
-        let dir = self.state.dir.join("cacerts");
-        crate::cluster::write_ca_files(&dir, files)?;
-        let from: Vec<String> = files
-            .iter()
-            .map(|(name, _)| format!("--from-file={name}={}", dir.join(name).display()))
-            .collect();
-        let yaml = kubectl::output(
-            &kubectl::render_object(&["secret", "generic"], SYSTEM_NAMESPACE, "cacerts", &from),
+    async fn resume(&mut self, component: &str) -> Result<(), Error> {
+        Err(self.unsupported_because(
+            "resume",
+            component,
+            "the Kubernetes API cannot freeze a container (no SIGSTOP through kubectl)",
+        ))
+    }
+
+    async fn set_pod_token(&mut self, pod: &str, _token: &str) -> Result<(), Error> {
+        Err(self.unsupported_because(
+            "set_pod_token",
+            pod,
+            "the kubelet owns the pod's projected token file; the harness cannot write it",
+        ))
+    }
+
+    fn pod_uds_dir(&self, pod: &str) -> Result<std::path::PathBuf, Error> {
+        Err(self.unsupported_because(
+            "the agent's Unix sockets of",
+            pod,
+            "they live in the pod's memory volume; a port-forward carries TCP only",
+        ))
+    }
+
+    fn expired_token_for(
+        &self,
+        namespace: &str,
+        _service_account: &str,
+        pod: &str,
+        _ago: Duration,
+    ) -> Result<String, Error> {
+        Err(self.unsupported_because(
+            "expired_token_for",
+            &format!("{namespace}/{pod}"),
+            "the API server issues no token that has already expired (a TokenRequest \
+             lives 10 minutes at least)",
+        ))
+    }
+
+    async fn register_pods(
+        &mut self,
+        namespace: &str,
+        pods: &[(String, String)],
+    ) -> Result<Vec<String>, Error> {
+        Err(self.unsupported_because(
+            "register_pods",
+            namespace,
+            &format!(
+                "a fleet of {} workloads would be as many pods in the cluster; not done",
+                pods.len()
+            ),
+        ))
+    }
+
+    /// Deletes the workload's Deployment: its pod is deleted (the API sets
+    /// its `deletionTimestamp`), so meshid-ca, which counts a terminating
+    /// pod as gone, refuses its token at once, as the process backend's
+    /// registry removal does. The pod's containers keep serving what they
+    /// hold while it terminates: the `legacy` pod's manifest holds its app
+    /// container in a `preStop` sleep for that (kind/overlays/sidecar-app).
+    async fn delete_workload(&mut self, pod: &str) -> Result<(), Error> {
+        let w = self
+            .placed
+            .get(pod)
+            .ok_or_else(|| Error::Setup(format!("no workload named {pod:?}")))?;
+        kubectl::output(
+            &kubectl::delete_deployment(w.namespace, &w.deployment),
             None,
         )
         .await?;
-        kubectl::output(&kubectl::args(["apply", "-f", "-"]), Some(&yaml)).await?;
         Ok(())
     }
 
-    async fn set_mode(&mut self, pod: &str, _mode: crate::topology::Mode) -> Result<(), Error> {
-        Err(Error::Setup(format!(
-            "the kind backend cannot change {pod}'s inbound mode at runtime: the manifests \
-             start each shim with a fixed --mode"
-        )))
+    /// Writes `files` into the `cacerts` Secret (meshid-ca watches it),
+    /// keeping its other keys, through standard input only; then waits up
+    /// to 30 s for a new root to reach `istio-ca-root-cert`.
+    async fn update_ca_files(&mut self, files: &[(&str, String)]) -> Result<(), Error> {
+        let current =
+            kubectl::output(&kubectl::get_secret_json(SYSTEM_NAMESPACE, "cacerts"), None).await?;
+        let data = if current.trim().is_empty() {
+            serde_json::Map::new()
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&current).map_err(|e| {
+                Error::Setup(format!(
+                    "the cacerts Secret kubectl printed is not JSON: {e}"
+                ))
+            })?;
+            v.get("data")
+                .and_then(|d| d.as_object())
+                .cloned()
+                .unwrap_or_default()
+        };
+        let before = self.state.root_pem().unwrap_or_default();
+        let secret = cacerts_secret(&data, files).to_string();
+        kubectl::output(&kubectl::apply_stdin(), Some(&secret)).await?;
+        if files.iter().any(|(name, _)| *name == "root-cert.pem") {
+            for _ in 0..30 {
+                if self.refresh_root().await? != before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// meshid-ca publishes `istio-ca-root-cert` itself and the kubelet
+    /// refreshes the pods' copies; the harness reads the ConfigMap again.
+    async fn publish_ca_roots(&self) -> Result<(), Error> {
+        self.refresh_root().await.map(|_| ())
+    }
+
+    /// PUTs the policy on the shim's admin `/policy` (through the pod's
+    /// port-forward): the shim switches at once, as it does when the process
+    /// backend rewrites its policy file. Held until the pod restarts (its
+    /// manifest's `--mode` then applies again). The Envoy pod cannot.
+    async fn set_mode(&mut self, pod: &str, mode: Mode) -> Result<(), Error> {
+        let p = self
+            .state
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| Error::Setup(format!("no pod named {pod:?}")))?;
+        if p.proxy == Proxy::Envoy {
+            return Err(self.unsupported_because(
+                "set_mode",
+                pod,
+                "its proxy is a real Envoy whose inbound mode is fixed in its bootstrap ConfigMap",
+            ));
+        }
+        let component = p.proxy_component.clone();
+        let addr = self.admin_addr(&component)?;
+        let body = policy_yaml(mode);
+        let r = http::request(addr, "PUT", "/policy", &body, Duration::from_secs(5)).await?;
+        if r.status != 200 || !r.body.contains(mode.as_str()) {
+            return Err(Error::Component {
+                name: component,
+                message: format!(
+                    "PUT /policy {:?} answered {}: {}",
+                    body,
+                    r.status,
+                    r.body.trim()
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {
@@ -511,9 +863,9 @@ impl Topology for KindMesh {
                 "pod {:<10} {}  pod {}  inbound {}  app {}",
                 p.name,
                 p.id,
-                self.pod_names
+                self.placed
                     .get(&p.name)
-                    .map(String::as_str)
+                    .map(|w| w.pod.as_str())
                     .unwrap_or("?"),
                 p.inbound,
                 p.app
@@ -530,13 +882,27 @@ impl Topology for KindMesh {
         out
     }
 
+    /// Ends the port-forwards and deletes the test clients' pods; the
+    /// cluster and the manifests' workloads stay (`cargo xtask kind down`).
     async fn teardown(&mut self) {
-        // The port-forwards end with their children; the cluster stays
-        // (`cargo xtask kind down` deletes it).
         for (_, mut f) in std::mem::take(&mut self.forwards) {
             let _ = f.child.kill().await;
         }
+        let namespaces: BTreeSet<String> = std::mem::take(&mut self.clients)
+            .into_iter()
+            .map(|(ns, _)| ns)
+            .collect();
+        for ns in namespaces {
+            if let Err(e) = kubectl::output(&kubectl::delete_clients(&ns), None).await {
+                eprintln!("e2e: deleting the test clients' pods in {ns}: {e}");
+            }
+        }
     }
+}
+
+/// The shim's policy file, as the process backend writes it.
+fn policy_yaml(mode: Mode) -> String {
+    format!("mtls:\n  mode: {}\n", mode.as_str())
 }
 
 #[cfg(test)]
@@ -555,5 +921,12 @@ mod tests {
         );
         assert!(parse_pods_and_nodes("").is_empty());
         assert!(parse_pods_and_nodes("lonely\n").is_empty());
+        // A terminating pod (its deletionTimestamp third) is not live.
+        assert_eq!(
+            parse_pods_and_nodes(
+                "legacy-old meshid-worker 2026-12-02T09:00:00Z\nlegacy-new meshid-worker2 \n"
+            ),
+            [("legacy-new".to_owned(), "meshid-worker2".to_owned())]
+        );
     }
 }
