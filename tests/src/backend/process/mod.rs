@@ -28,11 +28,9 @@ use crate::otlp::OtlpReceiver;
 use crate::spec::{MeshSpec, PodSpec};
 use crate::topology::{Ambient, Pod, Proxy, Topology};
 
-/// A free loopback port (bound and released; the component binds it next).
+/// A loopback port for a component (it binds it next; [`crate::ports`]).
 fn free_port() -> Result<SocketAddr, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::Setup(format!("no free port: {e}")))?;
-    l.local_addr().map_err(|e| Error::Setup(e.to_string()))
+    crate::ports::reserve()
 }
 
 /// A running process mesh.
