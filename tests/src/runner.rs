@@ -159,7 +159,15 @@ pub async fn run(args: Args) -> u8 {
             return 2;
         }
     };
+    let max_backoff = match run_max_backoff(&args.backend) {
+        Ok(cap) => cap,
+        Err(e) => {
+            eprintln!("meshid-e2e: {e}");
+            return 2;
+        }
+    };
     let spec = MeshSpec {
+        max_backoff,
         trust_domain: "cluster.local".into(),
         ttl: Duration::from_secs(args.ttl),
         pods: default_pods(),
@@ -223,6 +231,26 @@ pub async fn run(args: Args) -> u8 {
     let logs = mesh.dir().join("logs");
     drive(mesh, &args, &chosen, started, logs).await
 }
+
+/// The agents' and ztunnels' CA retry cap in a run: [`RUN_MAX_BACKOFF`],
+/// or `MESHID_E2E_MAX_BACKOFF` (a duration, or `default` for the
+/// components' own 30 s). The kind backend's manifests set none.
+fn run_max_backoff(backend: &str) -> Result<Option<Duration>, String> {
+    if backend == "kind" {
+        return Ok(None);
+    }
+    match std::env::var("MESHID_E2E_MAX_BACKOFF") {
+        Err(_) => Ok(Some(RUN_MAX_BACKOFF)),
+        Ok(v) if v == "default" => Ok(None),
+        Ok(v) => meshid_common::config::parse_duration(&v)
+            .map(Some)
+            .map_err(|e| format!("MESHID_E2E_MAX_BACKOFF={v}: {e}")),
+    }
+}
+
+/// The retry cap of a run: small, so the reliability suite's CA outage
+/// lasts several cap periods (DESIGN's default, 30 s, is for clusters).
+pub const RUN_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs the suites on a mesh that is up, reports, and tears it down.
 async fn drive(

@@ -96,6 +96,16 @@ pub trait Topology {
     fn pods(&self) -> &[Pod] {
         &self.state().pods
     }
+    /// The agents' and ztunnels' CA-client retry schedule: first delay and cap.
+    fn ca_client_backoff(&self) -> (Duration, Duration) {
+        (
+            meshid_common::identity::DEFAULT_INITIAL_BACKOFF,
+            self.state()
+                .spec
+                .max_backoff
+                .unwrap_or(meshid_common::identity::DEFAULT_MAX_BACKOFF),
+        )
+    }
     fn ambient(&self) -> &[Ambient] {
         &self.state().ambient
     }

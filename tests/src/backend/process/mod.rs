@@ -152,6 +152,7 @@ impl ProcessMesh {
                 "--admin-addr".into(),
                 admin.to_string(),
             ]);
+            spec = spec.args(self.state.spec.backoff_args());
             for (m, other) in nodes.iter().enumerate() {
                 if m != n {
                     spec = spec
@@ -296,6 +297,7 @@ impl ProcessMesh {
                     .display()
             ),
         ]);
+        let spec = spec.args(self.state.spec.backoff_args());
         let spec = self.telemetry_env(spec, "meshid-agent");
         self.launch(spec, agent_admin)?;
 
