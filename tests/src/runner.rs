@@ -282,8 +282,9 @@ async fn drive(
         .map(PathBuf::from)
         .unwrap_or_else(|| logs.clone());
     if !args.keep {
+        let written = mesh.written_files().await;
         mesh.teardown().await;
-        secrets_case(&run_dir, &mut report);
+        secrets_case(&run_dir, written, &mut report);
     }
     println!("\n{}", report.table());
     if let Some(trace) = suites::tracing::issuance_trace(&mesh.spans().all()) {
@@ -308,8 +309,9 @@ async fn drive(
     if args.keep {
         println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
         let _ = shutdown_signal().await;
+        let written = mesh.written_files().await;
         mesh.teardown().await;
-        secrets_case(&run_dir, &mut report);
+        secrets_case(&run_dir, written, &mut report);
         if let Some(case) = report.cases.last() {
             println!(
                 "secrets: {:?} {}",
@@ -323,14 +325,39 @@ async fn drive(
 
 /// The `secrets` case: no private key anywhere under the run's directory
 /// (which holds every working directory, the logs and the components'
-/// `TMPDIR`) but the CA's own key files ([`crate::secrets`]).
-fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
+/// `TMPDIR`) but the CA's own key files, nor in any file a container wrote
+/// outside its mounts (`written`, [`Topology::written_files`]; taken before
+/// teardown) ([`crate::secrets`]).
+fn secrets_case(
+    run_dir: &std::path::Path,
+    written: Result<Vec<(String, Vec<u8>)>, crate::Error>,
+    report: &mut Report,
+) {
     let started = Instant::now();
     let allowed = crate::secrets::ca_keys_only(run_dir);
-    let (outcome, message) = match crate::secrets::scan(&[run_dir.to_path_buf()], &allowed) {
-        Ok(scan) if scan.leaks.is_empty() => {
+    let containers = written.map_err(|e| e.to_string()).and_then(|archives| {
+        let mut total = crate::secrets::Scan::default();
+        let mut labels = std::collections::BTreeSet::new();
+        for (label, tar) in &archives {
+            let one = crate::secrets::scan_tar(label, tar).map_err(|e| format!("{label}: {e}"))?;
+            labels.insert(label.clone());
+            total.files += one.files;
+            total.bytes += one.bytes;
+            total.leaks.extend(one.leaks);
+        }
+        Ok((total, labels.len()))
+    });
+    let scanned = crate::secrets::scan(&[run_dir.to_path_buf()], &allowed)
+        .map_err(|e| format!("scanning {}: {e}", run_dir.display()))
+        .and_then(|mut scan| {
+            let (inside, n) = containers?;
+            scan.leaks.extend(inside.leaks);
+            Ok((scan, inside.files, inside.bytes, n))
+        });
+    let (outcome, message) = match scanned {
+        Ok((scan, files, bytes, containers)) if scan.leaks.is_empty() => {
             eprintln!(
-                "e2e: secrets scan: {} files, {} bytes under {}: no private key outside the CA's key files ({} hits there)",
+                "e2e: secrets scan: {} files, {} bytes under {}; {files} files, {bytes} bytes written in {containers} containers' own filesystems: no private key outside the CA's key files ({} hits there)",
                 scan.files,
                 scan.bytes,
                 run_dir.display(),
@@ -338,7 +365,7 @@ fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
             );
             (crate::report::Outcome::Passed, None)
         }
-        Ok(scan) => (
+        Ok((scan, ..)) => (
             crate::report::Outcome::Failed,
             Some(format!(
                 "private-key material in {} places outside the CA's key files:\n{}",
@@ -346,10 +373,7 @@ fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
                 crate::secrets::describe(&scan.leaks, 20)
             )),
         ),
-        Err(e) => (
-            crate::report::Outcome::Failed,
-            Some(format!("scanning {}: {e}", run_dir.display())),
-        ),
+        Err(e) => (crate::report::Outcome::Failed, Some(e)),
     };
     report.cases.push(crate::report::CaseResult {
         suite: "secrets".into(),

@@ -231,6 +231,13 @@ pub trait Topology {
     fn spans(&self) -> SpanStore {
         self.state().otlp.store.clone()
     }
+    /// Every file the components wrote outside the run's directory, for the
+    /// secrets scan, before teardown: (label, tar archive) pairs. The
+    /// process backend's components write only under the run's directory
+    /// (their `TMPDIR` too): nothing here.
+    async fn written_files(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        Ok(Vec::new())
+    }
     /// How to reach each part, for `--keep`.
     fn describe(&self) -> String;
     async fn teardown(&mut self);
