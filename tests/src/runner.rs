@@ -330,34 +330,32 @@ async fn drive(
 /// teardown) ([`crate::secrets`]).
 fn secrets_case(
     run_dir: &std::path::Path,
-    written: Result<Vec<(String, Vec<u8>)>, crate::Error>,
+    written: Result<crate::topology::WrittenFiles, crate::Error>,
     report: &mut Report,
 ) {
     let started = Instant::now();
     let allowed = crate::secrets::ca_keys_only(run_dir);
-    let containers = written.map_err(|e| e.to_string()).and_then(|archives| {
+    let containers = written.map_err(|e| e.to_string()).and_then(|written| {
         let mut total = crate::secrets::Scan::default();
-        let mut labels = std::collections::BTreeSet::new();
-        for (label, tar) in &archives {
+        for (label, tar) in &written.archives {
             let one = crate::secrets::scan_tar(label, tar).map_err(|e| format!("{label}: {e}"))?;
-            labels.insert(label.clone());
             total.files += one.files;
             total.bytes += one.bytes;
             total.leaks.extend(one.leaks);
         }
-        Ok((total, labels.len()))
+        Ok((total, written.examined, written.paths))
     });
     let scanned = crate::secrets::scan(&[run_dir.to_path_buf()], &allowed)
         .map_err(|e| format!("scanning {}: {e}", run_dir.display()))
         .and_then(|mut scan| {
-            let (inside, n) = containers?;
+            let (inside, examined, paths) = containers?;
             scan.leaks.extend(inside.leaks);
-            Ok((scan, inside.files, inside.bytes, n))
+            Ok((scan, inside.files, inside.bytes, examined, paths))
         });
     let (outcome, message) = match scanned {
-        Ok((scan, files, bytes, containers)) if scan.leaks.is_empty() => {
+        Ok((scan, files, bytes, examined, paths)) if scan.leaks.is_empty() => {
             eprintln!(
-                "e2e: secrets scan: {} files, {} bytes under {}; {files} files, {bytes} bytes written in {containers} containers' own filesystems: no private key outside the CA's key files ({} hits there)",
+                "e2e: secrets scan: {} files, {} bytes under {}; {examined} containers' own filesystems: {paths} paths written outside mounts, {files} files, {bytes} bytes: no private key outside the CA's key files ({} hits there)",
                 scan.files,
                 scan.bytes,
                 run_dir.display(),

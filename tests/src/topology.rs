@@ -77,6 +77,18 @@ pub struct Ambient {
     pub ztunnel: String,
 }
 
+/// What the components wrote outside the run's directory
+/// ([`Topology::written_files`]).
+#[derive(Debug, Default)]
+pub struct WrittenFiles {
+    /// Containers (or other sandboxes) looked at.
+    pub examined: usize,
+    /// Paths they wrote outside their mounts.
+    pub paths: usize,
+    /// (label, tar archive) of those paths.
+    pub archives: Vec<(String, Vec<u8>)>,
+}
+
 /// A running mesh, as suites see it. A backend provides its shared
 /// [`MeshState`] and what differs (component control, admin addresses,
 /// teardown); the accessors over the state are written once, here.
@@ -235,8 +247,8 @@ pub trait Topology {
     /// secrets scan, before teardown: (label, tar archive) pairs. The
     /// process backend's components write only under the run's directory
     /// (their `TMPDIR` too): nothing here.
-    async fn written_files(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        Ok(Vec::new())
+    async fn written_files(&self) -> Result<WrittenFiles, Error> {
+        Ok(WrittenFiles::default())
     }
     /// How to reach each part, for `--keep`.
     fn describe(&self) -> String;

@@ -62,7 +62,7 @@ use crate::cluster::{plugged_ca_files, write_ca_files};
 use crate::http::{self, Response};
 use crate::otlp::OtlpReceiver;
 use crate::spec::MeshSpec;
-use crate::topology::Topology;
+use crate::topology::{Topology, WrittenFiles};
 
 /// An [`Error::Docker`] for `action`.
 pub(crate) fn error(action: impl Into<String>, message: impl std::fmt::Display) -> Error {
@@ -521,12 +521,13 @@ impl Topology for DockerMesh {
     /// added or changed, copied out with `docker cp <container>:<path> -`
     /// (a tar archive, kept in memory). Mounted directories are host
     /// directories of the run, scanned there; the image is build output.
-    async fn written_files(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        let mut out = Vec::new();
+    async fn written_files(&self) -> Result<WrittenFiles, Error> {
+        let mut out = WrittenFiles::default();
         for c in self.components.values() {
             if c.container.is_none() {
                 continue;
             }
+            out.examined += 1;
             let name = c.docker_name.as_str();
             let diff = cli::docker(&format!("diff {name}"), ["diff", name]).await?;
             // `docker cp` of a mount point copies the mounted host directory.
@@ -546,6 +547,7 @@ impl Topology for DockerMesh {
                 .filter(|m| !m.is_empty())
                 .collect();
             for path in paths_to_copy(&diff, &mounts) {
+                out.paths += 1;
                 let action = format!("cp {name}:{path}");
                 let from = format!("{name}:{path}");
                 let copied = cli::run(&action, ["cp", from.as_str(), "-"]).await?;
@@ -559,7 +561,8 @@ impl Topology for DockerMesh {
                 }
                 // The archive names entries from the copied path's own name on.
                 let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or_default();
-                out.push((format!("docker:{name}:{parent}/"), copied.stdout));
+                out.archives
+                    .push((format!("docker:{name}:{parent}/"), copied.stdout));
             }
         }
         Ok(out)
