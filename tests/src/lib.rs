@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod echo;
 pub mod http;
 pub mod otlp;
+pub mod ports;
 pub mod report;
 pub mod runner;
 pub mod secrets;

@@ -159,7 +159,15 @@ pub async fn run(args: Args) -> u8 {
             return 2;
         }
     };
+    let max_backoff = match run_max_backoff(&args.backend) {
+        Ok(cap) => cap,
+        Err(e) => {
+            eprintln!("meshid-e2e: {e}");
+            return 2;
+        }
+    };
     let spec = MeshSpec {
+        max_backoff,
         trust_domain: "cluster.local".into(),
         ttl: Duration::from_secs(args.ttl),
         pods: default_pods(),
@@ -224,6 +232,26 @@ pub async fn run(args: Args) -> u8 {
     drive(mesh, &args, &chosen, started, logs).await
 }
 
+/// The agents' and ztunnels' CA retry cap in a run: [`RUN_MAX_BACKOFF`],
+/// or `MESHID_E2E_MAX_BACKOFF` (a duration, or `default` for the
+/// components' own 30 s). The kind backend's manifests set none.
+fn run_max_backoff(backend: &str) -> Result<Option<Duration>, String> {
+    if backend == "kind" {
+        return Ok(None);
+    }
+    match std::env::var("MESHID_E2E_MAX_BACKOFF") {
+        Err(_) => Ok(Some(RUN_MAX_BACKOFF)),
+        Ok(v) if v == "default" => Ok(None),
+        Ok(v) => meshid_common::config::parse_duration(&v)
+            .map(Some)
+            .map_err(|e| format!("MESHID_E2E_MAX_BACKOFF={v}: {e}")),
+    }
+}
+
+/// The retry cap of a run: small, so the reliability suite's CA outage
+/// lasts several cap periods (DESIGN's default, 30 s, is for clusters).
+pub const RUN_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Runs the suites on a mesh that is up, reports, and tears it down.
 async fn drive(
     mut mesh: impl Topology,
@@ -254,8 +282,9 @@ async fn drive(
         .map(PathBuf::from)
         .unwrap_or_else(|| logs.clone());
     if !args.keep {
+        let written = mesh.written_files().await;
         mesh.teardown().await;
-        secrets_case(&run_dir, &mut report);
+        secrets_case(&run_dir, written, &mut report);
     }
     println!("\n{}", report.table());
     if let Some(trace) = suites::tracing::issuance_trace(&mesh.spans().all()) {
@@ -280,8 +309,9 @@ async fn drive(
     if args.keep {
         println!("\nthe mesh stays up (Ctrl-C to stop):\n{}", mesh.describe());
         let _ = shutdown_signal().await;
+        let written = mesh.written_files().await;
         mesh.teardown().await;
-        secrets_case(&run_dir, &mut report);
+        secrets_case(&run_dir, written, &mut report);
         if let Some(case) = report.cases.last() {
             println!(
                 "secrets: {:?} {}",
@@ -295,14 +325,37 @@ async fn drive(
 
 /// The `secrets` case: no private key anywhere under the run's directory
 /// (which holds every working directory, the logs and the components'
-/// `TMPDIR`) but the CA's own key files ([`crate::secrets`]).
-fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
+/// `TMPDIR`) but the CA's own key files, nor in any file a container wrote
+/// outside its mounts (`written`, [`Topology::written_files`]; taken before
+/// teardown) ([`crate::secrets`]).
+fn secrets_case(
+    run_dir: &std::path::Path,
+    written: Result<crate::topology::WrittenFiles, crate::Error>,
+    report: &mut Report,
+) {
     let started = Instant::now();
     let allowed = crate::secrets::ca_keys_only(run_dir);
-    let (outcome, message) = match crate::secrets::scan(&[run_dir.to_path_buf()], &allowed) {
-        Ok(scan) if scan.leaks.is_empty() => {
+    let containers = written.map_err(|e| e.to_string()).and_then(|written| {
+        let mut total = crate::secrets::Scan::default();
+        for (label, tar) in &written.archives {
+            let one = crate::secrets::scan_tar(label, tar).map_err(|e| format!("{label}: {e}"))?;
+            total.files += one.files;
+            total.bytes += one.bytes;
+            total.leaks.extend(one.leaks);
+        }
+        Ok((total, written.examined, written.paths))
+    });
+    let scanned = crate::secrets::scan(&[run_dir.to_path_buf()], &allowed)
+        .map_err(|e| format!("scanning {}: {e}", run_dir.display()))
+        .and_then(|mut scan| {
+            let (inside, examined, paths) = containers?;
+            scan.leaks.extend(inside.leaks);
+            Ok((scan, inside.files, inside.bytes, examined, paths))
+        });
+    let (outcome, message) = match scanned {
+        Ok((scan, files, bytes, examined, paths)) if scan.leaks.is_empty() => {
             eprintln!(
-                "e2e: secrets scan: {} files, {} bytes under {}: no private key outside the CA's key files ({} hits there)",
+                "e2e: secrets scan: {} files, {} bytes under {}; {examined} containers' own filesystems: {paths} paths written outside mounts, {files} files, {bytes} bytes: no private key outside the CA's key files ({} hits there)",
                 scan.files,
                 scan.bytes,
                 run_dir.display(),
@@ -310,7 +363,7 @@ fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
             );
             (crate::report::Outcome::Passed, None)
         }
-        Ok(scan) => (
+        Ok((scan, ..)) => (
             crate::report::Outcome::Failed,
             Some(format!(
                 "private-key material in {} places outside the CA's key files:\n{}",
@@ -318,10 +371,7 @@ fn secrets_case(run_dir: &std::path::Path, report: &mut Report) {
                 crate::secrets::describe(&scan.leaks, 20)
             )),
         ),
-        Err(e) => (
-            crate::report::Outcome::Failed,
-            Some(format!("scanning {}: {e}", run_dir.display())),
-        ),
+        Err(e) => (crate::report::Outcome::Failed, Some(e)),
     };
     report.cases.push(crate::report::CaseResult {
         suite: "secrets".into(),

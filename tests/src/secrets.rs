@@ -169,24 +169,108 @@ pub fn scan(roots: &[PathBuf], allowed: &dyn Fn(&Path) -> bool) -> std::io::Resu
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        scan.files += 1;
-        scan.bytes += data.len() as u64;
-        for (kind, needle) in &patterns {
-            for offset in find_all(&data, needle) {
+        let ok = allowed(&path);
+        scan.add(&patterns, &data, path, ok);
+    }
+    Ok(scan)
+}
+
+impl Scan {
+    /// Scans one file's bytes.
+    fn add(&mut self, patterns: &[(String, Vec<u8>)], data: &[u8], path: PathBuf, allowed: bool) {
+        self.files += 1;
+        self.bytes += data.len() as u64;
+        for (kind, needle) in patterns {
+            for offset in find_all(data, needle) {
                 let finding = Finding {
                     path: path.clone(),
                     offset,
                     kind: kind.clone(),
                 };
-                if allowed(&path) {
-                    scan.allowed.push(finding);
+                if allowed {
+                    self.allowed.push(finding);
                 } else {
-                    scan.leaks.push(finding);
+                    self.leaks.push(finding);
                 }
             }
         }
     }
+}
+
+/// Scans every regular file of a tar archive (as `docker cp <container>:<path> -`
+/// writes it), naming each `<label><path in the archive>`. No file of an
+/// archive is allowed to hold a key: the CA's key files live in its
+/// mounted directory, which is on the host.
+pub fn scan_tar(label: &str, tar: &[u8]) -> Result<Scan, String> {
+    let patterns = patterns();
+    let mut scan = Scan::default();
+    for (name, data) in tar_files(tar)? {
+        scan.add(
+            &patterns,
+            data,
+            PathBuf::from(format!("{label}{name}")),
+            false,
+        );
+    }
     Ok(scan)
+}
+
+/// The regular files of a ustar/GNU tar archive: (path, contents).
+fn tar_files(tar: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let mut long_name: Option<String> = None;
+    while at + 512 <= tar.len() {
+        let header = &tar[at..at + 512];
+        if header.iter().all(|b| *b == 0) {
+            break;
+        }
+        let field = |range: std::ops::Range<usize>| {
+            let raw = &header[range];
+            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        };
+        let size_field = field(124..136);
+        let size = u64::from_str_radix(size_field.trim(), 8)
+            .map_err(|_| format!("tar entry at {at}: bad size {size_field:?}"))?
+            as usize;
+        let start = at + 512;
+        let end = start
+            .checked_add(size)
+            .filter(|e| *e <= tar.len())
+            .ok_or_else(|| format!("tar entry at {at}: {size} bytes past the end"))?;
+        let data = &tar[start..end];
+        let name = match long_name.take() {
+            Some(n) => n,
+            None => {
+                let prefix = if &header[257..262] == b"ustar" {
+                    field(345..500)
+                } else {
+                    String::new()
+                };
+                let name = field(0..100);
+                if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                }
+            }
+        };
+        match header[156] {
+            // GNU long name: the next entry's path.
+            b'L' => {
+                let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+                long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
+            }
+            b'0' | 0 | b'7' => out.push((name, data)),
+            // PAX headers, directories, links: no file contents of their own
+            // (a PAX header's path override is not needed: docker writes GNU
+            // long names).
+            _ => {}
+        }
+        at = start + size.div_ceil(512) * 512;
+    }
+    Ok(out)
 }
 
 /// The CA's own key files (DESIGN §3: the persisted self-signed root, the
@@ -243,6 +327,77 @@ mod tests {
     }
 
     /// Every encoding of every key type is found, wherever it sits in a file.
+    /// A tar archive of `files` (ustar; a GNU long-name entry for long paths).
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        fn header(name: &str, size: usize, kind: u8) -> [u8; 512] {
+            let mut h = [0u8; 512];
+            h[..name.len().min(100)].copy_from_slice(&name.as_bytes()[..name.len().min(100)]);
+            h[100..107].copy_from_slice(b"0000644");
+            h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+            h[156] = kind;
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[148..156].copy_from_slice(b"        ");
+            let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+            h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+            h
+        }
+        let mut out = Vec::new();
+        let mut push = |bytes: &[u8], h: [u8; 512]| {
+            out.extend_from_slice(&h);
+            out.extend_from_slice(bytes);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        };
+        for (name, data) in files {
+            if name.len() > 100 {
+                let mut long = name.as_bytes().to_vec();
+                long.push(0);
+                push(&long, header("././@LongLink", long.len(), b'L'));
+            }
+            push(data, header(name, data.len(), b'0'));
+        }
+        push(&[], header("tmp/", 0, b'5'));
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn keys_in_a_containers_files_are_found_and_named() {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let pem = key.to_pkcs8_pem().to_string();
+        let long = format!("tmp/{}/key.pem", "d".repeat(120));
+        let cert_free = b"nothing secret here".as_slice();
+        let tar = tar_of(&[
+            ("tmp/log.txt", cert_free),
+            ("tmp/leak.pem", pem.as_bytes()),
+            (&long, key.pkcs8_der()),
+        ]);
+        let scan = scan_tar("docker:pod-a:/", &tar).unwrap();
+        assert_eq!(scan.files, 3);
+        let paths: std::collections::BTreeSet<String> = scan
+            .leaks
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                format!("docker:pod-a:/{long}"),
+                "docker:pod-a:/tmp/leak.pem".to_owned()
+            ]
+            .into_iter()
+            .collect()
+        );
+        assert!(scan.allowed.is_empty());
+        // A clean archive: nothing found; a truncated one: an error.
+        assert!(
+            scan_tar("x:", &tar_of(&[("a", cert_free)]))
+                .unwrap()
+                .leaks
+                .is_empty()
+        );
+        assert!(scan_tar("x:", &tar[..520]).is_err());
+    }
+
     #[test]
     fn keys_are_found_in_every_encoding() {
         use base64::Engine;

@@ -26,6 +26,19 @@ pub struct MeshSpec {
     pub extra_otlp: Option<String>,
     /// Who signs: the CA's own key, or a real OpenBao the harness starts.
     pub signer: SignerKind,
+    /// The CA-client retry cap of every agent and ztunnel (`--max-backoff`);
+    /// `None`: the components' default (30 s). Small in a run, so a CA
+    /// outage of a few seconds reaches it.
+    pub max_backoff: Option<Duration>,
+}
+
+impl MeshSpec {
+    /// `--max-backoff <cap>` when the run sets a cap.
+    pub fn backoff_args(&self) -> Vec<String> {
+        self.max_backoff
+            .map(|cap| vec!["--max-backoff".into(), format!("{}ms", cap.as_millis())])
+            .unwrap_or_default()
+    }
 }
 
 /// The CA's signer in a run (`--signer`).

@@ -77,6 +77,18 @@ pub struct Ambient {
     pub ztunnel: String,
 }
 
+/// What the components wrote outside the run's directory
+/// ([`Topology::written_files`]).
+#[derive(Debug, Default)]
+pub struct WrittenFiles {
+    /// Containers (or other sandboxes) looked at.
+    pub examined: usize,
+    /// Paths they wrote outside their mounts.
+    pub paths: usize,
+    /// (label, tar archive) of those paths.
+    pub archives: Vec<(String, Vec<u8>)>,
+}
+
 /// A running mesh, as suites see it. A backend provides its shared
 /// [`MeshState`] and what differs (component control, admin addresses,
 /// teardown); the accessors over the state are written once, here.
@@ -95,6 +107,16 @@ pub trait Topology {
     }
     fn pods(&self) -> &[Pod] {
         &self.state().pods
+    }
+    /// The agents' and ztunnels' CA-client retry schedule: first delay and cap.
+    fn ca_client_backoff(&self) -> (Duration, Duration) {
+        (
+            meshid_common::identity::DEFAULT_INITIAL_BACKOFF,
+            self.state()
+                .spec
+                .max_backoff
+                .unwrap_or(meshid_common::identity::DEFAULT_MAX_BACKOFF),
+        )
     }
     fn ambient(&self) -> &[Ambient] {
         &self.state().ambient
@@ -236,6 +258,13 @@ pub trait Topology {
     /// Spans collected from every component.
     fn spans(&self) -> SpanStore {
         self.state().otlp.store.clone()
+    }
+    /// Every file the components wrote outside the run's directory, for the
+    /// secrets scan, before teardown: (label, tar archive) pairs. The
+    /// process backend's components write only under the run's directory
+    /// (their `TMPDIR` too): nothing here.
+    async fn written_files(&self) -> Result<WrittenFiles, Error> {
+        Ok(WrittenFiles::default())
     }
     /// How to reach each part, for `--keep`.
     fn describe(&self) -> String;

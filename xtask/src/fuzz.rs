@@ -87,7 +87,7 @@ pub fn run(args: &FuzzArgs) -> anyhow::Result<ExitCode> {
     }
     let mut runs = Vec::new();
     for target in targets {
-        runs.push(run_target(target, args.time, args.jobs)?);
+        runs.push(run_target(target, args.time, args.jobs, args.asan)?);
     }
     println!("\n{}", table(&runs));
     Ok(if runs.iter().any(|r| r.crashed) {
@@ -103,7 +103,7 @@ pub fn ci() -> anyhow::Result<Vec<TargetRun>> {
     build(false)?;
     TARGETS
         .iter()
-        .map(|t| run_target(t, CI_SECONDS, 1))
+        .map(|t| run_target(t, CI_SECONDS, 1, false))
         .collect()
 }
 
@@ -126,8 +126,20 @@ fn replay() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `target/fuzz`: the build, and the corpus and artifacts of every run.
 fn fuzz_target_dir() -> PathBuf {
     crate::e2e::target_dir().join("fuzz")
+}
+
+/// Where the build goes: the ASan build has its own directory
+/// (`target/fuzz-asan`), since other rustc flags would rebuild every crate
+/// of the other build in place, both ways, each time one switches.
+fn build_dir(asan: bool) -> PathBuf {
+    if asan {
+        crate::e2e::target_dir().join("fuzz-asan")
+    } else {
+        fuzz_target_dir()
+    }
 }
 
 fn cargo_fuzz_installed() -> bool {
@@ -154,7 +166,7 @@ fn build(asan: bool) -> anyhow::Result<()> {
             "cargo install cargo-fuzz failed: {status}"
         );
     }
-    let target_dir = fuzz_target_dir();
+    let target_dir = build_dir(asan);
     let mut cmd = cargo([
         "fuzz",
         "build",
@@ -179,22 +191,27 @@ fn build(asan: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn binary(target: &str) -> PathBuf {
-    fuzz_target_dir()
+fn binary(target: &str, asan: bool) -> PathBuf {
+    build_dir(asan)
         .join("x86_64-unknown-linux-gnu")
         .join("release")
         .join(target)
 }
 
 /// Runs one built target for `seconds` and reads its final stats.
-fn run_target(target: &'static str, seconds: u64, jobs: u32) -> anyhow::Result<TargetRun> {
+fn run_target(
+    target: &'static str,
+    seconds: u64,
+    jobs: u32,
+    asan: bool,
+) -> anyhow::Result<TargetRun> {
     let root = workspace_root();
     let work = fuzz_target_dir().join("corpus").join(target);
     let artifacts = fuzz_target_dir().join("artifacts").join(target);
     for dir in [&work, &artifacts] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut cmd = Command::new(binary(target));
+    let mut cmd = Command::new(binary(target, asan));
     cmd.current_dir(root)
         .arg(&work)
         .arg(root.join("fuzz/corpus").join(target));
@@ -215,7 +232,7 @@ fn run_target(target: &'static str, seconds: u64, jobs: u32) -> anyhow::Result<T
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {}", binary(target).display()))?;
+        .with_context(|| format!("running {}", binary(target, asan).display()))?;
     let seconds = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let crashed = !out.status.success();
@@ -284,6 +301,13 @@ pub fn table(runs: &[TargetRun]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_asan_build_has_its_own_directory() {
+        assert_ne!(build_dir(true), build_dir(false));
+        assert!(binary("csr", true).starts_with(build_dir(true)));
+        assert!(binary("csr", false).starts_with(fuzz_target_dir()));
+    }
 
     #[test]
     fn final_stats_are_read() {

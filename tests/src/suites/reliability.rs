@@ -27,9 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::BoxFuture;
 use meshid_common::ca_client::{CaClient, CaClientConfig, CallOptions};
 use meshid_common::identity::{
-    CaClientArgs, CaSource, CertificateSource, Clock, DEFAULT_CA_TIMEOUT, DEFAULT_INITIAL_BACKOFF,
-    DEFAULT_MAX_BACKOFF, FirstFetch, RenewalEvents, SignRequest, TokenFile, Worker, WorkerConfig,
-    WorkerParts,
+    CaClientArgs, CaSource, CertificateSource, Clock, DEFAULT_CA_TIMEOUT, DEFAULT_MAX_BACKOFF,
+    FirstFetch, RenewalEvents, SignRequest, TokenFile, Worker, WorkerConfig, WorkerParts,
 };
 use meshid_common::tls::{self, ClientAuth, PeerMatcher};
 use meshid_common::{KeyType, SpiffeId, TrustBundle, Usage};
@@ -256,8 +255,18 @@ async fn id_state(mesh: &impl Topology, ident: &Ident) -> Result<IdState, String
                 "csr",
             )
             .ok_or_else(|| format!("{agent} /metrics has no istio_agent_num_outgoing_requests"))?;
+            // From the same answer: a second read could find the
+            // certificate expired in between (a long CA outage).
             let not_after = match v["serial"].as_str() {
-                Some(_) => Some(agent_cert(mesh, agent).await?.2),
+                Some(_) => {
+                    let text = v["not_after"].as_str().unwrap_or_default();
+                    let t = time::OffsetDateTime::parse(
+                        text,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .map_err(|e| format!("{agent} /debug/certs not_after {text:?}: {e}"))?;
+                    Some(t.unix_timestamp())
+                }
                 None => None,
             };
             Ok(IdState {
@@ -403,6 +412,67 @@ fn now_unix() -> i64 {
     meshid_common::cert::unix_secs(SystemTime::now())
 }
 
+fn unix_f64(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// When an identity's CSRs failed during an outage, in unix seconds: from
+/// its first failed CSR to the snapshot of its counters, each end as an
+/// earliest and a latest possible instant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FailWindow {
+    first_early: f64,
+    first_late: f64,
+    end_early: f64,
+    end_late: f64,
+}
+
+/// When an identity's first CSR after `down` is due: its rotation point
+/// (whole seconds, truncated, as the holders report it; the worker may wake
+/// a little after it: `late` adds that) or `down` if later.
+fn rotation_start(down: f64, next_refresh: Option<i64>, late: bool) -> f64 {
+    let t = next_refresh.map_or(down, |t| t as f64 + if late { 1.3 } else { 0.0 });
+    t.max(down)
+}
+
+impl FailWindow {
+    /// The fewest and the most CSRs a capped exponential backoff (first
+    /// delay `initial`, doubling up to `cap`, each delay cut by up to 25 %
+    /// of jitter, as `backoff_delay`) sends in this window, counting the
+    /// first one at the rotation point.
+    fn attempts(&self, initial: Duration, cap: Duration) -> (u64, u64) {
+        // Each failed attempt takes a little time of its own (refused
+        // connect, logging): the fewest allow 150 ms per attempt.
+        let shortest = (self.end_early - self.first_late).max(0.0);
+        let longest = (self.end_late - self.first_early).max(0.0);
+        (
+            attempts_within(shortest, initial, cap, 1.0, 0.15),
+            attempts_within(longest, initial, cap, 0.75, 0.0),
+        )
+    }
+}
+
+/// CSRs sent in `window` seconds by a backoff whose delays are `scale` x
+/// `min(initial x 2^k, cap)`, each attempt taking `cost` seconds; the first
+/// at 0 (none if the window is empty).
+fn attempts_within(window: f64, initial: Duration, cap: Duration, scale: f64, cost: f64) -> u64 {
+    if window <= 0.0 {
+        return 0;
+    }
+    let (mut n, mut t, mut k) = (1u64, 0.0f64, 0u32);
+    loop {
+        let exp = initial.saturating_mul(1u32.checked_shl(k.min(31)).unwrap_or(u32::MAX));
+        t += exp.min(cap).as_secs_f64() * scale + cost;
+        if t > window {
+            return n;
+        }
+        n += 1;
+        k += 1;
+    }
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -418,25 +488,39 @@ enum Fault {
     Freeze,
 }
 
-/// The CA is away for longer than a rotation window (half the TTL, plus
-/// two seconds) while new connections cross every sidecar and ambient route
-/// every 200 ms. No request may fail unless one of its certificates had
-/// expired; each identity tries the CA a few times (capped exponential
-/// backoff, no tight loop); after the CA returns, each renews by its next
-/// scheduled retry (one backoff period).
+/// The CA is away for longer than a rotation window plus four retry caps
+/// (half the TTL, plus two seconds, plus 4 x the agents' and ztunnels'
+/// `--max-backoff`) while new connections cross every sidecar and ambient
+/// route every 200 ms. No request may fail unless one of its certificates
+/// had expired; each identity tries the CA on a capped exponential
+/// schedule from its rotation point: never more often (no tight loop) and,
+/// for a stopped CA, never less often (the cap holds) than that schedule
+/// allows; after the CA returns, each renews by its next scheduled retry,
+/// within one cap period.
 async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> Result<(), String> {
     let ids = identities(mesh);
     let routes = routes(mesh, &ids);
     ensure(!routes.is_empty(), || "no routes to carry traffic".into())?;
-    let outage = mesh.ttl() / 2 + Duration::from_secs(2);
+    let (initial, cap) = mesh.ca_client_backoff();
+    let outage = mesh.ttl() / 2 + Duration::from_secs(2) + (cap * 4).min(mesh.ttl());
     let before = all_states(mesh, &ids).await?;
     let traffic = Traffic::start(routes.clone(), Duration::from_millis(200));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // The counts start here: each identity's first CSR of the outage is
+    // due at its rotation point.
+    let at_stop = all_states(mesh, &ids).await?;
     let down_at = Instant::now();
+    let down_unix = unix_f64(SystemTime::now());
+    // A stop can take a while (docker stop: the CA drains its open
+    // connections first, and may still answer on them): the lower bound
+    // counts from a second snapshot, taken once the stop returned.
+    let mut gone = (at_stop.clone(), down_unix);
     let probe = match fault {
         Fault::Stop => {
             mesh.stop("ca").await.map_err(|e| e.to_string())?;
+            let states = all_states(mesh, &ids).await?;
+            gone = (states, unix_f64(SystemTime::now()));
             None
         }
         Fault::Freeze => {
@@ -462,7 +546,9 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
     };
     tokio::time::sleep(outage.saturating_sub(down_at.elapsed())).await;
     // What each identity did while the CA was away.
+    let snap_from = unix_f64(SystemTime::now());
     let during = all_states(mesh, &ids).await?;
+    let snap_to = unix_f64(SystemTime::now());
     match fault {
         Fault::Stop => mesh.start("ca").await.map_err(|e| e.to_string())?,
         Fault::Freeze => mesh.resume("ca").await.map_err(|e| e.to_string())?,
@@ -474,7 +560,7 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
 
     // Each identity renews by its scheduled retry (plus polling slack).
     let slack = Duration::from_secs(2);
-    let limit = DEFAULT_MAX_BACKOFF + DEFAULT_CA_TIMEOUT + slack;
+    let limit = cap + DEFAULT_CA_TIMEOUT + slack;
     let mut renewed: Vec<Option<Duration>> = vec![None; ids.len()];
     while renewed.iter().any(Option::is_none) && up_at.elapsed() < limit {
         for (n, i) in ids.iter().enumerate() {
@@ -497,17 +583,31 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
     // Requests: none failed while its certificates were valid.
     let expiry: Vec<Option<i64>> = before.iter().map(|s| s.not_after).collect();
     let (bad, excused) = unexcused(&samples, &routes, &expiry);
-    // CA requests per identity while the CA was away.
+    // CA requests per identity while the CA was away, and what the capped
+    // schedule allows from its rotation point to the snapshot.
     let sent: Vec<u64> = during
         .iter()
-        .zip(&at_return)
-        .zip(&before)
-        .map(|((d, r), b)| d.requests.max(r.requests).saturating_sub(b.requests))
+        .zip(&at_stop)
+        .map(|(d, b)| d.requests.saturating_sub(b.requests))
         .collect();
-    let bound = 2
-        + (away.as_secs_f64() / (DEFAULT_INITIAL_BACKOFF.as_secs_f64() * 0.75))
-            .log2()
-            .ceil() as u64;
+    let sent_since_gone: Vec<u64> = during
+        .iter()
+        .zip(&gone.0)
+        .map(|(d, b)| d.requests.saturating_sub(b.requests))
+        .collect();
+    let allowed: Vec<(u64, u64)> = at_stop
+        .iter()
+        .zip(&gone.0)
+        .map(|(first, after)| {
+            FailWindow {
+                first_early: rotation_start(down_unix, first.next_refresh, false),
+                first_late: rotation_start(gone.1, after.next_refresh, true),
+                end_early: snap_from,
+                end_late: snap_to,
+            }
+            .attempts(initial, cap)
+        })
+        .collect();
     let slowest = renewed.iter().flatten().max().copied().unwrap_or_default();
     let name = match fault {
         Fault::Stop => format!("CA stopped {} (TTL {})", secs(away), secs(mesh.ttl())),
@@ -521,9 +621,17 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
         );
         r.renewal_after = format!("≤ {}", secs(slowest));
         r.ca_requests_per_workload = format!(
-            "max {} (bound {bound}), mean {:.1}",
-            sent.iter().max().unwrap_or(&0),
-            sent.iter().sum::<u64>() as f64 / sent.len().max(1) as f64
+            "{} (capped schedule from each rotation point allows {}; cap {})",
+            sent.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            allowed
+                .iter()
+                .map(|(lo, hi)| format!("{}–{hi}", if fault == Fault::Stop { *lo } else { 0 }))
+                .collect::<Vec<_>>()
+                .join(", "),
+            secs(cap)
         );
     });
 
@@ -538,15 +646,32 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
         )
     })?;
     for (n, i) in ids.iter().enumerate() {
-        ensure(sent[n] <= bound, || {
+        let (fewest, most) = allowed[n];
+        ensure(sent[n] <= most, || {
             format!(
-                "{} ({}) sent {} CSRs during a {} outage: more than the {bound} a capped exponential backoff allows",
+                "{} ({}) sent {} CSRs during a {} outage: more than the {most} a backoff from {} capped at {} allows (tight loop)",
                 i.name,
                 i.component(),
                 sent[n],
-                secs(away)
+                secs(away),
+                secs(initial),
+                secs(cap)
             )
         })?;
+        // A stopped CA refuses at once, so every retry is on schedule; a
+        // frozen one holds each call up to its deadline.
+        if fault == Fault::Stop {
+            ensure(sent_since_gone[n] >= fewest, || {
+                format!(
+                    "{} ({}) sent {} CSRs after the CA was gone, in a {} outage: fewer than the {fewest} a backoff capped at {} sends (is the cap applied?)",
+                    i.name,
+                    i.component(),
+                    sent_since_gone[n],
+                    secs(away),
+                    secs(cap)
+                )
+            })?;
+        }
         // Agents count a CSR when it leaves, so a hung one counts too:
         // every agent met its rotation point during the outage.
         if matches!(i.holder, Holder::Agent(_)) {
@@ -579,6 +704,14 @@ async fn ca_fault(mesh: &mut impl Topology, fig: &mut Figures, fault: Fault) -> 
                 i.name,
                 secs(took),
                 secs(due)
+            )
+        })?;
+        ensure(took <= cap + slack, || {
+            format!(
+                "{} renewed {} after the CA returned: more than one retry cap ({}) later",
+                i.name,
+                secs(took),
+                secs(cap)
             )
         })?;
     }
@@ -1225,6 +1358,16 @@ struct Fleet {
 
 impl Fleet {
     async fn start(mesh: &mut impl Topology, prefix: &str, count: usize) -> Result<Self, String> {
+        Self::start_with_ttl(mesh, prefix, count, LOAD_TTL).await
+    }
+
+    /// [`Fleet::start`] asking for `ttl` certificates.
+    async fn start_with_ttl(
+        mesh: &mut impl Topology,
+        prefix: &str,
+        count: usize,
+        ttl: Duration,
+    ) -> Result<Self, String> {
         let pods: Vec<(String, String)> = (0..count)
             .map(|n| (format!("{prefix}-{n}"), format!("{prefix}-{n}")))
             .collect();
@@ -1251,7 +1394,7 @@ impl Fleet {
                 ca_address: Some(mesh.ca_address()),
                 ca_root_ca: Some(root.clone()),
                 token_path: Some(token_path.clone()),
-                secret_ttl: Some(format!("{}s", LOAD_TTL.as_secs())),
+                secret_ttl: Some(format!("{}s", ttl.as_secs())),
                 ..CaClientArgs::default()
             }
             .resolve(&HashMap::<String, String>::new())
@@ -1544,16 +1687,20 @@ async fn load_steady(
     })
 }
 
+/// The burst's certificates live long enough that no worker renews while
+/// the others still wait for their first (with the steady case's 10 s, a
+/// storm slower than 5 s doubles itself with renewals).
+const BURST_TTL: Duration = Duration::from_secs(600);
+
 /// `burst` workloads start at once: every one gets a certificate within a
-/// minute, and the CA queues rather than refuses: no CSR fails other than
-/// by the client's own deadline (those are retried with backoff and
-/// counted in the table).
+/// minute, and the CA queues rather than refuses: no CSR fails, neither
+/// refused nor past the client's 10 s deadline.
 async fn load_burst(
     mesh: &mut impl Topology,
     fig: &mut Figures,
     size: &LoadSize,
 ) -> Result<(), String> {
-    let fleet = Fleet::start(mesh, "burst", size.burst).await?;
+    let fleet = Fleet::start_with_ttl(mesh, "burst", size.burst, BURST_TTL).await?;
     let deadline = Duration::from_secs(60);
     fleet.wait_first_certs(deadline).await;
     fleet.stop();
@@ -1601,5 +1748,51 @@ async fn load_burst(
                 .map(|v| v.clone())
                 .unwrap_or_default()
         )
+    })?;
+    ensure(failed == 0, || {
+        format!(
+            "{failed} of {sent} CSRs in the burst waited past the client's 10 s deadline: {:?}",
+            fleet
+                .log
+                .errors
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default()
+        )
     })
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_capped_backoff_keeps_retrying_at_the_cap() {
+        // 0, 0.5, 1.5, then every second to 7.5: 9 in 8 s.
+        assert_eq!(attempts_within(8.0, MS(500), MS(1000), 1.0, 0.0), 9);
+        // Uncapped (30 s): 0, 0.5, 1.5, 3.5, 7.5: five.
+        assert_eq!(attempts_within(8.0, MS(500), MS(30_000), 1.0, 0.0), 5);
+        // Shortest delays (25 % jitter): 0, .375, then every .75 s to 7.875: 12.
+        assert_eq!(attempts_within(8.0, MS(500), MS(1000), 0.75, 0.0), 12);
+        assert_eq!(attempts_within(0.0, MS(500), MS(1000), 1.0, 0.0), 0);
+    }
+
+    #[test]
+    fn the_window_starts_at_the_rotation_point_or_the_outage() {
+        assert_eq!(rotation_start(100.0, Some(105), false), 105.0);
+        assert!((rotation_start(100.0, Some(105), true) - 106.3).abs() < 1e-9);
+        assert_eq!(rotation_start(100.0, Some(90), true), 100.0);
+        assert_eq!(rotation_start(100.0, None, false), 100.0);
+        // About 13.7 s at a 1 s cap: at least 13, at most 20.
+        let (lo, hi) = FailWindow {
+            first_early: 105.0,
+            first_late: 106.3,
+            end_early: 120.0,
+            end_late: 120.5,
+        }
+        .attempts(MS(500), MS(1000));
+        assert!(lo >= 12 && hi <= 25 && lo < hi, "{lo} {hi}");
+    }
 }

@@ -13,12 +13,10 @@ use super::cli;
 use crate::Error;
 use crate::http::{self, Response};
 
+/// A loopback port for a published container port (Docker binds it next;
+/// [`crate::ports`]).
 pub(super) fn free_port() -> Result<u16, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::Setup(format!("no free port: {e}")))?;
-    Ok(l.local_addr()
-        .map_err(|e| Error::Setup(e.to_string()))?
-        .port())
+    Ok(crate::ports::reserve()?.port())
 }
 
 pub(super) fn loopback(port: u16) -> SocketAddr {

@@ -62,7 +62,7 @@ use crate::cluster::{plugged_ca_files, write_ca_files};
 use crate::http::{self, Response};
 use crate::otlp::OtlpReceiver;
 use crate::spec::MeshSpec;
-use crate::topology::Topology;
+use crate::topology::{Topology, WrittenFiles};
 
 /// An [`Error::Docker`] for `action`.
 pub(crate) fn error(action: impl Into<String>, message: impl std::fmt::Display) -> Error {
@@ -338,6 +338,35 @@ impl DockerMesh {
     }
 }
 
+/// From `docker diff` output (`A /p`, `C /p`, `D /p` per line), the paths
+/// whose copies hold every added or changed file once: an added directory
+/// covers what is under it; a changed directory is only listed because of
+/// what changed under it, which is listed too. Mount points (`mounts`) and
+/// what is under them are host directories of the run: left out.
+fn paths_to_copy(diff: &str, mounts: &[&str]) -> Vec<String> {
+    let entries: Vec<(char, &str)> = diff
+        .lines()
+        .filter_map(|l| {
+            let (kind, path) = l.trim().split_once(' ')?;
+            Some((kind.chars().next()?, path.trim()))
+        })
+        .collect();
+    let under = |child: &str, dir: &str| {
+        child.len() > dir.len() && child.starts_with(dir) && child[dir.len()..].starts_with('/')
+    };
+    entries
+        .iter()
+        .filter(|(kind, _)| *kind == 'A' || *kind == 'C')
+        .filter(|(kind, path)| {
+            let covered = entries.iter().any(|(k, dir)| *k == 'A' && under(path, dir));
+            let is_changed_dir = *kind == 'C' && entries.iter().any(|(_, c)| under(c, path));
+            let mounted = mounts.iter().any(|m| path == m || under(path, m));
+            !covered && !is_changed_dir && !mounted
+        })
+        .map(|(_, p)| (*p).to_owned())
+        .collect()
+}
+
 impl Topology for DockerMesh {
     fn backend(&self) -> &'static str {
         "docker"
@@ -488,6 +517,57 @@ impl Topology for DockerMesh {
         out
     }
 
+    /// Each container's writable layer: the paths `docker diff` lists as
+    /// added or changed, copied out with `docker cp <container>:<path> -`
+    /// (a tar archive, kept in memory). Mounted directories are host
+    /// directories of the run, scanned there; the image is build output.
+    async fn written_files(&self) -> Result<WrittenFiles, Error> {
+        let mut out = WrittenFiles::default();
+        for c in self.components.values() {
+            if c.container.is_none() {
+                continue;
+            }
+            out.examined += 1;
+            let name = c.docker_name.as_str();
+            let diff = cli::docker(&format!("diff {name}"), ["diff", name]).await?;
+            // `docker cp` of a mount point copies the mounted host directory.
+            let mounts = cli::docker(
+                &format!("inspect the mounts of {name}"),
+                [
+                    "inspect",
+                    "--format",
+                    "{{range .Mounts}}{{.Destination}}\n{{end}}",
+                    name,
+                ],
+            )
+            .await?;
+            let mounts: Vec<&str> = mounts
+                .lines()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .collect();
+            for path in paths_to_copy(&diff, &mounts) {
+                out.paths += 1;
+                let action = format!("cp {name}:{path}");
+                let from = format!("{name}:{path}");
+                let copied = cli::run(&action, ["cp", from.as_str(), "-"]).await?;
+                if !copied.status.success() {
+                    let err = String::from_utf8_lossy(&copied.stderr);
+                    // Removed between the diff and the copy (a socket, a temp file).
+                    if err.contains("No such container:path") || err.contains("Could not find") {
+                        continue;
+                    }
+                    return Err(error(action, err.trim().to_owned()));
+                }
+                // The archive names entries from the copied path's own name on.
+                let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or_default();
+                out.archives
+                    .push((format!("docker:{name}:{parent}/"), copied.stdout));
+            }
+        }
+        Ok(out)
+    }
+
     async fn teardown(&mut self) {
         self.save_logs().await;
         // Proxies, agents and ztunnels before the sandboxes whose namespaces
@@ -512,5 +592,23 @@ impl Topology for DockerMesh {
             }
         }
         self.network.remove().await;
+    }
+}
+
+#[cfg(test)]
+mod written_tests {
+    use super::paths_to_copy;
+
+    #[test]
+    fn each_written_file_is_copied_once() {
+        let diff = "C /tmp\nA /tmp/run\nA /tmp/run/a.log\nA /tmp/run/sub/b\nC /etc\nC /etc/hosts\nD /var/old\nA /tmpfile\n";
+        assert_eq!(
+            paths_to_copy(diff, &[]),
+            ["/tmp/run", "/etc/hosts", "/tmpfile"]
+        );
+        assert!(paths_to_copy("", &[]).is_empty());
+        // A mount point and what is under it are the host's.
+        let diff = "A /ca\nA /ca/cacerts\nA /pod\nC /tmp\nA /tmp/x\n";
+        assert_eq!(paths_to_copy(diff, &["/ca", "/pod"]), ["/tmp/x"]);
     }
 }

@@ -102,6 +102,7 @@ impl DockerMesh {
                 "--admin-addr".into(),
                 format!("127.0.0.1:{ZTUNNEL_ADMIN}"),
             ];
+            cmd.extend(self.state.spec.backoff_args());
             for (other, (_, s)) in nodes.iter().zip(&sandboxes) {
                 if other.name != node.name {
                     cmd.push("--peer".into());

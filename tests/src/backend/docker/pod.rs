@@ -49,23 +49,27 @@ impl DockerMesh {
                 &pod_dir,
                 &sandbox_id,
             )
-            .with_cmd([
-                "/usr/local/bin/meshid-agent".to_string(),
-                "--ca-address".into(),
-                format!("https://{}:{CA_GRPC}", self.ca_container),
-                "--trust-domain".into(),
-                self.state.spec.trust_domain.clone(),
-                "--namespace".into(),
-                pod.namespace.clone(),
-                "--service-account".into(),
-                pod.service_account.clone(),
-                "--secret-ttl".into(),
-                format!("{}s", self.state.spec.ttl.as_secs()),
-                "--admin-addr".into(),
-                format!("127.0.0.1:{AGENT_ADMIN}"),
-                "--spiffe-endpoint-socket".into(),
-                "unix:///pod/var/run/secrets/workload-spiffe-uds/workload.sock".into(),
-            ]);
+            .with_cmd(
+                [
+                    "/usr/local/bin/meshid-agent".to_string(),
+                    "--ca-address".into(),
+                    format!("https://{}:{CA_GRPC}", self.ca_container),
+                    "--trust-domain".into(),
+                    self.state.spec.trust_domain.clone(),
+                    "--namespace".into(),
+                    pod.namespace.clone(),
+                    "--service-account".into(),
+                    pod.service_account.clone(),
+                    "--secret-ttl".into(),
+                    format!("{}s", self.state.spec.ttl.as_secs()),
+                    "--admin-addr".into(),
+                    format!("127.0.0.1:{AGENT_ADMIN}"),
+                    "--spiffe-endpoint-socket".into(),
+                    "unix:///pod/var/run/secrets/workload-spiffe-uds/workload.sock".into(),
+                ]
+                .into_iter()
+                .chain(self.state.spec.backoff_args()),
+            );
         self.launch(&agent, request, Probe::Ready(host_port(AGENT_ADMIN)))
             .await?;
 

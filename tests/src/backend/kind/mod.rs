@@ -80,11 +80,9 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
-/// A free loopback port (bound and released; a port-forward binds it next).
+/// A loopback port (a port-forward binds it next; [`crate::ports`]).
 fn free_port() -> Result<SocketAddr, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::Setup(format!("no free port: {e}")))?;
-    l.local_addr().map_err(|e| Error::Setup(e.to_string()))
+    crate::ports::reserve()
 }
 
 /// One `kubectl port-forward` and the local addresses it serves, by remote port.

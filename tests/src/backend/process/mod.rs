@@ -28,11 +28,9 @@ use crate::otlp::OtlpReceiver;
 use crate::spec::{MeshSpec, PodSpec};
 use crate::topology::{Ambient, Pod, Proxy, Topology};
 
-/// A free loopback port (bound and released; the component binds it next).
+/// A loopback port for a component (it binds it next; [`crate::ports`]).
 fn free_port() -> Result<SocketAddr, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::Setup(format!("no free port: {e}")))?;
-    l.local_addr().map_err(|e| Error::Setup(e.to_string()))
+    crate::ports::reserve()
 }
 
 /// A running process mesh.
@@ -154,6 +152,7 @@ impl ProcessMesh {
                 "--admin-addr".into(),
                 admin.to_string(),
             ]);
+            spec = spec.args(self.state.spec.backoff_args());
             for (m, other) in nodes.iter().enumerate() {
                 if m != n {
                     spec = spec
@@ -298,6 +297,7 @@ impl ProcessMesh {
                     .display()
             ),
         ]);
+        let spec = spec.args(self.state.spec.backoff_args());
         let spec = self.telemetry_env(spec, "meshid-agent");
         self.launch(spec, agent_admin)?;
 
