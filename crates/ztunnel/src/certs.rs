@@ -380,6 +380,16 @@ mod tests {
         assert!(m.identity_for_sni(&sni).is_none());
         assert!(matches!(m.wait_for(&b).await, Err(Error::NotHosted(_))));
         assert_eq!((m.len(), m.snapshot().len()), (1, 1));
+        // The row shows which CA signed the leaf and the roots it is checked
+        // against (what an operator follows through a root rotation).
+        let (row, creds) = (&m.snapshot()[0], m.current(&a).unwrap());
+        assert_eq!(
+            row.issuer.as_deref(),
+            Some(creds.svid.leaf().issuer.as_str())
+        );
+        assert!(!creds.svid.leaf().issuer.is_empty());
+        assert_eq!(row.roots.len(), creds.bundle.roots().len());
+        assert!(!row.roots.is_empty() && row.roots.iter().all(|r| !r.is_empty()));
         let text = metrics.render();
         assert!(text.contains("state=\"available\"} 1"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
