@@ -95,6 +95,12 @@ pub struct CertSnapshot {
     pub serial: Option<String>,
     pub not_before: Option<i64>,
     pub not_after: Option<i64>,
+    /// The current leaf's issuer (DN): which CA signed it, e.g. across a
+    /// root rotation.
+    pub issuer: Option<String>,
+    /// Subjects of the roots the current certificate is verified against
+    /// (the trust bundle that came with it).
+    pub roots: Vec<String>,
     pub next_refresh: Option<i64>,
     pub fetches: u64,
     pub failures: u64,
@@ -289,7 +295,19 @@ impl CertManager {
             .values()
             .map(|m| {
                 let w = &m.entry.worker;
-                let leaf = w.current().map(|c| c.svid.leaf().clone());
+                let current = w.current();
+                let leaf = current.as_ref().map(|c| c.svid.leaf().clone());
+                let roots = current
+                    .as_ref()
+                    .map(|c| {
+                        c.bundle
+                            .roots()
+                            .iter()
+                            .filter_map(|d| meshid_common::CertInfo::from_der(d).ok())
+                            .map(|i| i.subject)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let st = w.status();
                 CertSnapshot {
                     identity: w.id().to_string(),
@@ -297,6 +315,8 @@ impl CertManager {
                     serial: leaf.as_ref().map(|l| l.serial.clone()),
                     not_before: leaf.as_ref().map(|l| unix_secs(l.not_before)),
                     not_after: leaf.as_ref().map(|l| unix_secs(l.not_after)),
+                    issuer: leaf.as_ref().map(|l| l.issuer.clone()),
+                    roots,
                     next_refresh: st.next_refresh.map(unix_secs),
                     fetches: st.issued,
                     failures: st.failures,
@@ -360,6 +380,16 @@ mod tests {
         assert!(m.identity_for_sni(&sni).is_none());
         assert!(matches!(m.wait_for(&b).await, Err(Error::NotHosted(_))));
         assert_eq!((m.len(), m.snapshot().len()), (1, 1));
+        // The row shows which CA signed the leaf and the roots it is checked
+        // against (what an operator follows through a root rotation).
+        let (row, creds) = (&m.snapshot()[0], m.current(&a).unwrap());
+        assert_eq!(
+            row.issuer.as_deref(),
+            Some(creds.svid.leaf().issuer.as_str())
+        );
+        assert!(!creds.svid.leaf().issuer.is_empty());
+        assert_eq!(row.roots.len(), creds.bundle.roots().len());
+        assert!(!row.roots.is_empty() && row.roots.iter().all(|r| !r.is_empty()));
         let text = metrics.render();
         assert!(text.contains("state=\"available\"} 1"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);

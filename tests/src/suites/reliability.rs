@@ -161,6 +161,12 @@ pub async fn run(mesh: &mut impl Topology, report: &mut Report) {
         "load_burst_every_workload_gets_a_cert",
         load_burst(mesh, &mut fig, &size)
     );
+    case!(
+        report,
+        SUITE,
+        "ca_restart_with_renewals_in_flight",
+        ca_restart_under_load(mesh, &mut fig, &size)
+    );
     println!("\nreliability figures:\n{}", fig.table());
 }
 
@@ -1273,6 +1279,8 @@ const LOAD_TTL: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct LoadLog {
     sent: AtomicU64,
+    /// (worker, when) of every CSR sent.
+    sent_at: Mutex<Vec<(usize, Instant)>>,
     failed: AtomicU64,
     /// (worker, when) of every certificate accepted.
     issued: Mutex<Vec<(usize, Instant)>>,
@@ -1294,6 +1302,9 @@ struct WorkerLog {
 impl RenewalEvents for WorkerLog {
     fn csr_sent(&self) {
         self.log.sent.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut v) = self.log.sent_at.lock() {
+            v.push((self.n, Instant::now()));
+        }
     }
     fn csr_failed(&self) {
         self.log.failed.fetch_add(1, Ordering::Relaxed);
@@ -1758,6 +1769,245 @@ async fn load_burst(
                 .lock()
                 .map(|v| v.clone())
                 .unwrap_or_default()
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 5. CA restart with renewals in flight
+
+/// `workloads` workers (N, as in the steady load) renew 10 s certificates;
+/// the CA is stopped just before their first renewals fall due and started
+/// again (same root) once they have all fallen due, so every renewal is cut
+/// or refused by the restart. Meanwhile 5 random pairs handshake every
+/// 200 ms. Every worker must renew by the retry it had scheduled when the
+/// CA returned (its backoff) + 5 s (reconnect, the CA's answer under the wave);
+/// no handshake between certificates valid at that moment may fail; every
+/// worker must end with a valid certificate; and no worker may send more
+/// CSRs than its scheduled renewals plus a capped exponential backoff's
+/// retries (no tight retry loop).
+async fn ca_restart_under_load(
+    mesh: &mut impl Topology,
+    fig: &mut Figures,
+    size: &LoadSize,
+) -> Result<(), String> {
+    let td = mesh.trust_domain().to_owned();
+    let fleet = Fleet::start(mesh, "restart", size.workloads).await?;
+    let errors = |fleet: &Fleet| {
+        fleet
+            .log
+            .errors
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    };
+    ensure(
+        fleet
+            .wait_first_certs(Duration::from_secs(60))
+            .await
+            .is_some(),
+        || {
+            format!(
+                "not every workload got its first certificate within 60 s; errors: {:?}",
+                errors(&fleet)
+            )
+        },
+    )?;
+    let firsts: Vec<Duration> = fleet.first_certs().into_iter().flatten().collect();
+    let (earliest, latest) = (
+        firsts.iter().min().copied().unwrap_or_default(),
+        firsts.iter().max().copied().unwrap_or_default(),
+    );
+    // Renewals fall due at half-life (5 s, ±1 % jitter) after each first
+    // certificate: down from just before the earliest to just after the latest.
+    let half = LOAD_TTL / 2;
+    let stop_at = fleet.started + earliest + half - Duration::from_millis(500);
+    let start_at = fleet.started + latest + half + Duration::from_millis(500);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pairs = {
+        let (stop, workers, td) = (stop.clone(), fleet.workers.clone(), td.clone());
+        tokio::spawn(async move {
+            let mut rng = 0x2545_f491_4f6c_dd1du64 ^ now_unix() as u64;
+            let (mut done, mut excused, mut failed) = (0usize, 0usize, Vec::new());
+            let n = workers.len() as u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..5 {
+                    let (a, b) = (
+                        &workers[(next_rand(&mut rng) % n) as usize],
+                        &workers[(next_rand(&mut rng) % n) as usize],
+                    );
+                    // Only certificates valid at this moment count.
+                    if a.current_valid().is_none() || b.current_valid().is_none() {
+                        excused += 1;
+                        continue;
+                    }
+                    done += 1;
+                    if let Err(e) = handshake(a, b, &td).await {
+                        failed.push(format!("{} -> {}: {e}", a.id(), b.id()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (done, excused, failed)
+        })
+    };
+
+    tokio::time::sleep_until(stop_at.into()).await;
+    let down_at = Instant::now();
+    let outcome = async {
+        mesh.stop("ca").await.map_err(|e| e.to_string())?;
+        tokio::time::sleep_until(start_at.into()).await;
+        mesh.start("ca").await.map_err(|e| e.to_string())
+    }
+    .await;
+    let back_at = Instant::now();
+    let down = back_at - down_at;
+    outcome?;
+    // Each worker must renew by the retry it had scheduled when the CA came
+    // back (its backoff), plus 5 s: its CA connection's reconnect and the
+    // CA's answer under the wave (the slowest took 4.8 s at 200 workers).
+    let now = SystemTime::now();
+    let slack = Duration::from_secs(5);
+    let due: Vec<Duration> = fleet
+        .workers
+        .iter()
+        .map(|w| {
+            w.status()
+                .next_refresh
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or_default()
+                + slack
+        })
+        .collect();
+    let bound = due.iter().max().copied().unwrap_or(slack);
+    let renewed_after = |fleet: &Fleet| {
+        let issued = fleet
+            .log
+            .issued
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        (0..fleet.workers.len())
+            .map(|w| {
+                issued
+                    .iter()
+                    .filter(|(n, at)| *n == w && *at >= back_at)
+                    .map(|(_, at)| *at - back_at)
+                    .min()
+            })
+            .collect::<Vec<_>>()
+    };
+    while renewed_after(&fleet).iter().any(Option::is_none) && back_at.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A little more of steady renewal and handshakes after the wave.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (done, excused, failed_hs) = pairs.await.map_err(|e| e.to_string())?;
+    let end = Instant::now();
+    let after = renewed_after(&fleet);
+    let renewed = after
+        .iter()
+        .zip(&due)
+        .filter(|(at, due)| at.is_some_and(|at| at <= **due))
+        .count();
+    let slowest = after.iter().flatten().max().copied().unwrap_or_default();
+    let invalid: Vec<String> = fleet
+        .workers
+        .iter()
+        .filter(|w| w.current_valid().is_none())
+        .map(|w| w.id().to_string())
+        .collect();
+    fleet.stop();
+
+    // CSRs per worker from the stop to the end: its scheduled renewals in
+    // that window plus the retries of a capped exponential backoff through
+    // the outage (first retry after 375 ms at the lowest jitter).
+    let sent_at = fleet
+        .log
+        .sent_at
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    let per_worker: Vec<usize> = (0..fleet.workers.len())
+        .map(|w| {
+            sent_at
+                .iter()
+                .filter(|(n, at)| *n == w && *at >= down_at)
+                .count()
+        })
+        .collect();
+    let in_outage = (0..fleet.workers.len())
+        .filter(|w| {
+            sent_at
+                .iter()
+                .any(|(n, at)| n == w && *at >= down_at && *at < back_at)
+        })
+        .count();
+    let most = per_worker.iter().copied().max().unwrap_or(0);
+    let mean = per_worker.iter().sum::<usize>() as f64 / per_worker.len().max(1) as f64;
+    let scheduled = ((end - down_at).as_secs_f64() / (half.as_secs_f64() * 0.98)).ceil() as usize;
+    let retries = 2 + (down.as_secs_f64() / 0.375).log2().ceil().max(0.0) as usize;
+    let csr_bound = scheduled + retries;
+    let n = size.workloads;
+    println!(
+        "    CA restart under load: {n} workloads, CA down {}, {in_outage} sent a CSR while it was down; renewed after it returned: {renewed} of {n}, slowest {}; CSRs per workload max {most} (bound {csr_bound}), mean {mean:.1}; handshakes {} failed of {done} ({excused} skipped: a cert not valid then)",
+        secs(down),
+        secs(slowest),
+        failed_hs.len()
+    );
+    fig.add(
+        &format!(
+            "CA restart (down {}) with {n} workloads renewing",
+            secs(down)
+        ),
+        |r| {
+            r.failed_requests = format!(
+                "{} of {done} handshakes; {} of {n} ended without a valid cert",
+                failed_hs.len(),
+                invalid.len()
+            );
+            r.renewal_after = format!(
+                "all {renewed} of {n} ≤ {} after the CA returned",
+                secs(slowest)
+            );
+            r.ca_requests_per_workload = format!(
+                "max {most} (bound {csr_bound}), mean {mean:.1}; {in_outage} of {n} in the outage"
+            );
+        },
+    );
+    ensure(in_outage * 2 >= n, || {
+        format!(
+            "only {in_outage} of {n} workloads sent a CSR while the CA was down: the restart missed the renewals"
+        )
+    })?;
+    ensure(renewed == n, || {
+        format!(
+            "{} of {n} workloads did not renew by their scheduled retry + {} after the CA's return (the latest due {} after it); errors: {:?}",
+            n - renewed,
+            secs(slack),
+            secs(bound),
+            errors(&fleet)
+        )
+    })?;
+    ensure(failed_hs.is_empty(), || {
+        format!(
+            "{} of {done} handshakes between valid certificates failed; first: {}",
+            failed_hs.len(),
+            failed_hs[0]
+        )
+    })?;
+    ensure(invalid.is_empty(), || {
+        format!(
+            "{} workloads ended without a valid certificate, e.g. {}",
+            invalid.len(),
+            invalid[0]
+        )
+    })?;
+    ensure(most <= csr_bound, || {
+        format!(
+            "a workload sent {most} CSRs after the CA went down (bound {csr_bound}): a retry loop"
         )
     })
 }

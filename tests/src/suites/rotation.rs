@@ -9,7 +9,7 @@ use super::ensure;
 use crate::case;
 use crate::client::{Tester, mtls_echo};
 use crate::report::Report;
-use crate::topology::{Mode, Pod, Topology};
+use crate::topology::{Mode, Pod, Proxy, Topology};
 
 const SUITE: &str = "rotation";
 
@@ -283,43 +283,90 @@ pub(crate) async fn all_agents(
     Ok(())
 }
 
-/// Continuous pod-to-pod traffic through every outbound route, from
-/// [`Traffic::start`] until [`Traffic::finish`].
+/// Continuous traffic through every outbound route, from [`Traffic::start`]
+/// until [`Traffic::finish`], counted per path.
 pub(crate) struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<Counted>,
 }
 
-/// What a [`Traffic`] run came to: requests that went through, failures.
+/// What a [`Traffic`] run came to: requests that went through, failures,
+/// and both per path (`shim`, `envoy`, `ambient`).
 pub(crate) struct Counted {
     ok: u32,
     failures: Vec<String>,
+    /// path -> (went through, failed)
+    paths: std::collections::BTreeMap<&'static str, (u32, u32)>,
+}
+
+/// A plaintext route into the mesh, what it leads to, and which path it
+/// crosses: `shim` (shim sidecar to shim sidecar), `envoy` (the real Envoy
+/// on either end) or `ambient` (ztunnel to ztunnel, HBONE).
+type Route = (SocketAddr, String, &'static str);
+
+fn pod_routes(mesh: &impl Topology) -> Vec<Route> {
+    let pods = mesh.pods();
+    let proxy_of = |name: &str| pods.iter().find(|p| p.name == name).map(|p| p.proxy);
+    pods.iter()
+        .filter_map(|p| {
+            let (listen, to) = p.outbound.clone()?;
+            let envoy = p.proxy == Proxy::Envoy || proxy_of(&to) == Some(Proxy::Envoy);
+            Some((listen, to, if envoy { "envoy" } else { "shim" }))
+        })
+        .collect()
 }
 
 impl Traffic {
+    /// Pod-to-pod traffic through every sidecar's outbound route.
     pub(crate) fn start(mesh: &impl Topology, payload: &'static [u8]) -> Result<Traffic, String> {
-        let routes: Vec<(SocketAddr, String)> = mesh
-            .pods()
-            .iter()
-            .filter_map(|p| p.outbound.clone())
-            .collect();
+        Self::over(pod_routes(mesh), payload)
+    }
+
+    /// [`Traffic::start`] plus every ambient workload's route through its
+    /// ztunnel.
+    pub(crate) fn start_with_ambient(
+        mesh: &impl Topology,
+        payload: &'static [u8],
+    ) -> Result<Traffic, String> {
+        let mut routes = pod_routes(mesh);
+        routes.extend(
+            mesh.ambient()
+                .iter()
+                .filter_map(|a| a.outbound.clone())
+                .map(|(listen, to)| (listen, to, "ambient")),
+        );
+        Self::over(routes, payload)
+    }
+
+    fn over(routes: Vec<Route>, payload: &'static [u8]) -> Result<Traffic, String> {
         ensure(!routes.is_empty(), || {
             "no pod-to-pod routes to carry traffic".into()
         })?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            let (mut ok, mut failures) = (0u32, Vec::new());
+            let mut counted = Counted {
+                ok: 0,
+                failures: Vec::new(),
+                paths: routes.iter().map(|r| (r.2, (0, 0))).collect(),
+            };
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                for (listen, to) in &routes {
+                for (listen, to, path) in &routes {
+                    let tally = counted.paths.entry(path).or_default();
                     match crate::client::plain_echo(*listen, payload).await {
-                        Ok(()) => ok += 1,
-                        Err(e) => failures.push(format!("-> {to}: {e}")),
+                        Ok(()) => {
+                            counted.ok += 1;
+                            tally.0 += 1;
+                        }
+                        Err(e) => {
+                            tally.1 += 1;
+                            counted.failures.push(format!("{path} -> {to}: {e}"));
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Counted { ok, failures }
+            counted
         });
         Ok(Traffic { stop, task })
     }
@@ -335,12 +382,13 @@ impl Traffic {
 impl Counted {
     /// No request failed `during` the fault, and more than 20 went through.
     pub(crate) fn check(&self, during: &str) -> Result<(), String> {
-        let Counted { ok, failures } = self;
+        let Counted { ok, failures, .. } = self;
         ensure(failures.is_empty(), || {
             format!(
-                "{} of {} requests failed during {during}; first: {}",
+                "{} of {} requests failed during {during} ({}); first: {}",
                 failures.len(),
                 *ok as usize + failures.len(),
+                self.per_path(),
                 failures[0]
             )
         })?;
@@ -348,14 +396,42 @@ impl Counted {
             format!("only {ok} requests went through during {during}")
         })
     }
+
+    /// [`Counted::check`], and each of `paths` carried more than 20 requests.
+    pub(crate) fn check_paths(&self, during: &str, paths: &[&str]) -> Result<(), String> {
+        self.check(during)?;
+        for path in paths {
+            let (ok, _) = self.paths.get(path).copied().unwrap_or_default();
+            ensure(ok > 20, || {
+                format!(
+                    "the {path} path carried only {ok} requests during {during} ({})",
+                    self.per_path()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `shim 0/240 failed, envoy 0/480 failed, ...`.
+    pub(crate) fn per_path(&self) -> String {
+        self.paths
+            .iter()
+            .map(|(path, (ok, failed))| format!("{path} {failed}/{} failed", ok + failed))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
-/// Istio's root rotation with plugged-in CAs, under continuous pod-to-pod
-/// traffic: bundle A → A+B → sign under B's intermediate → drop A. Every
-/// agent must learn each step (ROOTCA push, leaf re-issued), and no request
-/// through the outbound routes may fail.
+/// Istio's root rotation with plugged-in CAs, under continuous traffic on
+/// three paths at once: a shim sidecar pair (STRICT), the real Envoy (fed
+/// over SDS by its agent) and ambient workloads through their ztunnels
+/// (HBONE). Bundle A → A+B → sign under B's intermediate → drop A. After
+/// each step every component must show it: each agent's and ztunnel's
+/// `/debug/certs` (roots held, issuer of the current leaf) and Envoy's admin
+/// `/certs` (root serials, the leaf it serves); no request on any path may
+/// fail. The time each step took to reach every component is printed.
 async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
-    use meshid_common::{CaOptions, CertificateAuthority};
+    use meshid_common::{CaOptions, CertInfo, CertificateAuthority};
     let td = mesh.trust_domain().to_owned();
     let a = mesh.ca_root_pem().map_err(|e| e.to_string())?;
     let b = CertificateAuthority::self_signed_root(&CaOptions {
@@ -369,14 +445,83 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
             ..CaOptions::new(&td, Duration::from_secs(86_400 * 7))
         })
         .map_err(|e| e.to_string())?;
-    let traffic = Traffic::start(mesh, b"root rotation\n")?;
+    let serial_of = |pem: &str| {
+        let bundle = meshid_common::TrustBundle::from_pem(pem).map_err(|e| e.to_string())?;
+        let der = bundle.roots().first().ok_or("no certificate in the PEM")?;
+        CertInfo::from_der(der)
+            .map(|i| i.serial)
+            .map_err(|e| e.to_string())
+    };
+    let (serial_a, serial_b) = (serial_of(&a)?, serial_of(&b.cert_pem())?);
+    let envoy = mesh
+        .pods()
+        .iter()
+        .find(|p| p.proxy == Proxy::Envoy)
+        .cloned()
+        .ok_or("no Envoy pod in the topology")?;
+    ensure(!mesh.ambient().is_empty(), || {
+        format!(
+            "the {} backend started no ambient workloads",
+            mesh.backend()
+        )
+    })?;
+    // Envoy's `/certs` may list only the first root of a bundle, so its
+    // trust is also checked by what it accepts: a client under B (after
+    // step 1) and a client under A (refused after step 3).
+    let both = format!("{a}{}", b.cert_pem());
+    let both_bundle = meshid_common::TrustBundle::from_pem(&both).map_err(|e| e.to_string())?;
+    let under_a = Tester::from_ca(mesh, "tester", "tester-rotation", Duration::from_secs(600))
+        .await?
+        .creds
+        .svid;
+    let under_a = Tester {
+        creds: meshid_common::Credentials {
+            svid: under_a,
+            bundle: std::sync::Arc::new(both_bundle.clone()),
+        },
+    };
+    let under_b = {
+        let key = meshid_common::PrivateKey::generate(meshid_common::KeyType::EcdsaP256)
+            .map_err(|e| e.to_string())?;
+        let id = under_a.id().clone();
+        let leaf = ib
+            .issue_leaf(
+                key.public_key_spki(),
+                &id,
+                Duration::from_secs(600),
+                SystemTime::now(),
+            )
+            .map_err(|e| e.to_string())?;
+        let svid = meshid_common::Svid::new(vec![leaf, ib.cert().clone()], key)
+            .map_err(|e| e.to_string())?;
+        Tester::from_parts(svid, both_bundle)
+    };
+    let traffic = Traffic::start_with_ambient(mesh, b"root rotation\n")?;
+    let mut times: Vec<(&str, Duration)> = Vec::new();
 
     let steps = async {
-        let both = format!("{a}{}", b.cert_pem());
+        let began = Instant::now();
         mesh.update_ca_files(&[("root-cert.pem", both.clone())])
             .await
             .map_err(|e| e.to_string())?;
-        all_agents(mesh, "trusts roots A and B", |roots, _| roots.len() == 2).await?;
+        let trusts_both = |roots: &[String], _: &str| {
+            roots.len() == 2 && roots.iter().any(|r| r.contains("root B"))
+        };
+        all_agents(mesh, "trusts roots A and B", trusts_both).await?;
+        all_ztunnels(mesh, "trusts roots A and B", trusts_both).await?;
+        envoy_sees(mesh, &envoy, "lists only roots A and B", |roots, _| {
+            roots.contains(&serial_a) && roots.iter().all(|r| *r == serial_a || *r == serial_b)
+        })
+        .await?;
+        crate::client::eventually(
+            mesh.ttl(),
+            "Envoy accepts a client certificate under B",
+            || mtls_echo(envoy.inbound, &under_b, &envoy.id, b"under B\n"),
+        )
+        .await?;
+        times.push(("A+B in every bundle", began.elapsed()));
+
+        let began = Instant::now();
         mesh.update_ca_files(&[
             ("ca-cert.pem", ib.cert_pem()),
             ("ca-key.pem", ib.key().to_pkcs8_pem().to_string()),
@@ -388,20 +533,56 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
         ])
         .await
         .map_err(|e| e.to_string())?;
-        all_agents(mesh, "holds a leaf signed under root B", |_, issuer| {
-            issuer.contains("intermediate B")
-        })
+        let signed_by_b = |_: &[String], issuer: &str| issuer.contains("intermediate B");
+        all_agents(mesh, "holds a leaf signed under root B", signed_by_b).await?;
+        all_ztunnels(mesh, "holds a leaf signed under root B", signed_by_b).await?;
+        // Envoy serves the leaf its agent now holds (signed under B).
+        let (leaf, _, _) = agent_cert(mesh, &envoy.agent).await?;
+        envoy_sees(
+            mesh,
+            &envoy,
+            "serves the leaf signed under B",
+            |_, leaves| !leaves.is_empty() && leaves.iter().all(|l| *l == leaf),
+        )
         .await?;
+        times.push(("every leaf signed under B", began.elapsed()));
+
+        let began = Instant::now();
         mesh.update_ca_files(&[("root-cert.pem", b.cert_pem())])
             .await
             .map_err(|e| e.to_string())?;
-        all_agents(mesh, "trusts root B only", |roots, _| {
-            roots.len() == 1 && roots[0].contains("root B")
+        let only_b = |roots: &[String], _: &str| roots.len() == 1 && roots[0].contains("root B");
+        all_agents(mesh, "trusts root B only", only_b).await?;
+        all_ztunnels(mesh, "trusts root B only", only_b).await?;
+        envoy_sees(mesh, &envoy, "trusts root B only", |roots, _| {
+            roots.len() == 1 && roots[0] == serial_b
         })
-        .await
+        .await?;
+        crate::client::eventually(
+            mesh.ttl(),
+            "Envoy refuses a client certificate under A",
+            || async {
+                match mtls_echo(envoy.inbound, &under_a, &envoy.id, b"under A\n").await {
+                    Ok(_) => Err("a client under the dropped root A got through".to_owned()),
+                    Err(_) => Ok(()),
+                }
+            },
+        )
+        .await?;
+        times.push(("A dropped everywhere", began.elapsed()));
+        Ok::<(), String>(())
     }
     .await;
     let counted = traffic.finish().await?;
+    println!(
+        "    root rotation: {}; steps: {}",
+        counted.per_path(),
+        times
+            .iter()
+            .map(|(step, took)| format!("{step} {:.1} s", took.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     steps?;
     // An agent that has to reconnect after the rotation (a restart here) must
     // still reach the CA, whose serving certificate now chains to B only.
@@ -413,7 +594,97 @@ async fn root_rotation(mesh: &mut impl Topology) -> Result<(), String> {
     mesh.restart(&agent)
         .await
         .map_err(|e| format!("{agent} did not come back after the root rotation: {e}"))?;
-    counted.check("the root rotation")
+    counted.check_paths("the root rotation", &["shim", "envoy", "ambient"])
+}
+
+/// Waits until every ambient workload's certificate on its ztunnel
+/// satisfies `ok(roots, leaf_issuer)` (ztunnel `/debug/certs`).
+async fn all_ztunnels(
+    mesh: &impl Topology,
+    what: &str,
+    ok: impl Fn(&[String], &str) -> bool,
+) -> Result<(), String> {
+    for w in mesh.ambient().to_vec() {
+        crate::client::eventually(
+            mesh.ttl() + Duration::from_secs(10),
+            &format!("{} for {}: {what}", w.ztunnel, w.id),
+            || async {
+                let r = mesh
+                    .admin_get(&w.ztunnel, "/debug/certs")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v: serde_json::Value = serde_json::from_str(&r.body)
+                    .map_err(|e| format!("{} /debug/certs: {e}", w.ztunnel))?;
+                let cert = v["certificates"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["identity"] == w.id.as_str()))
+                    .cloned()
+                    .ok_or_else(|| format!("no certificate entry for {}", w.id))?;
+                let roots: Vec<String> = cert["roots"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect();
+                let issuer = cert["issuer"].as_str().unwrap_or_default();
+                if ok(&roots, issuer) {
+                    Ok(())
+                } else {
+                    Err(format!("roots {roots:?}, leaf issued by {issuer:?}"))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Waits until the Envoy pod's admin `/certs` satisfies `ok(root serials,
+/// leaf serials)`, for every TLS context that lists roots (inbound and
+/// outbound each have one).
+async fn envoy_sees(
+    mesh: &impl Topology,
+    pod: &Pod,
+    what: &str,
+    ok: impl Fn(&[String], &[String]) -> bool,
+) -> Result<(), String> {
+    crate::client::eventually(
+        mesh.ttl() + Duration::from_secs(10),
+        &format!("Envoy of {}: {what}", pod.name),
+        || async {
+            let r = mesh
+                .admin_get(&pod.proxy_component, "/certs")
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_str(&r.body).map_err(|e| format!("Envoy /certs: {e}"))?;
+            let serials = |list: &serde_json::Value| -> Vec<String> {
+                list.as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c["serial_number"].as_str())
+                    .map(|s| s.trim_start_matches('0').to_lowercase())
+                    .collect()
+            };
+            let contexts: Vec<(Vec<String>, Vec<String>)> = v["certificates"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| (serials(&c["ca_cert"]), serials(&c["cert_chain"])))
+                .filter(|(roots, _)| !roots.is_empty())
+                .collect();
+            let leaves: Vec<String> = contexts.iter().flat_map(|c| c.1.clone()).collect();
+            if !contexts.is_empty() && contexts.iter().all(|(roots, _)| ok(roots, &leaves)) {
+                Ok(())
+            } else {
+                Err(format!("(roots, leaves) per context: {contexts:?}"))
+            }
+        },
+    )
+    .await
 }
 
 /// Every ambient workload's certificate on its ztunnel gets a new serial
