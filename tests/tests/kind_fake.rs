@@ -94,6 +94,7 @@ async fn the_kind_backend_drives_kubectl_as_the_suites_need() {
         bin_dir: PathBuf::from("."),
         extra_otlp: None,
         signer: Default::default(),
+        max_backoff: None,
     };
     let mut mesh = KindMesh::start(spec).await.expect("start against the fake");
     let started = lines(&state, 0);
