@@ -37,8 +37,13 @@ pub struct ImagesArgs {
 /// The version the release images are tagged with (the workspace's).
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The cargo features the release set is built with: cluster mode.
-const RELEASE_FEATURES: &str = "meshid-ca/kube,meshid-ztunnel/kube";
+/// The cargo features the release set is built with: cluster mode, the
+/// `kube` feature of every selected package that has one (the CA and the
+/// ztunnel). Not `meshid-ca/kube`: meshid-ca has itself as a dev-dependency
+/// (for its tests' `testing` feature), so in that package `meshid-ca/kube`
+/// names the feature of that dependency, which `--bins` does not build, and
+/// the CA came out without cluster mode.
+const RELEASE_FEATURES: &str = "kube";
 
 /// `cargo build` of the release set's binaries.
 fn release_build_args() -> Vec<&'static str> {
@@ -143,7 +148,41 @@ mod tests {
         assert_eq!(
             release_build_args().join(" "),
             "build --bins --release -p meshid-ca -p meshid-agent -p meshid-envoy-shim \
-             -p meshid-ztunnel --features meshid-ca/kube,meshid-ztunnel/kube"
+             -p meshid-ztunnel --features kube"
         );
+    }
+
+    /// What cargo resolves for the release build's packages and features:
+    /// kube must be a normal dependency of both the CA and the ztunnel
+    /// (`cargo tree`, no build).
+    #[test]
+    fn the_release_features_give_the_ca_and_the_ztunnel_kube() {
+        let mut args: Vec<&str> = vec!["tree"];
+        for p in crate::e2e::COMPONENTS {
+            args.extend(["-p", *p]);
+        }
+        args.extend([
+            "--features",
+            RELEASE_FEATURES,
+            "-e",
+            "normal",
+            "-i",
+            "kube",
+            "--depth",
+            "1",
+        ]);
+        let out = crate::cargo(&args)
+            .current_dir(crate::workspace_root())
+            .output()
+            .expect("cargo tree runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tree = String::from_utf8_lossy(&out.stdout);
+        for p in ["meshid-ca v", "meshid-ztunnel v"] {
+            assert!(tree.contains(p), "{p} without kube:\n{tree}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use meshid_common::CredentialsRx;
 use meshid_common::identity::{
-    CaSource, CertificateSource, Clock, FirstFetch, TokenFile, Worker, WorkerConfig, WorkerParts,
+    CaSource, Clock, FirstFetch, JwtSource, TokenFile, Worker, WorkerConfig, WorkerParts,
 };
 use meshid_common::serve::Drain;
 use meshid_common::{KeyType, SpiffeId};
@@ -36,7 +36,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
 /// Parts tests may swap.
 #[derive(Clone)]
 pub struct Parts {
-    pub source: Arc<dyn CertificateSource>,
+    pub source: Arc<dyn JwtSource>,
     pub clock: Clock,
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshid_common::ca_client::{JwtBundle, MintedJwt};
-use meshid_common::identity::{CertificateSource, JwtRequest, TokenFile};
+use meshid_common::identity::{JwtRequest, JwtSource, TokenFile};
 use meshid_common::{CredentialsRx, SpiffeId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,7 @@ struct Cached {
 /// JWT-SVIDs and the JWT bundle of one workload.
 pub struct JwtSvids {
     id: SpiffeId,
-    source: Arc<dyn CertificateSource>,
+    source: Arc<dyn JwtSource>,
     token: TokenFile,
     credentials: CredentialsRx,
     cancel: CancellationToken,
@@ -65,7 +65,7 @@ fn ca_status(e: meshid_common::Error) -> Status {
 impl JwtSvids {
     pub fn new(
         id: SpiffeId,
-        source: Arc<dyn CertificateSource>,
+        source: Arc<dyn JwtSource>,
         token: TokenFile,
         credentials: CredentialsRx,
         cancel: CancellationToken,
@@ -347,7 +347,7 @@ pub fn bundle_key(trust_domain: &str) -> String {
 mod tests {
     use super::*;
     use futures::future::BoxFuture;
-    use meshid_common::identity::SignRequest;
+    use meshid_common::identity::{CertificateSource, SignRequest};
 
     /// Answers the JWT bundle it holds now, and counts mints.
     #[derive(Debug, Default)]
@@ -360,7 +360,9 @@ mod tests {
         fn sign(&self, _req: SignRequest) -> BoxFuture<'_, meshid_common::Result<Vec<String>>> {
             Box::pin(async { Ok(Vec::new()) })
         }
+    }
 
+    impl JwtSource for Bundles {
         fn mint_jwt(&self, req: JwtRequest) -> BoxFuture<'_, meshid_common::Result<MintedJwt>> {
             let mut n = self.mints.lock().unwrap();
             *n += 1;

@@ -26,4 +26,6 @@ pub mod workload;
 pub use app::{App, Parts};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use meshid_common::identity::{CertificateSource, Clock, SignRequest, Status, Worker};
+pub use meshid_common::identity::{
+    CertificateSource, Clock, JwtSource, SignRequest, Status, Worker,
+};

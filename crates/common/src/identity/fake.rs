@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::Clock;
-use super::source::{CertificateSource, SignRequest};
+use super::source::{CertificateSource, JwtSource, SignRequest};
 use crate::TrustBundle;
 use crate::cert::cert_to_pem;
 use crate::error::{Error, Result};
@@ -222,3 +222,6 @@ impl CertificateSource for TestCa {
         })
     }
 }
+
+/// No JWT-SVIDs: both calls answer `UNIMPLEMENTED`.
+impl JwtSource for TestCa {}

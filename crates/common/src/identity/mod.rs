@@ -30,7 +30,7 @@ pub use args::{
     DEFAULT_KEY_TYPE, DEFAULT_MAX_BACKOFF, DEFAULT_SECRET_TTL, DEFAULT_TOKEN_PATH, MAX_SECRET_TTL,
 };
 pub use limiter::{FetchLimiter, Permit};
-pub use source::{CaSource, CertificateSource, JwtRequest, SignRequest};
+pub use source::{CaSource, CertificateSource, JwtRequest, JwtSource, SignRequest};
 pub use token::{Token, TokenFile};
 pub use worker::{
     CertState, FirstFetch, RenewalEvents, SpanFn, Status, Worker, WorkerConfig, WorkerParts,

@@ -39,7 +39,13 @@ pub trait CertificateSource: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Ca`](crate::Error::Ca) with their code, so that
     /// [`classify`](super::classify) can tell a refusal from an outage.
     fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<Vec<String>>>;
+}
 
+/// A source that also mints JWT-SVIDs (the agent's Workload API). A trait
+/// of its own rather than more methods of [`CertificateSource`]: a trait
+/// object's vtable links every method, so the ztunnel, which signs CSRs
+/// only, would carry the JWT calls' gRPC code for nothing.
+pub trait JwtSource: CertificateSource {
     /// Mints a JWT-SVID for `audience` through the CA
     /// (`meshid.v1.JwtSvidService/Mint`), authenticated by `token`. A source
     /// without JWT-SVIDs answers `UNIMPLEMENTED`.
@@ -109,7 +115,9 @@ impl CertificateSource for CaSource {
                 .await
         })
     }
+}
 
+impl JwtSource for CaSource {
     fn mint_jwt(&self, req: JwtRequest) -> BoxFuture<'_, Result<MintedJwt>> {
         Box::pin(async move {
             let options = CallOptions {

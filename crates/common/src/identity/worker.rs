@@ -323,7 +323,21 @@ impl Worker {
     }
 
     /// Renews until `cancel` fires.
+    ///
+    /// Cancellation is one `select!` around the whole loop rather than one
+    /// per await: every `select!` is its own poll and drop code in this
+    /// state machine, which all of it lands in one function of each binary
+    /// (issue 11's size budget). Dropping the loop at any await is what the
+    /// per-await selects did.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {}
+            _ = self.renew_forever() => {}
+        }
+    }
+
+    async fn renew_forever(&self) {
         // The first use of the random generator seeds it, which takes tens
         // of milliseconds with aws-lc's CPU-jitter entropy: make the first
         // key now, before any client asks, so that the first answer does
@@ -331,7 +345,6 @@ impl Worker {
         let mut first_key = Some(prepare_key(self.cfg.key_type));
         if let FirstFetch::OnDemandOrAfter(delay) = self.cfg.first_fetch {
             tokio::select! {
-                _ = cancel.cancelled() => return,
                 _ = self.demand.notified() => {}
                 _ = tokio::time::sleep(delay) => {}
             }
@@ -346,24 +359,21 @@ impl Worker {
             let permit = match &self.parts.limiter {
                 Some(limiter) => {
                     let waiting = || self.waiters.load(Ordering::SeqCst) > 0;
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        p = limiter.acquire(waiting(), Some((&self.urgent, &waiting))) => Some(p),
-                    }
+                    Some(
+                        limiter
+                            .acquire(waiting(), Some((&self.urgent, &waiting)))
+                            .await,
+                    )
                 }
                 None => None,
             };
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = self.renew(key) => r,
-            };
+            let result = self.renew(key).await;
             drop(permit);
             match result {
                 Ok(creds) => {
                     backoff.reset();
                     let at = self.accept(creds);
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep_until(self.parts.clock.instant_at(at)) => {}
                         _ = self.refresh_now.notified() => {}
                     }
@@ -378,9 +388,7 @@ impl Worker {
                     // A refusal may be the token's fault (expired, wrong
                     // audience): a new token is worth a try at once.
                     let watch_token = verdict == Verdict::Refused;
-                    if !self.wait_retry(delay, watch_token, &cancel).await {
-                        return;
-                    }
+                    self.wait_retry(delay, watch_token).await;
                 }
             }
         }
@@ -493,29 +501,29 @@ impl Worker {
         let valid = self.current_valid().is_some();
         let retry_in_ms = delay.as_millis() as u64;
         let id = self.cfg.id.as_str();
+        // One `error!` for both setup verdicts (each event is its own
+        // callsite and field-recording code), the text chosen at run time.
         match verdict {
-            Verdict::Refused => error!(
-                spiffe.id = id,
-                error = %e,
-                retry_in_ms,
-                keeping_current = valid,
-                "THE CA REFUSES THIS REQUEST: check the service-account token, the trust domain \
-                 and the CA's authentication settings; retrying at the backoff cap"
-            ),
-            Verdict::Fatal => error!(
-                spiffe.id = id,
-                error = %e,
-                retry_in_ms,
-                keeping_current = valid,
-                "certificate requests cannot succeed with this setup (CA address, roots or key \
-                 type); retrying at the backoff cap"
-            ),
             Verdict::Retry => warn!(
                 spiffe.id = id,
                 error = %e,
                 retry_in_ms,
                 keeping_current = valid,
                 "certificate request failed; retrying"
+            ),
+            Verdict::Refused | Verdict::Fatal => error!(
+                spiffe.id = id,
+                error = %e,
+                retry_in_ms,
+                keeping_current = valid,
+                "{}",
+                if verdict == Verdict::Refused {
+                    "THE CA REFUSES THIS REQUEST: check the service-account token, the trust \
+                     domain and the CA's authentication settings; retrying at the backoff cap"
+                } else {
+                    "certificate requests cannot succeed with this setup (CA address, roots or \
+                     key type); retrying at the backoff cap"
+                }
             ),
         }
         let refused = verdict != Verdict::Retry;
@@ -543,14 +551,8 @@ impl Worker {
 
     /// Sleeps `delay`, withdrawing the current certificate if it expires
     /// meanwhile; with `watch_token`, ends early once the token file holds
-    /// a different token than the refused request carried. False when
-    /// cancelled.
-    async fn wait_retry(
-        &self,
-        delay: Duration,
-        watch_token: bool,
-        cancel: &CancellationToken,
-    ) -> bool {
+    /// a different token than the refused request carried.
+    async fn wait_retry(&self, delay: Duration, watch_token: bool) {
         let deadline = Instant::now() + delay;
         let mut token_check = tokio::time::interval(TOKEN_CHECK_INTERVAL);
         token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -564,9 +566,8 @@ impl Worker {
             let expiry_at =
                 expiry.map(|t| self.parts.clock.instant_at(t + Duration::from_millis(1)));
             tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep_until(deadline) => return true,
-                _ = self.refresh_now.notified() => return true,
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.refresh_now.notified() => return,
                 _ = sleep_until_opt(expiry_at) => self.withdraw(),
                 _ = token_check.tick(), if watch_token => {
                     if self.token_changed() {
@@ -574,7 +575,7 @@ impl Worker {
                             spiffe.id = self.cfg.id.as_str(),
                             "the service-account token changed; retrying the refused request now"
                         );
-                        return true;
+                        return;
                     }
                 }
             }
