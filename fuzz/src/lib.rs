@@ -113,7 +113,9 @@ impl meshid_agent::CertificateSource for BundleSource {
     ) -> futures::future::BoxFuture<'_, meshid_common::Result<Vec<String>>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+}
 
+impl meshid_agent::JwtSource for BundleSource {
     fn jwt_bundle(
         &self,
         _token: meshid_common::identity::Token,
