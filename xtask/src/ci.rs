@@ -87,6 +87,8 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "meshid-ca",
             "-p",
             "meshid-ztunnel",
+            "-p",
+            "meshid-common",
             "--features",
             "kube",
             "--all-targets",
@@ -108,8 +110,9 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "--tests",
         ])
     };
-    // The `kube` code paths (CA cluster mode, the ztunnel's API registry),
-    // against the fake API server: off in the workspace build, so run here.
+    // The `kube` code paths (the shared list/watch engine in common, CA
+    // cluster mode, the ztunnel's API registry), against the fake API
+    // server: off in the workspace build, so run here.
     let test_kube = if nextest {
         Action::Cargo(vec![
             "nextest",
@@ -118,6 +121,8 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "meshid-ca",
             "-p",
             "meshid-ztunnel",
+            "-p",
+            "meshid-common",
             "--features",
             "kube",
             "--no-fail-fast",
@@ -129,6 +134,8 @@ fn plan(args: &CiArgs, nextest: bool) -> Vec<Step> {
             "meshid-ca",
             "-p",
             "meshid-ztunnel",
+            "-p",
+            "meshid-common",
             "--features",
             "kube",
             "--no-fail-fast",
