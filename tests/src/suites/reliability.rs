@@ -1275,6 +1275,11 @@ impl LoadSize {
 /// The TTL of the load workloads.
 const LOAD_TTL: Duration = Duration::from_secs(10);
 
+/// A copy of one of the log's lists (empty if a worker panicked holding it).
+fn copied<T: Clone>(list: &Mutex<Vec<T>>) -> Vec<T> {
+    list.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
 /// What the workers of one load case did, shared with each of them.
 #[derive(Debug, Default)]
 struct LoadLog {
@@ -1457,13 +1462,7 @@ impl Fleet {
     /// When each worker got its first certificate (since the start).
     fn first_certs(&self) -> Vec<Option<Duration>> {
         let mut out = vec![None; self.workers.len()];
-        for (n, at) in self
-            .log
-            .issued
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default()
-        {
+        for (n, at) in copied(&self.log.issued) {
             if out[n].is_none() {
                 out[n] = Some(at - self.started);
             }
@@ -1493,12 +1492,7 @@ impl Fleet {
 
     /// p50 and p99 of the answered CSRs.
     fn percentiles(&self) -> (Duration, Duration, usize) {
-        let mut v = self
-            .log
-            .latency
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
+        let mut v = copied(&self.log.latency);
         v.sort();
         let at = |q: f64| {
             v.get(((v.len() as f64 * q).ceil() as usize).saturating_sub(1))
@@ -1598,12 +1592,7 @@ async fn load_steady(
     ensure(all_in.is_some(), || {
         format!(
             "not every workload got its first certificate within 60 s; errors: {:?}",
-            fleet
-                .log
-                .errors
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default()
+            copied(&fleet.log.errors)
         )
     })?;
     let end = Instant::now() + size.duration;
@@ -1626,12 +1615,7 @@ async fn load_steady(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     fleet.stop();
-    let issued = fleet
-        .log
-        .issued
-        .lock()
-        .map(|v| v.clone())
-        .unwrap_or_default();
+    let issued = copied(&fleet.log.issued);
     let per_worker = |n: usize| issued.iter().filter(|(w, _)| *w == n).count();
     let fewest = (0..fleet.workers.len()).map(per_worker).min().unwrap_or(0);
     let (p50, p99, answered) = fleet.percentiles();
@@ -1670,12 +1654,7 @@ async fn load_steady(
     ensure(failed == 0, || {
         format!(
             "{failed} of {sent} CSRs failed under load; e.g. {:?}",
-            fleet
-                .log
-                .errors
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default()
+            copied(&fleet.log.errors)
         )
     })?;
     ensure(failed_hs.is_empty(), || {
@@ -1741,34 +1720,19 @@ async fn load_burst(
             "only {got} of {} workloads got a certificate within {}; errors: {:?}",
             size.burst,
             secs(deadline),
-            fleet
-                .log
-                .errors
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default()
+            copied(&fleet.log.errors)
         )
     })?;
     ensure(refused == 0, || {
         format!(
             "{refused} CSRs failed in the burst other than by the client's deadline (refused rather than queued): {:?}",
-            fleet
-                .log
-                .errors
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default()
+            copied(&fleet.log.errors)
         )
     })?;
     ensure(failed == 0, || {
         format!(
             "{failed} of {sent} CSRs in the burst waited past the client's 10 s deadline: {:?}",
-            fleet
-                .log
-                .errors
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default()
+            copied(&fleet.log.errors)
         )
     })
 }
@@ -1793,14 +1757,7 @@ async fn ca_restart_under_load(
 ) -> Result<(), String> {
     let td = mesh.trust_domain().to_owned();
     let fleet = Fleet::start(mesh, "restart", size.workloads).await?;
-    let errors = |fleet: &Fleet| {
-        fleet
-            .log
-            .errors
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default()
-    };
+    let errors = |fleet: &Fleet| copied(&fleet.log.errors);
     ensure(
         fleet
             .wait_first_certs(Duration::from_secs(60))
@@ -1882,12 +1839,7 @@ async fn ca_restart_under_load(
         .collect();
     let bound = due.iter().max().copied().unwrap_or(slack);
     let renewed_after = |fleet: &Fleet| {
-        let issued = fleet
-            .log
-            .issued
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
+        let issued = copied(&fleet.log.issued);
         (0..fleet.workers.len())
             .map(|w| {
                 issued
@@ -1924,12 +1876,7 @@ async fn ca_restart_under_load(
     // CSRs per worker from the stop to the end: its scheduled renewals in
     // that window plus the retries of a capped exponential backoff through
     // the outage (first retry after 375 ms at the lowest jitter).
-    let sent_at = fleet
-        .log
-        .sent_at
-        .lock()
-        .map(|v| v.clone())
-        .unwrap_or_default();
+    let sent_at = copied(&fleet.log.sent_at);
     let per_worker: Vec<usize> = (0..fleet.workers.len())
         .map(|w| {
             sent_at
