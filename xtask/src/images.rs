@@ -5,10 +5,10 @@
 //!   plus one image per component tagged `dev`.
 //! - `--release`: the release set, what a user deploys (kind/): one image
 //!   per component, `meshid/{ca,agent,ztunnel,envoy-shim}`, from the release
-//!   binaries (the CA's and the ztunnel's with cargo feature `kube`), each
-//!   stripped, running as uid 1337, tagged `<version>` and
-//!   `<version>-<git sha>`, and refused at 30 MB or more. A size table ends
-//!   the output.
+//!   binaries (two cargo calls: the CA and the ztunnel with cargo feature
+//!   `kube`, the agent and the shim without it), each stripped, running as
+//!   uid 1337, tagged `<version>` and `<version>-<git sha>`, and refused at
+//!   30 MB or more. A size table ends the output.
 //!
 //! The Dockerfiles are in `docker/`; the work is done by `meshid-images`
 //! from the meshid-tests package (always its debug build: it only stages
@@ -37,21 +37,47 @@ pub struct ImagesArgs {
 /// The version the release images are tagged with (the workspace's).
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The cargo features the release set is built with: cluster mode, the
-/// `kube` feature of every selected package that has one (the CA and the
-/// ztunnel). Not `meshid-ca/kube`: meshid-ca has itself as a dev-dependency
-/// (for its tests' `testing` feature), so in that package `meshid-ca/kube`
-/// names the feature of that dependency, which `--bins` does not build, and
-/// the CA came out without cluster mode.
+/// The cargo features the CA's and the ztunnel's release build is built
+/// with: cluster mode, the `kube` feature of every selected package that has
+/// one. Not `meshid-ca/kube`: meshid-ca has itself as a dev-dependency (for
+/// its tests' `testing` feature), so in that package `meshid-ca/kube` names
+/// the feature of that dependency, which `--bins` does not build, and the CA
+/// came out without cluster mode.
 const RELEASE_FEATURES: &str = "kube";
 
-/// `cargo build` of the release set's binaries.
-fn release_build_args() -> Vec<&'static str> {
+/// One `cargo build` of the release set: its packages, and the features it
+/// turns on.
+struct ReleaseBuild {
+    packages: &'static [&'static str],
+    features: Option<&'static str>,
+}
+
+/// The release set in two cargo invocations, since cargo unifies features
+/// across the packages of one: the CA and the ztunnel with `kube`, the agent
+/// and the shim without it (built with them, kube's features of hyper, tower,
+/// rustls … and meshid-common's `kube` reached the agent and the shim too,
+/// +380 kB and +265 kB unstripped). Both share target/release: a dependency
+/// built with the same features by both is built once.
+const RELEASE_BUILDS: &[ReleaseBuild] = &[
+    ReleaseBuild {
+        packages: &["meshid-ca", "meshid-ztunnel"],
+        features: Some(RELEASE_FEATURES),
+    },
+    ReleaseBuild {
+        packages: &["meshid-agent", "meshid-envoy-shim"],
+        features: None,
+    },
+];
+
+/// The `cargo build` command line of one release build.
+fn release_build_args(build: &ReleaseBuild) -> Vec<&'static str> {
     let mut v = vec!["build", "--bins", "--release"];
-    for p in crate::e2e::COMPONENTS {
+    for p in build.packages {
         v.extend(["-p", *p]);
     }
-    v.extend(["--features", RELEASE_FEATURES]);
+    if let Some(f) = build.features {
+        v.extend(["--features", f]);
+    }
     v
 }
 
@@ -97,7 +123,9 @@ fn cargo_build(args: &[&str], what: &str) -> anyhow::Result<()> {
 
 pub fn run(args: &ImagesArgs) -> anyhow::Result<ExitCode> {
     let bin_dir = if args.release {
-        cargo_build(&release_build_args(), "release binaries")?;
+        for build in RELEASE_BUILDS {
+            cargo_build(&release_build_args(build), "release binaries")?;
+        }
         // The builder itself: debug is enough to stage files and call docker.
         cargo_build(
             &["build", "--bins", "-p", crate::e2e::HARNESS],
@@ -145,32 +173,43 @@ mod tests {
 
     #[test]
     fn the_release_set_is_built_with_cluster_mode() {
+        let lines: Vec<String> = RELEASE_BUILDS
+            .iter()
+            .map(|b| release_build_args(b).join(" "))
+            .collect();
         assert_eq!(
-            release_build_args().join(" "),
-            "build --bins --release -p meshid-ca -p meshid-agent -p meshid-envoy-shim \
-             -p meshid-ztunnel --features kube"
+            lines,
+            [
+                "build --bins --release -p meshid-ca -p meshid-ztunnel --features kube",
+                "build --bins --release -p meshid-agent -p meshid-envoy-shim",
+            ]
         );
     }
 
-    /// What cargo resolves for the release build's packages and features:
-    /// kube must be a normal dependency of both the CA and the ztunnel
-    /// (`cargo tree`, no build).
+    /// Every shipped component is in exactly one release build.
     #[test]
-    fn the_release_features_give_the_ca_and_the_ztunnel_kube() {
+    fn the_release_builds_cover_every_component_once() {
+        let mut built: Vec<&str> = RELEASE_BUILDS
+            .iter()
+            .flat_map(|b| b.packages.iter().copied())
+            .collect();
+        built.sort_unstable();
+        let mut components = crate::e2e::COMPONENTS.to_vec();
+        components.sort_unstable();
+        assert_eq!(built, components);
+    }
+
+    /// `cargo tree` (no build) of a release build's packages and features,
+    /// normal dependencies and features, one line per node.
+    fn release_tree(build: &ReleaseBuild, extra: &[&str]) -> String {
         let mut args: Vec<&str> = vec!["tree"];
-        for p in crate::e2e::COMPONENTS {
+        for p in build.packages {
             args.extend(["-p", *p]);
         }
-        args.extend([
-            "--features",
-            RELEASE_FEATURES,
-            "-e",
-            "normal",
-            "-i",
-            "kube",
-            "--depth",
-            "1",
-        ]);
+        if let Some(f) = build.features {
+            args.extend(["--features", f]);
+        }
+        args.extend(extra);
         let out = crate::cargo(&args)
             .current_dir(crate::workspace_root())
             .output()
@@ -180,9 +219,53 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let tree = String::from_utf8_lossy(&out.stdout);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What cargo resolves for the release build of the CA and the ztunnel:
+    /// kube must be a normal dependency of both.
+    #[test]
+    fn the_release_features_give_the_ca_and_the_ztunnel_kube() {
+        let build = RELEASE_BUILDS
+            .iter()
+            .find(|b| b.packages.contains(&"meshid-ca"))
+            .expect("a release build of the CA");
+        assert!(build.packages.contains(&"meshid-ztunnel"));
+        let tree = release_tree(build, &["-e", "normal", "-i", "kube", "--depth", "1"]);
         for p in ["meshid-ca v", "meshid-ztunnel v"] {
             assert!(tree.contains(p), "{p} without kube:\n{tree}");
+        }
+    }
+
+    /// The release build of the agent and the shim resolves no kube: not the
+    /// crate, not k8s-openapi, not meshid-common's `kube` feature (which a
+    /// build shared with the CA's `--features kube` turned on for them).
+    #[test]
+    fn the_agent_and_the_shim_are_built_without_kube() {
+        let builds: Vec<&ReleaseBuild> = RELEASE_BUILDS
+            .iter()
+            .filter(|b| {
+                b.packages
+                    .iter()
+                    .any(|p| ["meshid-agent", "meshid-envoy-shim"].contains(p))
+            })
+            .collect();
+        assert!(!builds.is_empty());
+        for build in builds {
+            let tree = release_tree(build, &["-e", "normal,features", "--prefix", "none"]);
+            let kube: Vec<&str> = tree
+                .lines()
+                .filter(|l| {
+                    l.starts_with("kube ")
+                        || l.starts_with("k8s-openapi ")
+                        || l.starts_with("meshid-common feature \"kube\"")
+                })
+                .collect();
+            assert!(
+                kube.is_empty(),
+                "{:?} resolve kube: {kube:?}",
+                build.packages
+            );
         }
     }
 }
