@@ -214,11 +214,7 @@ fn kubectl(args: &[String]) -> ExitCode {
             let Some((kind, name)) = what.split_once('/') else {
                 return fail("error: rollout status needs TYPE/NAME");
             };
-            let list = if kind == "daemonset" {
-                "daemonsets"
-            } else {
-                "deployments"
-            };
+            let list = workload_list(kind);
             if !has_pair(&c[list], &ns, name) {
                 return fail(&format!(
                     "Error from server (NotFound): {list}.apps \"{name}\" not found"
@@ -227,11 +223,7 @@ fn kubectl(args: &[String]) -> ExitCode {
             println!("{kind} \"{name}\" successfully rolled out");
         }
         ["rollout", "restart", kind] => {
-            let list = if *kind == "daemonset" {
-                "daemonsets"
-            } else {
-                "deployments"
-            };
+            let list = workload_list(kind);
             for d in c[list].as_array().into_iter().flatten() {
                 if d[0] == *ns {
                     println!("{kind}.apps/{} restarted", d[1].as_str().unwrap_or(""));
@@ -242,11 +234,7 @@ fn kubectl(args: &[String]) -> ExitCode {
             let Some((kind, name)) = what.split_once('/') else {
                 return fail("error: patch needs TYPE/NAME");
             };
-            let list = if kind == "daemonset" {
-                "daemonsets"
-            } else {
-                "deployments"
-            };
+            let list = workload_list(kind);
             if !has_pair(&c[list], &ns, name) {
                 return fail(&format!(
                     "Error from server (NotFound): {list}.apps \"{name}\" not found"
@@ -600,4 +588,13 @@ fn serve(s: TcpStream, target: &str, remote: &str) {
         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
         reply.len()
     );
+}
+
+/// The fixture's list holding a workload `kind` (`daemonset` or `deployment`).
+fn workload_list(kind: &str) -> &'static str {
+    if kind == "daemonset" {
+        "daemonsets"
+    } else {
+        "deployments"
+    }
 }
