@@ -138,6 +138,7 @@ async fn two_replicas_starting_together_end_with_one_root() {
     .await
     .unwrap();
     assert_eq!(c.root_bundle(), a.root_bundle());
+    assert_the_manifests_allow(&fake);
 }
 
 #[tokio::test]
@@ -308,6 +309,7 @@ async fn plugged_in_ca_from_cacerts_rotates_and_is_published_everywhere() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.root_bundle().to_pem(), both_pem);
     app.shutdown().await;
+    assert_the_manifests_allow(&fake);
 }
 
 fn fast(holder: &str) -> Election {
@@ -385,6 +387,7 @@ async fn election_hand_over_on_release_and_on_a_silent_holder() {
         "took over a live-looking lease after {:?}",
         silent.elapsed()
     );
+    assert_the_manifests_allow(&fake);
 }
 
 /// A leader whose renewals the API server refuses steps down within the
@@ -458,6 +461,7 @@ async fn a_lost_lease_stops_publication_within_one_lease_period() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(root_configmap(&fake, "default").as_deref(), Some("drifted"));
     cancel.cancel();
+    assert_the_manifests_allow(&fake);
 }
 
 fn pod(name: &str, node: &str) -> Value {
@@ -570,6 +574,7 @@ async fn the_pod_cache_resumes_dropped_watches_and_relists_on_410() {
             .is_none(),
         "a finished pod is not live"
     );
+    assert_the_manifests_allow(&fake);
 }
 
 // ---- istiod compatibility: Secrets as istiod and Istio's docs write them ----
@@ -907,4 +912,146 @@ async fn the_root_secret_meshid_writes_is_one_istiod_reads() {
     assert_eq!(orgs, ["cluster.local"]);
     assert_eq!(app.root_bundle().roots(), &certs[..]);
     app.shutdown().await;
+}
+
+/// One rule of kind/overlays/ca/rbac.yaml: API groups, resources, verbs,
+/// and the namespace it holds in (`None`: a ClusterRole, every namespace
+/// and the cluster-scoped resources).
+#[derive(Debug)]
+struct Rule {
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    namespace: Option<String>,
+}
+
+/// The rules the CA's manifests grant it, read from the file users apply.
+fn manifest_rules() -> Vec<Rule> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../kind/overlays/ca/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("kind/overlays/ca/rbac.yaml");
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut rules = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let doc: Value = serde::Deserialize::deserialize(doc).expect("a YAML document");
+        let namespace = match doc["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => Some(doc["metadata"]["namespace"].as_str().unwrap().to_owned()),
+            _ => continue,
+        };
+        for r in doc["rules"].as_array().into_iter().flatten() {
+            rules.push(Rule {
+                groups: strings(&r["apiGroups"]),
+                resources: strings(&r["resources"]),
+                verbs: strings(&r["verbs"]),
+                namespace: namespace.clone(),
+            });
+        }
+    }
+    assert!(!rules.is_empty(), "no rules read from {path}");
+    rules
+}
+
+/// The RBAC verb, API group, resource and namespace of one request the
+/// fake recorded (`METHOD /path?query`).
+fn rbac_request(line: &str) -> (String, String, String, String) {
+    let (method, target) = line.split_once(' ').expect("METHOD /path");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+        _ => panic!("not an API path: {line}"),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => ((*ns).to_owned(), rest),
+        _ => (String::new(), rest),
+    };
+    let resource = rest.first().copied().unwrap_or_default().to_owned();
+    let named = rest.len() > 1;
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    let verb = match (method, named, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", true, false) => "get",
+        ("GET", false, false) => "list",
+        ("POST", ..) => "create",
+        ("PUT", ..) => "update",
+        ("PATCH", ..) => "patch",
+        ("DELETE", ..) => "delete",
+        _ => panic!("unexpected method in {line}"),
+    };
+    (verb.to_owned(), group, resource, namespace)
+}
+
+/// Every request the CA made is one kind/overlays/ca/rbac.yaml allows: a
+/// Role only in its own namespace, a ClusterRole anywhere. A call the
+/// manifests forgot would be a 403 in a real cluster.
+fn assert_the_manifests_allow(fake: &FakeApiServer) {
+    let rules = manifest_rules();
+    let requests = fake.requests();
+    assert!(!requests.is_empty(), "the CA made no API call");
+    for line in &requests {
+        let (verb, group, resource, namespace) = rbac_request(line);
+        let allowed = rules.iter().any(|r| {
+            r.groups.contains(&group)
+                && r.resources.contains(&resource)
+                && r.verbs.contains(&verb)
+                && r.namespace.as_ref().is_none_or(|ns| *ns == namespace)
+        });
+        assert!(
+            allowed,
+            "kind/overlays/ca/rbac.yaml does not allow `{verb}` on {resource:?} (group {group:?}) \
+             in namespace {namespace:?}, which the CA called: {line}"
+        );
+    }
+}
+
+#[test]
+fn requests_map_to_rbac_verbs() {
+    let r = |l: &str| rbac_request(l);
+    assert_eq!(
+        r("GET /api/v1/namespaces/istio-system/secrets/istio-ca-secret"),
+        (
+            "get".into(),
+            "".into(),
+            "secrets".into(),
+            "istio-system".into()
+        )
+    );
+    assert_eq!(
+        r("GET /api/v1/pods?watch=true&resourceVersion=5"),
+        ("watch".into(), "".into(), "pods".into(), "".into())
+    );
+    assert_eq!(
+        r("GET /api/v1/namespaces"),
+        ("list".into(), "".into(), "namespaces".into(), "".into())
+    );
+    assert_eq!(
+        r("PUT /apis/coordination.k8s.io/v1/namespaces/istio-system/leases/x"),
+        (
+            "update".into(),
+            "coordination.k8s.io".into(),
+            "leases".into(),
+            "istio-system".into()
+        )
+    );
+    assert_eq!(
+        r("POST /apis/authentication.k8s.io/v1/tokenreviews"),
+        (
+            "create".into(),
+            "authentication.k8s.io".into(),
+            "tokenreviews".into(),
+            "".into()
+        )
+    );
 }
