@@ -48,6 +48,7 @@ use super::MeshState;
 use crate::Error;
 use crate::http::{self, Response};
 use crate::otlp::OtlpReceiver;
+use crate::ports::reserve;
 use crate::spec::MeshSpec;
 use crate::topology::{Ambient, Mode, Pod, Proxy, Topology};
 
@@ -80,11 +81,6 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
-/// A loopback port (a port-forward binds it next; [`crate::ports`]).
-fn free_port() -> Result<SocketAddr, Error> {
-    crate::ports::reserve()
-}
-
 /// One `kubectl port-forward` and the local addresses it serves, by remote port.
 #[derive(Debug)]
 struct Forward {
@@ -97,7 +93,7 @@ impl Forward {
     async fn start(namespace: &str, target: &str, remote: &[u16]) -> Result<Self, Error> {
         let ports: Vec<(SocketAddr, u16)> = remote
             .iter()
-            .map(|r| Ok((free_port()?, *r)))
+            .map(|r| Ok((reserve()?, *r)))
             .collect::<Result<_, Error>>()?;
         Self::open(namespace, target, ports).await
     }

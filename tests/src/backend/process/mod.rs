@@ -25,13 +25,9 @@ use crate::cluster::{
 use crate::echo::Echo;
 use crate::http::{self, Response};
 use crate::otlp::OtlpReceiver;
+use crate::ports::reserve;
 use crate::spec::{MeshSpec, PodSpec};
 use crate::topology::{Ambient, Pod, Proxy, Topology};
-
-/// A loopback port for a component (it binds it next; [`crate::ports`]).
-fn free_port() -> Result<SocketAddr, Error> {
-    crate::ports::reserve()
-}
 
 /// A running process mesh.
 #[derive(Debug)]
@@ -51,7 +47,7 @@ impl ProcessMesh {
         let otlp = OtlpReceiver::start_forwarding(spec.extra_otlp.clone())
             .await
             .map_err(|e| Error::Setup(format!("OTLP receiver: {e}")))?;
-        let state = MeshState::new(spec, dir, otlp, free_port()?, free_port()?)?;
+        let state = MeshState::new(spec, dir, otlp, reserve()?, reserve()?)?;
         let mut mesh = ProcessMesh {
             state,
             specs: BTreeMap::new(),
@@ -114,10 +110,7 @@ impl ProcessMesh {
     /// to the first workload of the next node (HBONE across nodes).
     async fn start_nodes(&mut self, mut ambient: Vec<Ambient>) -> Result<(), Error> {
         let nodes = self.state.spec.nodes.clone();
-        let hbone: Vec<SocketAddr> = nodes
-            .iter()
-            .map(|_| free_port())
-            .collect::<Result<_, _>>()?;
+        let hbone: Vec<SocketAddr> = nodes.iter().map(|_| reserve()).collect::<Result<_, _>>()?;
         let root = self.state.root_pem()?;
         for (node, addr) in nodes.iter().zip(&hbone) {
             self.state.hbone.push((node.name.clone(), *addr));
@@ -129,7 +122,7 @@ impl ProcessMesh {
                 &ztunnel_token(&self.state.issuer, &node.name)?,
             )?;
             write(&cwd.join("var/run/secrets/istio/root-cert.pem"), &root)?;
-            let admin = free_port()?;
+            let admin = reserve()?;
             let component = format!("{}/ztunnel", node.name);
             let target = outbound_target(&nodes, n)
                 .and_then(|t| ambient.iter().find(|a| a.name == t))
@@ -148,7 +141,7 @@ impl ProcessMesh {
                 "--hbone-addr".into(),
                 hbone[n].to_string(),
                 "--inbound-plaintext-addr".into(),
-                free_port()?.to_string(),
+                reserve()?.to_string(),
                 "--admin-addr".into(),
                 admin.to_string(),
             ]);
@@ -162,7 +155,7 @@ impl ProcessMesh {
             }
             if let Some(target) = target {
                 for a in ambient.iter_mut().filter(|a| a.node == node.name) {
-                    let listen = free_port()?;
+                    let listen = reserve()?;
                     spec = spec.arg("--outbound").arg(format!(
                         "{}/{}@{listen}={}",
                         a.namespace, a.name, target.app
@@ -275,7 +268,7 @@ impl ProcessMesh {
 
     async fn start_pod(&mut self, pod: &PodSpec) -> Result<(), Error> {
         let (cwd, id) = self.state.prepare_pod(pod)?;
-        let agent_admin = free_port()?;
+        let agent_admin = reserve()?;
         let agent = format!("{}/agent", pod.name);
         let spec = Spec::new(&agent, self.bin("meshid-agent"), &cwd).args([
             "--ca-address".to_string(),
@@ -306,15 +299,15 @@ impl ProcessMesh {
             .map_err(|e| Error::Setup(format!("echo app: {e}")))?;
         let app_addr = app.addr;
         self.apps.push(app);
-        let inbound = free_port()?;
-        let proxy_admin = free_port()?;
+        let inbound = reserve()?;
+        let proxy_admin = reserve()?;
         let proxy_component = format!("{}/proxy", pod.name);
         // Each pod's outbound route goes to the pod started before it (whose
         // inbound address is known by now); the first pod has none.
         let outbound_target = self.state.pods.last().cloned();
         let outbound = match &outbound_target {
             Some(target) => Some((
-                free_port()?,
+                reserve()?,
                 target.name.clone(),
                 target.inbound,
                 target.id.clone(),
