@@ -59,13 +59,7 @@ fn update_expiry(state: &AdminState) {
             .cert_expiry_seconds
             .get_or_create(&Metrics::resource(WORKLOAD_RESOURCE))
             .set(left(creds.svid.leaf().not_after));
-        let roots_expiry = creds
-            .bundle
-            .roots()
-            .iter()
-            .filter_map(|r| CertInfo::from_der(r).ok())
-            .map(|i| i.not_after)
-            .min();
+        let roots_expiry = creds.bundle.earliest_expiry();
         if let Some(t) = roots_expiry {
             state
                 .metrics
@@ -112,13 +106,7 @@ pub fn debug_certs(manager: &Worker) -> Value {
             "chain_subjects": chain.iter().map(|c| c["subject"].clone()).collect::<Vec<_>>(),
             "chain": chain,
         }));
-        let roots: Vec<Value> = c
-            .bundle
-            .roots()
-            .iter()
-            .filter_map(|d| CertInfo::from_der(d).ok())
-            .map(|i| cert_json(&i))
-            .collect();
+        let roots: Vec<Value> = c.bundle.infos().map(|i| cert_json(&i)).collect();
         resources.push(json!({
             "resource_name": ROOT_RESOURCE,
             "roots": roots,

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use meshid_common::cert::CertInfo;
 use meshid_common::{PrivateKey, SpiffeId, TrustBundle};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -64,11 +63,7 @@ impl Roots {
     /// NotAfter of the root that expires first.
     pub fn earliest_root_expiry(&self) -> SystemTime {
         self.bundle
-            .roots()
-            .iter()
-            .filter_map(|r| CertInfo::from_der(r).ok())
-            .map(|i| i.not_after)
-            .min()
+            .earliest_expiry()
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 }

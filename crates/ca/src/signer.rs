@@ -288,12 +288,7 @@ impl Signer {
 
 fn log_state(what: &str, state: &SigningState, dir: &Path) {
     let info = state.ca.info();
-    let roots: Vec<String> = state
-        .bundle
-        .roots()
-        .iter()
-        .filter_map(|r| CertInfo::from_der(r).ok().map(|i| i.serial))
-        .collect();
+    let roots: Vec<String> = state.bundle.infos().map(|i| i.serial).collect();
     tracing::info!(
         dir = %dir.display(),
         source = ?state.source,

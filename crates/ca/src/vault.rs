@@ -136,12 +136,7 @@ impl VaultSigner {
             generation,
         };
         {
-            let serials: Vec<String> = roots
-                .bundle
-                .roots()
-                .iter()
-                .filter_map(|r| CertInfo::from_der(r).ok().map(|i| i.serial))
-                .collect();
+            let serials: Vec<String> = roots.bundle.infos().map(|i| i.serial).collect();
             tracing::info!(roots = ?serials, cert.serial = %roots.signing_serial, generation, "Vault roots or issuer changed");
         }
         self.roots.send_replace(Arc::new(roots));

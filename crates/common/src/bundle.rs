@@ -78,6 +78,17 @@ impl TrustBundle {
         &self.roots
     }
 
+    /// The roots, parsed (each parsed when the bundle was made, so none is
+    /// skipped), in bundle order: for logs, debug pages and metrics.
+    pub fn infos(&self) -> impl Iterator<Item = CertInfo> + '_ {
+        self.roots.iter().filter_map(|r| CertInfo::from_der(r).ok())
+    }
+
+    /// NotAfter of the root that expires first.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.infos().map(|i| i.not_after).min()
+    }
+
     /// DER roots concatenated, as the SPIFFE Workload API carries bundles.
     pub fn to_concatenated_der(&self) -> Vec<u8> {
         self.roots.iter().flat_map(|r| r.iter().copied()).collect()
@@ -248,6 +259,22 @@ mod tests {
             .verify(&leaf(&a), Usage::ClientAuth, later)
             .unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn infos_follow_the_bundle_and_the_earliest_expiry_is_the_shorter_root() {
+        let long = ca("long");
+        let short = CertificateAuthority::self_signed_root(&CaOptions::new(
+            "short",
+            Duration::from_secs(3600),
+        ))
+        .unwrap();
+        let bundle = TrustBundle::new(vec![long.cert().clone(), short.cert().clone()]).unwrap();
+        let infos: Vec<CertInfo> = bundle.infos().collect();
+        assert_eq!(infos.len(), 2);
+        assert_eq!(infos[0].serial, long.info().serial);
+        assert_eq!(infos[1].serial, short.info().serial);
+        assert_eq!(bundle.earliest_expiry(), Some(short.info().not_after));
     }
 
     #[test]

@@ -108,14 +108,7 @@ fn certs_json(admin: &Admin) -> serde_json::Value {
         .unwrap_or_default();
     let roots: Vec<_> = creds
         .as_ref()
-        .map(|c| {
-            c.bundle
-                .roots()
-                .iter()
-                .filter_map(|d| CertInfo::from_der(d).ok())
-                .map(|i| cert_json(&i))
-                .collect()
-        })
+        .map(|c| c.bundle.infos().map(|i| cert_json(&i)).collect())
         .unwrap_or_default();
     json!({
         "ready": creds.is_some(),

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshid_common::cert::CertInfo;
 use meshid_common::proto::discovery::{DiscoveryRequest, DiscoveryResponse};
 use meshid_common::proto::envoy_core::Node;
 use meshid_common::proto::google::rpc::Status;
@@ -321,13 +320,7 @@ impl SecretStream {
                     roots = bundle.roots().len(),
                     "trust bundle accepted"
                 );
-                if let Some(min) = bundle
-                    .roots()
-                    .iter()
-                    .filter_map(|r| CertInfo::from_der(r).ok())
-                    .map(|i| i.not_after)
-                    .min()
-                {
+                if let Some(min) = bundle.earliest_expiry() {
                     self.metrics.set_cert_expiry(ROOTCA_SECRET, min);
                 }
                 st.bundle = Some(Arc::new(bundle));

@@ -299,14 +299,7 @@ impl CertManager {
                 let leaf = current.as_ref().map(|c| c.svid.leaf().clone());
                 let roots = current
                     .as_ref()
-                    .map(|c| {
-                        c.bundle
-                            .roots()
-                            .iter()
-                            .filter_map(|d| meshid_common::CertInfo::from_der(d).ok())
-                            .map(|i| i.subject)
-                            .collect()
-                    })
+                    .map(|c| c.bundle.infos().map(|i| i.subject).collect())
                     .unwrap_or_default();
                 let st = w.status();
                 CertSnapshot {
