@@ -183,6 +183,11 @@ pub fn update_ca_files<'a>(
 /// (`<dir>/pods/<pod>/policy.yaml`), which its proxy reloads on change.
 pub fn write_policy(dir: &Path, pod: &str, mode: Mode) -> Result<(), Error> {
     let path = dir.join("pods").join(pod).join("policy.yaml");
-    std::fs::write(&path, format!("mtls:\n  mode: {}\n", mode.as_str()))
-        .map_err(|e| Error::io(&path, e))
+    std::fs::write(&path, policy_yaml(mode)).map_err(|e| Error::io(&path, e))
+}
+
+/// A PeerAuthentication-shaped policy of one mode, as the shim reads it
+/// (its policy file, or `PUT /policy` on its admin port).
+pub fn policy_yaml(mode: Mode) -> String {
+    format!("mtls:\n  mode: {}\n", mode.as_str())
 }

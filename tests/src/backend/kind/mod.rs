@@ -823,7 +823,7 @@ impl Topology for KindMesh {
         }
         let component = p.proxy_component.clone();
         let addr = self.admin_addr(&component)?;
-        let body = policy_yaml(mode);
+        let body = crate::cluster::policy_yaml(mode);
         let r = http::request(addr, "PUT", "/policy", &body, Duration::from_secs(5)).await?;
         if r.status != 200 || !r.body.contains(mode.as_str()) {
             return Err(Error::Component {
@@ -892,11 +892,6 @@ impl Topology for KindMesh {
             }
         }
     }
-}
-
-/// The shim's policy file, as the process backend writes it.
-fn policy_yaml(mode: Mode) -> String {
-    format!("mtls:\n  mode: {}\n", mode.as_str())
 }
 
 #[cfg(test)]
