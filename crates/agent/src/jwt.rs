@@ -265,8 +265,7 @@ impl JwtSvids {
                 bundle.trust_domain
             ))
         })?;
-        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)
-            .map_err(|e| Status::internal(format!("bundle key {kid:?} is unusable: {e}")))?;
+        let key = jwk.es256_key(&kid)?;
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
         validation.leeway = 0;
         validation.set_audience(&[audience]);
@@ -293,10 +292,47 @@ impl JwtSvids {
     }
 }
 
-fn find_key(bundle: &JwtBundle, kid: &str) -> Result<Option<jsonwebtoken::jwk::Jwk>, Status> {
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&bundle.jwks)
+/// A JWKS (RFC 7517) as far as validation reads it: an ES256 token needs an
+/// EC P-256 key, given by its coordinates. Members it does not name (`use`,
+/// `alg`, an RSA key's `n` and `e`, …) are ignored, as a JWKS reader must.
+#[derive(serde::Deserialize)]
+struct KeySet {
+    keys: Vec<BundleKey>,
+}
+
+#[derive(serde::Deserialize)]
+struct BundleKey {
+    #[serde(default)]
+    kid: Option<String>,
+    kty: String,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
+}
+
+impl BundleKey {
+    /// The key that verifies an ES256 signature, or why this one cannot.
+    fn es256_key(&self, kid: &str) -> Result<jsonwebtoken::DecodingKey, Status> {
+        match (self.kty.as_str(), self.crv.as_deref(), &self.x, &self.y) {
+            ("EC", Some("P-256"), Some(x), Some(y)) => {
+                jsonwebtoken::DecodingKey::from_ec_components(x, y)
+                    .map_err(|e| Status::internal(format!("bundle key {kid:?} is unusable: {e}")))
+            }
+            (kty, crv, _, _) => Err(Status::invalid_argument(format!(
+                "token is signed with ES256 but bundle key {kid:?} is not an EC P-256 key \
+                 (kty {kty:?}, crv {crv:?})"
+            ))),
+        }
+    }
+}
+
+fn find_key(bundle: &JwtBundle, kid: &str) -> Result<Option<BundleKey>, Status> {
+    let set: KeySet = serde_json::from_slice(&bundle.jwks)
         .map_err(|e| Status::internal(format!("the CA's JWT bundle is not a JWKS: {e}")))?;
-    Ok(set.find(kid).cloned())
+    Ok(set.keys.into_iter().find(|k| k.kid.as_deref() == Some(kid)))
 }
 
 /// The `sub` claim before verification, to pick the trust domain's bundle.
@@ -428,6 +464,70 @@ mod tests {
             .unwrap();
         let second = rx.borrow().clone().unwrap();
         assert_eq!(second.jwks, b"{\"keys\":[1,2]}");
+    }
+
+    /// A JWKS as SPIRE or a federated bundle may hold it: an RSA key and an
+    /// EC key with members validation does not read.
+    fn jwks_with(key: &meshid_common::PrivateKey, kid: &str) -> Vec<u8> {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let spki = key.public_key_spki();
+        let point = &spki[spki.len() - 65..];
+        serde_json::to_vec(&serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "rsa-1", "n": "sXch", "e": "AQAB", "use": "jwt-svid"},
+            {"kty": "EC", "crv": "P-256", "kid": kid, "use": "jwt-svid", "alg": "ES256",
+             "x": b64(&point[1..33]), "y": b64(&point[33..])},
+        ]}))
+        .unwrap()
+    }
+
+    fn es256(key: &meshid_common::PrivateKey, kid: &str, sub: &str, aud: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let exp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 300;
+        let claims = serde_json::json!({"sub": sub, "aud": [aud], "exp": exp});
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(key.pkcs8_der()),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_verifies_against_its_ec_key_among_other_keys() {
+        let (source, jwt, _creds, _dir) = setup();
+        let key = meshid_common::PrivateKey::generate(meshid_common::KeyType::EcdsaP256).unwrap();
+        *source.jwks.lock().unwrap() = jwks_with(&key, "ec-1");
+        let sub = "spiffe://cluster.local/ns/default/sa/db";
+
+        let token = es256(&key, "ec-1", sub, "db");
+        let (id, claims) = jwt.validate("db", &token).await.unwrap();
+        assert_eq!(id.as_str(), sub);
+        assert_eq!(claims["sub"], sub);
+
+        let other = meshid_common::PrivateKey::generate(meshid_common::KeyType::EcdsaP256).unwrap();
+        let forged = es256(&other, "ec-1", sub, "db");
+        let e = jwt.validate("db", &forged).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("signature is invalid"),
+            "{}",
+            e.message()
+        );
+
+        let wrong_type = es256(&key, "rsa-1", sub, "db");
+        let e = jwt.validate("db", &wrong_type).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("not an EC P-256 key"),
+            "{}",
+            e.message()
+        );
     }
 
     #[tokio::test]

@@ -178,7 +178,7 @@ impl Policy {
             }),
             selector: None,
         };
-        serde_yaml_ng::to_string(&spec).unwrap_or_default()
+        meshid_common::config::to_yaml(&spec)
     }
 
     /// May this peer in? `peer` is `None` for a plaintext connection, which an
@@ -372,6 +372,35 @@ mod tests {
         assert!(p.authorize(None, "cluster.local", &[]).is_err());
         // Round trip through YAML.
         assert_eq!(Policy::from_yaml(&p.to_yaml()).unwrap(), p);
+    }
+
+    /// `to_yaml` (the admin page, `PUT /policy` round trips) reads back as
+    /// the same policy in every shape: each mode, principals without
+    /// namespaces, namespaces without principals, an empty allow-list.
+    #[test]
+    fn every_policy_shape_reads_back_from_its_yaml() {
+        let allow = |principals: &[&str], namespaces: &[&str]| AllowList {
+            principals: principals.iter().map(|p| id(p)).collect(),
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+        };
+        let mut shapes: Vec<Policy> = [Mode::Strict, Mode::Permissive, Mode::Disable]
+            .into_iter()
+            .map(Policy::mode)
+            .collect();
+        for a in [
+            allow(&["spiffe://cluster.local/ns/a/sa/x"], &[]),
+            allow(&[], &["web", "db"]),
+            allow(&[], &[]),
+        ] {
+            shapes.push(Policy {
+                mode: Mode::Strict,
+                allow: Some(a),
+            });
+        }
+        for p in shapes {
+            let yaml = p.to_yaml();
+            assert_eq!(Policy::from_yaml(&yaml).unwrap(), p, "{yaml}");
+        }
     }
 
     #[test]
