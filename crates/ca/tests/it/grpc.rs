@@ -1,7 +1,7 @@
 //! meshid-ca end to end, in-process, over real TLS: good paths, every bad
 //! input of the issue with its status code and message, restarts, rotation.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

@@ -1,7 +1,7 @@
 //! Trace context crosses HBONE: the CONNECT carries the `traceparent` of the
 //! source side's `hbone.connect` span, and the destination ztunnel sees it.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

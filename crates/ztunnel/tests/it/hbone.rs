@@ -2,7 +2,7 @@
 //! node-b through HBONE, with each side presenting the workload's own
 //! certificate, and the HBONE server refuses what it must.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, SystemTime};
 

@@ -2,7 +2,7 @@
 //! its own node-bound token and gets its node's workload certificates by
 //! impersonation; the CA refuses node-a's ztunnel a workload of node-b.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

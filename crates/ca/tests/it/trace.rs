@@ -2,7 +2,7 @@
 //! test binary: it installs its own global subscriber with an OpenTelemetry
 //! layer that records finished spans in memory.
 
-mod support;
+use crate::support;
 
 use meshid_common::testing::SpanRecorder;
 use meshid_common::{KeyType, PrivateKey, SpiffeId};

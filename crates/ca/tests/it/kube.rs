@@ -3,7 +3,7 @@
 //! its create race, a corrupt root Secret, the plugged-in CA from `cacerts`
 //! and its rotation, root publication to every namespace, Lease election
 //! and hand-over, and the pod watch cache through 410s and dropped watches.
-//! Run with `cargo nextest run -p meshid-ca --features kube --test kube`.
+//! Run with `cargo nextest run -p meshid-ca --features kube -E 'test(kube::)'`.
 
 #![cfg(feature = "kube")]
 

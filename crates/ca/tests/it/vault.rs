@@ -7,7 +7,7 @@
 //! Each test skips with a printed reason when `bao` is absent, unless `CI`
 //! is set: then it fails.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant, SystemTime};
 

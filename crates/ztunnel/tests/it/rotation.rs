@@ -2,7 +2,7 @@
 //! certificate rotates (every ~2 s) and pooled connections are replaced
 //! before their certificates expire, no connection fails.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -8,7 +8,7 @@
 //! namespace, so it needs no root). Where namespaces or iptables are not
 //! available it says so and skips locally, and fails when `CI` is set.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -23,7 +23,8 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const INNER: &str = "MESHID_ZTUNNEL_IN_NETNS";
-const TEST: &str = "captured_connections_go_through_hbone_as_the_workload";
+/// The test's name as libtest knows it in this binary (module path first).
+const TEST: &str = "capture::captured_connections_go_through_hbone_as_the_workload";
 const WEB_IP: &str = "127.0.0.10";
 const PLAIN_CLIENT_IP: &str = "127.0.0.20";
 

@@ -2,7 +2,7 @@
 //! authentication and authorization of CreateCertificate, the JWKS bundle,
 //! and the refusals.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
