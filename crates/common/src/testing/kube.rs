@@ -67,6 +67,31 @@ impl FakeRequest {
             .get("watch")
             .is_some_and(|v| v == "true" || v == "1")
     }
+
+    /// The API group: `""` for the core group (`api/v1`).
+    pub fn api_group(&self) -> &str {
+        self.prefix
+            .strip_prefix("apis/")
+            .and_then(|g| g.split('/').next())
+            .unwrap_or("")
+    }
+
+    /// The RBAC verb the API server checks for this request: a GET is
+    /// `watch` with `watch=true`, else `get` of a name or `list` of a
+    /// collection; POST `create`, PUT `update`, PATCH `patch`, DELETE
+    /// `delete`. `None` for another method.
+    pub fn rbac_verb(&self) -> Option<&'static str> {
+        Some(match self.method {
+            Method::GET if self.is_watch() => "watch",
+            Method::GET if !self.name.is_empty() => "get",
+            Method::GET => "list",
+            Method::POST => "create",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "delete",
+            _ => return None,
+        })
+    }
 }
 
 /// A hook's answer: the status code and the JSON body.
@@ -100,7 +125,9 @@ struct Inner {
     hooks: Mutex<Vec<Hook>>,
     /// Replaced by [`FakeApiServer::drop_watches`].
     watch_cut: Mutex<CancellationToken>,
-    requests: Mutex<Vec<String>>,
+    /// `METHOD /path?query` of each request, and the request as the fake
+    /// placed it (without its body; `None` for a path outside the API).
+    requests: Mutex<Vec<(String, Option<FakeRequest>)>>,
     stop: CancellationToken,
 }
 
@@ -283,6 +310,16 @@ impl FakeApiServer {
 
     /// `METHOD /path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
+        self.placed_requests()
+            .into_iter()
+            .map(|(line, _)| line)
+            .collect()
+    }
+
+    /// Every request so far: its `METHOD /path?query` and the request as
+    /// the fake placed it, without its body (`None` for a path outside the
+    /// API, which the fake answered 404).
+    pub fn placed_requests(&self) -> Vec<(String, Option<FakeRequest>)> {
         self.inner
             .requests
             .lock()
@@ -343,6 +380,21 @@ fn parse_path(path: &str) -> Option<Key> {
         )),
         _ => None,
     }
+}
+
+/// A request on `path?raw_query` as the fake places it, without a body;
+/// `None` for a path outside the API.
+fn place(method: &Method, path: &str, raw_query: &str) -> Option<FakeRequest> {
+    let (prefix, resource, namespace, name) = parse_path(path)?;
+    Some(FakeRequest {
+        method: method.clone(),
+        prefix,
+        resource,
+        namespace,
+        name,
+        query: parse_query(raw_query),
+        body: Value::Null,
+    })
 }
 
 fn decode(s: &str) -> String {
@@ -486,10 +538,14 @@ impl Inner {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let raw_query = req.uri().query().unwrap_or("").to_owned();
+        let placed = place(&method, &path, &raw_query);
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(format!("{method} {path}?{}", decode(&raw_query)));
+            .push((
+                format!("{method} {path}?{}", decode(&raw_query)),
+                placed.clone(),
+            ));
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return failure(400, "BadRequest", format!("reading the body: {e}")),
@@ -502,18 +558,10 @@ impl Inner {
                 Err(e) => return failure(400, "BadRequest", format!("the body is not JSON: {e}")),
             }
         };
-        let Some((prefix, resource, namespace, name)) = parse_path(&path) else {
+        let Some(mut request) = placed else {
             return failure(404, "NotFound", format!("the server could not find {path}"));
         };
-        let request = FakeRequest {
-            method,
-            prefix,
-            resource,
-            namespace,
-            name,
-            query: parse_query(&raw_query),
-            body,
-        };
+        request.body = body;
         let hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for hook in hooks {
             if let Some((code, body)) = hook(&request) {
@@ -778,6 +826,60 @@ mod tests {
             ))
         );
         assert_eq!(parse_path("/version"), None);
+    }
+
+    #[test]
+    fn requests_map_to_rbac_verbs_and_groups() {
+        let r = |m: Method, path: &str, q: &str| {
+            let r = place(&m, path, q).unwrap();
+            (
+                r.rbac_verb().unwrap(),
+                r.api_group().to_owned(),
+                r.resource,
+                r.namespace,
+            )
+        };
+        let t = |v: &'static str, g: &str, res: &str, ns: &str| {
+            (v, g.to_owned(), res.to_owned(), ns.to_owned())
+        };
+        assert_eq!(
+            r(
+                Method::GET,
+                "/api/v1/namespaces/istio-system/secrets/istio-ca-secret",
+                ""
+            ),
+            t("get", "", "secrets", "istio-system")
+        );
+        assert_eq!(
+            r(Method::GET, "/api/v1/pods", "watch=true&resourceVersion=5"),
+            t("watch", "", "pods", "")
+        );
+        assert_eq!(
+            r(Method::GET, "/api/v1/namespaces", ""),
+            t("list", "", "namespaces", "")
+        );
+        assert_eq!(
+            r(
+                Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/x",
+                ""
+            ),
+            t("update", "coordination.k8s.io", "leases", "istio-system")
+        );
+        assert_eq!(
+            r(
+                Method::POST,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                ""
+            ),
+            t("create", "authentication.k8s.io", "tokenreviews", "")
+        );
+        assert_eq!(
+            place(&Method::OPTIONS, "/api/v1/pods", "")
+                .unwrap()
+                .rbac_verb(),
+            None
+        );
     }
 
     #[test]
