@@ -1796,12 +1796,18 @@ async fn ca_restart_under_load(
             fleet.workers.len()
         )
     })?;
-    let (now_wall, now) = (SystemTime::now(), Instant::now());
-    let at = |t: &SystemTime| now + t.duration_since(now_wall).unwrap_or_default();
-    let first_due = scheduled_at.iter().map(at).min().unwrap_or(now);
-    let last_due = scheduled_at.iter().map(at).max().unwrap_or(now);
-    let stop_at = first_due - Duration::from_millis(500);
-    let start_at = last_due + Duration::from_millis(500);
+    let first_due = scheduled_at
+        .iter()
+        .min()
+        .copied()
+        .unwrap_or_else(SystemTime::now);
+    let last_due = scheduled_at
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_else(SystemTime::now);
+    let stop_at = Clock::System.instant_at(first_due) - Duration::from_millis(500);
+    let start_at = Clock::System.instant_at(last_due) + Duration::from_millis(500);
 
     let stop = Arc::new(AtomicBool::new(false));
     let pairs = {
@@ -1832,7 +1838,7 @@ async fn ca_restart_under_load(
         })
     };
 
-    tokio::time::sleep_until(stop_at.into()).await;
+    tokio::time::sleep_until(stop_at).await;
     let down_at = Instant::now();
     // The old CA has exited once `stop` returns, so whatever is issued from
     // the relaunch on comes from the new one. Its renewals are timed from
@@ -1844,7 +1850,7 @@ async fn ca_restart_under_load(
     let mut relaunch_at = down_at;
     let outcome = async {
         mesh.stop("ca").await.map_err(|e| e.to_string())?;
-        tokio::time::sleep_until(start_at.into()).await;
+        tokio::time::sleep_until(start_at).await;
         relaunch_at = Instant::now();
         mesh.start("ca").await.map_err(|e| e.to_string())
     }
