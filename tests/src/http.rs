@@ -105,9 +105,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_is_an_error_naming_the_url() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
+        let addr = crate::ports::reserve().unwrap();
         let err = get(addr, "/ready", Duration::from_secs(1))
             .await
             .unwrap_err();

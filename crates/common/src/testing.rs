@@ -2,11 +2,13 @@
 //! tests or with the `testing` cargo feature (which other crates enable from
 //! their `[dev-dependencies]`, never from a shipped binary): a throwaway PKI
 //! (a root and optionally an intermediate that issue SVIDs on demand, nothing
-//! on disk), a span recorder, the one real-Envoy launcher ([`envoy`]) and a
-//! fake Kubernetes API server speaking the real wire format ([`kube`]).
+//! on disk), a span recorder, the one real-Envoy launcher ([`envoy`]), a
+//! fake Kubernetes API server speaking the real wire format ([`kube`]) and
+//! loopback ports reserved for processes a test starts ([`ports`]).
 
 pub mod envoy;
 pub mod kube;
+pub mod ports;
 pub mod promtool;
 
 use std::sync::Arc;

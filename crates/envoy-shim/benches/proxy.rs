@@ -65,10 +65,7 @@ impl Drop for Proc {
 }
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    meshid_common::testing::ports::reserve().unwrap()
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {

@@ -17,11 +17,7 @@ fn spawn_agent(
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, std::path::PathBuf, u16) {
     std::fs::write(dir.join("token"), ca.token("web-0")).unwrap();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = meshid_common::testing::ports::reserve().unwrap().port();
     let sds = dir.join("sds/socket");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshid-agent"))
         .arg("--sds-socket")

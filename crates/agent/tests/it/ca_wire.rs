@@ -114,10 +114,7 @@ async fn an_unauthenticated_answer_makes_the_agent_not_ready() {
 
 #[tokio::test]
 async fn a_ca_that_is_down_at_start_is_used_once_it_comes_up() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let port = meshid_common::testing::ports::reserve().unwrap();
     let ca = fake_ca(Clock::System);
     // The root is known in advance: build the server only later, on that port.
     let pending = PendingServer::new(ca.clone(), port);

@@ -1,5 +1,5 @@
 //! A real OpenBao dev server for tests and the e2e harness (cargo feature
-//! `testing`): `bao server -dev -dev-tls` on a free loopback port with a
+//! `testing`): `bao server -dev -dev-tls` on a reserved loopback port with a
 //! known root token, a PKI mount with a root, a workload role limited to
 //! `spiffe://<td>/*` and a serving role for the CA's own names; sealed,
 //! unsealed, rotated and stopped on request.
@@ -91,8 +91,10 @@ impl DevBao {
     /// Starts a dev server in `dir` (TLS files, token file, log).
     pub async fn start(bin: &Path, dir: &Path) -> Result<DevBao, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        // The server listens on its port and, for its cluster, on port + 1:
+        // both reserved, so no other test's process is handed either
+        // between this pick and the server's bind.
+        let port = meshid_common::testing::ports::reserve_run(2)
             .map_err(|e| e.to_string())?
             .port();
         let tls_dir = dir.join("tls");

@@ -437,11 +437,8 @@ async fn half_close_passes_through_mtls() {
 #[tokio::test]
 async fn an_app_that_is_down_is_a_clean_error() {
     let pki = pki();
-    // A port with nothing listening.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port with nothing listening (reserved: no other process is handed it).
+    let dead = meshid_common::testing::ports::reserve().unwrap();
     let mut shim = Shim::start(&pki, Mode::Strict, |c, _| c.app_addr = dead).await;
     shim.ready().await;
     let mut tls = mtls(shim.app.inbound_addr(), creds(&pki, "client"), &shim.id)

@@ -222,17 +222,16 @@ impl Drop for Child {
     }
 }
 
-async fn free_port(ip: &str) -> u16 {
-    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
-        .await
-        .unwrap();
-    l.local_addr().unwrap().port()
+/// A port reserved for the binary (outside the ephemeral range; the HBONE
+/// listener binds it on 127.0.0.2, the admin on 127.0.0.1).
+fn free_port() -> u16 {
+    meshid_common::testing::ports::reserve().unwrap().port()
 }
 
 #[tokio::test]
 async fn the_binary_serves_a_node_from_flags_and_environment() {
     let c = cluster().await;
-    let (hbone, admin) = (free_port("127.0.0.2").await, free_port("127.0.0.1").await);
+    let (hbone, admin) = (free_port(), free_port());
     let hbone_addr: std::net::SocketAddr = format!("127.0.0.2:{hbone}").parse().unwrap();
     let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let _b = Child(
