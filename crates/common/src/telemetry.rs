@@ -1,8 +1,10 @@
 //! Logs and traces for every meshid process.
 //!
 //! `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` switches to JSON
-//! lines, and when `OTEL_EXPORTER_OTLP_ENDPOINT` is set spans are exported
-//! over OTLP/gRPC with `OTEL_SERVICE_NAME` (or the component's name). Trace
+//! lines, text lines are coloured only on a terminal (never in a pipe, a
+//! file or `kubectl logs`, and never with `NO_COLOR` set), and when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set spans are exported over OTLP/gRPC
+//! with `OTEL_SERVICE_NAME` (or the component's name). Trace
 //! context travels as W3C `traceparent` in gRPC metadata and HTTP headers:
 //! [`inject_grpc`] / [`extract_grpc`] and [`inject_http`] / [`extract_http`].
 
@@ -28,13 +30,15 @@ pub struct TelemetryConfig {
     /// `RUST_LOG` directives; `info` when empty.
     pub filter: String,
     pub json: bool,
+    /// `NO_COLOR` is set (and not empty): no colour even on a terminal.
+    pub no_color: bool,
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
     pub otlp_endpoint: Option<String>,
 }
 
 impl TelemetryConfig {
-    /// Reads `RUST_LOG`, `LOG_FORMAT`, `OTEL_EXPORTER_OTLP_ENDPOINT` and
-    /// `OTEL_SERVICE_NAME` through `get` (pass `std::env::var` or a map).
+    /// Reads `RUST_LOG`, `LOG_FORMAT`, `NO_COLOR`, `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// and `OTEL_SERVICE_NAME` through `get` (pass `std::env::var` or a map).
     pub fn from_source(default_service: &str, get: impl Fn(&str) -> Option<String>) -> Self {
         TelemetryConfig {
             service_name: get("OTEL_SERVICE_NAME")
@@ -42,6 +46,7 @@ impl TelemetryConfig {
                 .unwrap_or_else(|| default_service.to_owned()),
             filter: get("RUST_LOG").unwrap_or_default(),
             json: get("LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")),
+            no_color: get("NO_COLOR").is_some_and(|v| !v.is_empty()),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
         }
     }
@@ -140,7 +145,13 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard> {
             .with_current_span(false)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_target(false).boxed()
+        // tracing-subscriber colours whenever its `ansi` feature is on, so
+        // escape codes would reach log files and collectors.
+        let color = !config.no_color && std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(color)
+            .boxed()
     };
     let (otel, provider) = match &config.otlp_endpoint {
         Some(endpoint) => {
@@ -377,6 +388,11 @@ mod tests {
         assert_eq!(cfg.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
         assert_eq!(cfg.filter, "debug");
         let empty = TelemetryConfig::from_source("x", |_| None);
-        assert!(!empty.json && empty.otlp_endpoint.is_none());
+        assert!(!empty.json && !empty.no_color && empty.otlp_endpoint.is_none());
+        // no-color.org: set and not empty.
+        for (v, no_color) in [("1", true), ("", false)] {
+            let cfg = TelemetryConfig::from_source("x", |k| (k == "NO_COLOR").then(|| v.into()));
+            assert_eq!(cfg.no_color, no_color, "NO_COLOR={v:?}");
+        }
     }
 }

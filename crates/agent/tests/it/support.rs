@@ -43,6 +43,7 @@ fn tracing_subscriber_init() -> Option<()> {
         service_name: "agent-test".into(),
         filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         json: false,
+        no_color: false,
         otlp_endpoint: None,
     };
     std::mem::forget(meshid_common::telemetry::init(&cfg).ok()?);
