@@ -87,10 +87,11 @@ pub fn reserve() -> io::Result<SocketAddr> {
 /// binds more than the port it is given (a Vault/OpenBao server also
 /// listens on its port + 1 for its cluster); the first is returned.
 pub fn reserve_run(n: u16) -> io::Result<SocketAddr> {
+    let n = n.max(1);
     let dir = lock_dir();
     std::fs::create_dir_all(&dir).map_err(|e| at(&dir, e))?;
     let range = candidates(ephemeral_range());
-    let span = (range.len() as u32).saturating_sub(u32::from(n.max(1)) - 1);
+    let span = (range.len() as u32).saturating_sub(u32::from(n) - 1);
     if span == 0 {
         return Err(io::Error::other(
             "no loopback port outside the kernel's ephemeral range (ip_local_port_range covers 10000-65535)",
@@ -109,7 +110,7 @@ pub fn reserve_run(n: u16) -> io::Result<SocketAddr> {
     'candidates: for k in 0..span {
         let first = range.start + ((start.wrapping_add(k)) % span) as u16;
         let mut locks = Vec::with_capacity(usize::from(n));
-        for port in first..first + n.max(1) {
+        for port in first..first + n {
             match try_take(port)? {
                 Some(lock) => locks.push(lock),
                 // Dropping `locks` releases the ones taken so far.
@@ -123,9 +124,7 @@ pub fn reserve_run(n: u16) -> io::Result<SocketAddr> {
         io::ErrorKind::AddrInUse,
         format!(
             "no {} free consecutive loopback port(s) in {}-{}",
-            n.max(1),
-            range.start,
-            range.end
+            n, range.start, range.end
         ),
     ))
 }
