@@ -54,11 +54,23 @@ struct Row {
     rss_kib: Vec<(String, u64, u64)>,
 }
 
-/// A child process killed on drop.
+/// A child process stopped on drop with SIGTERM, as a kubelet stops a pod:
+/// a shim run under a profiler (`cargo xtask link-order`) then ends through
+/// its own shutdown and the profiler writes its data. SIGKILL after 30 s.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
