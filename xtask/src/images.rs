@@ -47,8 +47,8 @@ const RELEASE_FEATURES: &str = "kube";
 
 /// One `cargo build` of the release set: its packages, and the features it
 /// turns on.
-struct ReleaseBuild {
-    packages: &'static [&'static str],
+pub(crate) struct ReleaseBuild {
+    pub(crate) packages: &'static [&'static str],
     features: Option<&'static str>,
 }
 
@@ -58,7 +58,7 @@ struct ReleaseBuild {
 /// rustls … and meshid-common's `kube` reached the agent and the shim too,
 /// +380 kB and +265 kB unstripped). Both share target/release: a dependency
 /// built with the same features by both is built once.
-const RELEASE_BUILDS: &[ReleaseBuild] = &[
+pub(crate) const RELEASE_BUILDS: &[ReleaseBuild] = &[
     ReleaseBuild {
         packages: &["meshid-ca", "meshid-ztunnel"],
         features: Some(RELEASE_FEATURES),
@@ -70,7 +70,7 @@ const RELEASE_BUILDS: &[ReleaseBuild] = &[
 ];
 
 /// The `cargo build` command line of one release build.
-fn release_build_args(build: &ReleaseBuild) -> Vec<&'static str> {
+pub(crate) fn release_build_args(build: &ReleaseBuild) -> Vec<&'static str> {
     let mut v = vec!["build", "--bins", "--release"];
     for p in build.packages {
         v.extend(["-p", *p]);
@@ -112,7 +112,7 @@ fn git_sha() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn cargo_build(args: &[&str], what: &str) -> anyhow::Result<()> {
+pub(crate) fn cargo_build(args: &[&str], what: &str) -> anyhow::Result<()> {
     eprintln!("images: {}", crate::display_cargo(args));
     let status = crate::cargo(args)
         .status()

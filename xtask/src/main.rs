@@ -9,6 +9,7 @@ mod e2e;
 mod fuzz;
 mod images;
 mod kind;
+mod link_order;
 
 use std::{
     ffi::OsString,
@@ -43,6 +44,9 @@ enum Task {
     Images(images::ImagesArgs),
     /// meshid in a kind cluster: up, load, deploy, down; validate the manifests offline.
     Kind(kind::KindArgs),
+    /// Profile the release shim under load and write the hot-function list its link uses
+    /// (crates/envoy-shim/link-order.txt); `--check` tells how much of it a build still names.
+    LinkOrder(link_order::LinkOrderArgs),
     /// Build the cargo-fuzz targets of fuzz/ and run each (or the one named) for --time seconds.
     Fuzz(fuzz::FuzzArgs),
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Task::Images(args) => images::run(args),
         Task::Kind(args) => kind::run(args),
         Task::Fuzz(args) => fuzz::run(args),
+        Task::LinkOrder(args) => link_order::run(args),
     };
     match result {
         Ok(code) => code,
