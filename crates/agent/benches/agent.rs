@@ -55,9 +55,9 @@ fn main() {
         let runs = if quick { 5 } else { 20 };
         let mut starts = Vec::new();
         for i in 0..runs {
-            let (mut child, d) = start_child(&server, dir.path(), &format!("run{i}"), &[]).await;
+            let (child, d) = start_child(&server, dir.path(), &format!("run{i}"), &[]).await;
             starts.push(d);
-            let _ = child.kill().await;
+            stop(child).await;
         }
         starts.sort();
         let median = starts[starts.len() / 2];
@@ -69,7 +69,7 @@ fn main() {
             ms(starts[0])
         );
 
-        let (mut child, _) = start_child(&server, dir.path(), "rss", &[]).await;
+        let (child, _) = start_child(&server, dir.path(), "rss", &[]).await;
         let pid = child.id().unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = rss_kib(pid);
@@ -94,7 +94,7 @@ fn main() {
             loaded.2 as f64 / 1024.0
         );
         drop(streams);
-        let _ = child.kill().await;
+        stop(child).await;
 
         let rotations = if quick { 3 } else { 5 };
         let mut pushes = rotation_push(rotations).await;
@@ -115,6 +115,23 @@ fn main() {
         );
         ca.app.shutdown().await;
     });
+}
+
+/// Stops the binary with SIGTERM, as a kubelet does, so that one run under
+/// a profiler (`cargo xtask link-order`) writes its data; SIGKILL after 30 s.
+async fn stop(mut child: tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
 }
 
 fn ms(d: Duration) -> f64 {
@@ -296,7 +313,7 @@ async fn rotation_push(rotations: usize) -> Vec<Duration> {
 /// between the first and the last of `STREAMS` streams receiving each new
 /// certificate.
 async fn rotation_push_child(server: &str, dir: &Path, rotations: usize) -> Vec<Duration> {
-    let (mut child, _) = start_child(server, dir, "rotate", &["--secret-ttl", "20s"]).await;
+    let (child, _) = start_child(server, dir, "rotate", &["--secret-ttl", "20s"]).await;
     let streams = open_streams(&dir.join("rotate/sds.sock"), STREAMS).await;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Instant, String)>();
     for mut s in streams {
@@ -327,7 +344,7 @@ async fn rotation_push_child(server: &str, dir: &Path, rotations: usize) -> Vec<
             results.push(entry.1.duration_since(entry.0));
         }
     }
-    let _ = child.kill().await;
+    stop(child).await;
     results
 }
 
