@@ -1,17 +1,19 @@
-//! `cargo xtask link-order`: write the shim's hot-function list, or check it.
+//! `cargo xtask link-order`: write the hot-function lists of the binaries in
+//! [`TARGETS`], or check them.
 //!
-//! crates/envoy-shim/link-order.txt names the functions the release shim runs;
-//! the shim's build script has the linker place them together (why: that
-//! build.rs). This task writes the file from a profile of the release shim,
-//! built as the images build it, under the proxy bench's load (`--quick`):
+//! `crates/<name>/link-order.txt` names the functions each release binary
+//! runs; their build scripts have the linker place them together (why:
+//! the meshid-link-order crate). This task writes a list from a profile of the
+//! release binary, built as the images build it, under its bench's load
+//! (`--quick`):
 //! - one run under `valgrind --tool=callgrind`, which sees every function
 //!   that runs, start-up and shutdown included, on valgrind's CPU (no
 //!   AVX-512, so aws-lc takes other assembly paths there);
 //! - one run under `perf record` (cpu-clock samples), which sees the paths
 //!   this machine's CPU takes, if perf is installed.
 //!
-//! `--check` builds the release shim and tells how many entries still name
-//! one of its functions, failing under 90 %.
+//! `--check` builds the release binaries and tells how many entries still
+//! name one of their functions, failing under 90 %.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,8 +22,39 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-/// The file, from the workspace root.
-const ORDER_FILE: &str = "crates/envoy-shim/link-order.txt";
+/// A binary whose release link places the functions it runs first.
+#[derive(Debug)]
+struct Target {
+    /// `cargo xtask link-order NAME`, and its crate's folder under crates/.
+    name: &'static str,
+    /// Its package and binary.
+    package: &'static str,
+    /// The bench whose load the profile runs, and the variable that has it
+    /// run another build of the binary.
+    bench: &'static str,
+    bin_env: &'static str,
+    /// That load, for the list's header.
+    load: &'static str,
+}
+
+/// The binaries that run in every pod.
+const TARGETS: &[Target] = &[Target {
+    name: "envoy-shim",
+    package: "meshid-envoy-shim",
+    bench: "proxy",
+    bin_env: "MESHID_SHIM_BIN",
+    load: "the proxy bench's load\n# (two shims between a client and an echo server: requests of 1 KiB and 64 KiB,\n# bulk, new connections)",
+}];
+
+impl Target {
+    /// Its list, from the workspace root.
+    fn file(&self) -> PathBuf {
+        crate::workspace_root()
+            .join("crates")
+            .join(self.name)
+            .join(meshid_link_order::ORDER_FILE)
+    }
+}
 
 /// Below this share of entries naming a function of the build, `--check` fails.
 const FRESH_PERCENT: usize = 90;
@@ -29,13 +62,18 @@ const FRESH_PERCENT: usize = 90;
 /// Flags of `cargo xtask link-order`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct LinkOrderArgs {
-    /// Do not profile: build the release shim and tell how much of the file names its functions.
+    /// The binary (`envoy-shim`); all when absent.
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Do not profile: build the release binaries and tell how much of each list names their functions.
     #[arg(long)]
     pub check: bool,
 }
 
 /// `cargo xtask link-order`.
 pub fn run(args: &LinkOrderArgs) -> anyhow::Result<ExitCode> {
+    let targets = select(args.name.as_deref())?;
     let tools: &[&str] = if args.check {
         &["nm", "readelf"]
     } else {
@@ -51,66 +89,99 @@ pub fn run(args: &LinkOrderArgs) -> anyhow::Result<ExitCode> {
         eprintln!("xtask: {sentence}");
         return Ok(ExitCode::from(crate::kind::MISSING_TOOL));
     }
-    let shim = build_release_shim()?;
-    let file = crate::workspace_root().join(ORDER_FILE);
+    let bin_dir = build_release()?;
     if args.check {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        return check(&text, &shim);
+        let mut code = ExitCode::SUCCESS;
+        for target in targets {
+            let file = target.file();
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            if !check(target, &text, &bin_dir.join(target.package))? {
+                code = ExitCode::FAILURE;
+            }
+        }
+        return Ok(code);
     }
-
-    let work = std::env::temp_dir().join(format!("meshid-link-order-{}", std::process::id()));
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    // `cargo bench` builds the shim again (with the bench's dev features)
-    // over target/release: profile a copy of the one that ships.
-    let bin = work.join("meshid-envoy-shim");
-    std::fs::copy(&shim, &bin).with_context(|| format!("cannot copy {}", shim.display()))?;
-
-    let mut ran = BTreeSet::new();
-    let callgrind = profile(&work, &bin, Profiler::Callgrind)?;
-    eprintln!(
-        "link-order: {} functions ran under callgrind",
-        callgrind.len()
-    );
-    ran.extend(callgrind);
-    if crate::kind::find_tool("perf", path.as_deref()).is_some() {
-        let perf = profile(&work, &bin, Profiler::Perf)?;
-        eprintln!("link-order: {} functions sampled by perf", perf.len());
-        ran.extend(perf);
-    } else {
+    let perf = crate::kind::find_tool("perf", path.as_deref()).is_some();
+    if !perf {
         eprintln!(
             "link-order: perf (Debian `linux-perf`) is not installed: only callgrind's run is \
              used, and this CPU's own assembly paths (AVX-512 under valgrind's) may be missed"
         );
     }
-
-    let symbols = text_symbols(&bin)?;
-    let entries: BTreeSet<String> = ran
-        .iter()
-        .filter(|name| symbols.contains(*name))
-        .map(|name| entry(name))
-        .collect();
-    std::fs::write(&file, render(&entries))
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    std::fs::remove_dir_all(&work).ok();
-    eprintln!(
-        "link-order: wrote {} entries to {ORDER_FILE} ({} of the binary's {} functions ran)",
-        entries.len(),
-        ran.iter().filter(|n| symbols.contains(*n)).count(),
-        symbols.len()
-    );
+    for target in targets {
+        write_list(target, &bin_dir, perf)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The targets named (all when `None`).
+fn select(name: Option<&str>) -> anyhow::Result<Vec<&'static Target>> {
+    match name {
+        None => Ok(TARGETS.iter().collect()),
+        Some(name) => match TARGETS.iter().find(|t| t.name == name) {
+            Some(t) => Ok(vec![t]),
+            None => {
+                let known: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
+                bail!(
+                    "no binary is named `{name}` here; the ones with a link order are: {}",
+                    known.join(", ")
+                )
+            }
+        },
+    }
+}
+
+/// Profiles one release binary under its bench's load and writes its list.
+fn write_list(target: &Target, bin_dir: &Path, perf: bool) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!(
+        "meshid-link-order-{}-{}",
+        target.name,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    // `cargo bench` builds the binary again (with the bench's dev features)
+    // over target/release: profile a copy of the one that ships.
+    let shipped = bin_dir.join(target.package);
+    let bin = work.join(target.package);
+    std::fs::copy(&shipped, &bin).with_context(|| format!("cannot copy {}", shipped.display()))?;
+
+    let mut ran = profile(target, &work, &bin, Profiler::Callgrind)?;
+    eprintln!("link-order: {} functions ran under callgrind", ran.len());
+    if perf {
+        let sampled = profile(target, &work, &bin, Profiler::Perf)?;
+        eprintln!("link-order: {} functions sampled by perf", sampled.len());
+        ran.extend(sampled);
+    }
+    let symbols = text_symbols(&bin)?;
+    let ran: BTreeSet<&String> = ran.iter().filter(|n| symbols.contains(*n)).collect();
+    let entries: BTreeSet<String> = ran.iter().map(|n| meshid_link_order::entry(n)).collect();
+    let file = target.file();
+    std::fs::write(&file, render(target, &entries))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    std::fs::remove_dir_all(&work).ok();
+    eprintln!(
+        "link-order: wrote {} entries to {} ({} of the binary's {} functions ran)",
+        entries.len(),
+        file.display(),
+        ran.len(),
+        symbols.len()
+    );
+    Ok(())
+}
+
 /// Builds the release agent and shim as `cargo xtask images --release` does
-/// (features unify across one cargo call) and returns the shim's path.
-fn build_release_shim() -> anyhow::Result<PathBuf> {
+/// (features unify across one cargo call) and returns their folder.
+fn build_release() -> anyhow::Result<PathBuf> {
     let build = crate::images::RELEASE_BUILDS
         .iter()
-        .find(|b| b.packages.contains(&"meshid-envoy-shim"))
-        .context("the release set has no build of meshid-envoy-shim")?;
-    crate::images::cargo_build(&crate::images::release_build_args(build), "release shim")?;
-    Ok(crate::e2e::target_dir().join("release/meshid-envoy-shim"))
+        .find(|b| TARGETS.iter().all(|t| b.packages.contains(&t.package)))
+        .context("the release set has no build of both the agent and the shim")?;
+    crate::images::cargo_build(
+        &crate::images::release_build_args(build),
+        "release binaries",
+    )?;
+    Ok(crate::e2e::target_dir().join("release"))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -119,17 +190,22 @@ enum Profiler {
     Perf,
 }
 
-/// Runs the proxy bench (`--quick`) with its two shims under `profiler` and
-/// returns the names of the functions that ran.
-fn profile(work: &Path, bin: &Path, profiler: Profiler) -> anyhow::Result<BTreeSet<String>> {
+/// Runs the target's bench (`--quick`) with the binary under `profiler`
+/// and returns the names of the functions that ran.
+fn profile(
+    target: &Target,
+    work: &Path,
+    bin: &Path,
+    profiler: Profiler,
+) -> anyhow::Result<BTreeSet<String>> {
     let (name, out_dir) = match profiler {
         Profiler::Callgrind => ("callgrind", work.join("callgrind")),
         Profiler::Perf => ("perf", work.join("perf")),
     };
     std::fs::create_dir_all(&out_dir)?;
-    // The bench starts the shim as MESHID_SHIM_BIN; `exec` keeps the pid,
-    // so its SIGTERM at the end reaches the profiler, which stops the shim
-    // and writes its data.
+    // The bench starts the binary from its variable; `exec` keeps the pid,
+    // so the bench's SIGTERM at the end reaches the profiler, which stops
+    // the binary and writes its data.
     let command = match profiler {
         Profiler::Callgrind => format!(
             "exec valgrind --tool=callgrind --demangle=no --dump-line=no \
@@ -143,7 +219,7 @@ fn profile(work: &Path, bin: &Path, profiler: Profiler) -> anyhow::Result<BTreeS
             bin.display()
         ),
     };
-    let wrapper = work.join(format!("{name}-shim.sh"));
+    let wrapper = work.join(format!("{name}-{}.sh", target.name));
     std::fs::write(&wrapper, format!("#!/bin/sh\n{command}\n"))?;
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -152,28 +228,30 @@ fn profile(work: &Path, bin: &Path, profiler: Profiler) -> anyhow::Result<BTreeS
     let argv = [
         "bench",
         "-p",
-        "meshid-envoy-shim",
+        target.package,
         "--bench",
-        "proxy",
+        target.bench,
         "--",
         "--quick",
     ];
     let log = work.join(format!("{name}-bench.log"));
     eprintln!(
-        "link-order: {} with the shims under {name} (log: {})",
+        "link-order: {} with {} under {name} (log: {})",
         crate::display_cargo(&argv),
+        target.package,
         log.display()
     );
     let log_file = std::fs::File::create(&log)?;
     let status = crate::cargo(argv)
-        .env("MESHID_SHIM_BIN", &wrapper)
+        .env(target.bin_env, &wrapper)
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .status()
         .context("could not start cargo bench")?;
     if !status.success() {
         bail!(
-            "the proxy bench under {name} failed ({status}); see {}",
+            "the {} bench under {name} failed ({status}); see {}",
+            target.bench,
             log.display()
         );
     }
@@ -208,11 +286,10 @@ fn profile(work: &Path, bin: &Path, profiler: Profiler) -> anyhow::Result<BTreeS
             }
         }
     }
-    // The bench runs a client and a server shim.
-    if files < 2 || names.is_empty() {
+    if files == 0 || names.is_empty() {
         bail!(
-            "{name} left {files} profile(s) and {} function names in {}: the shims did not run \
-             under it; see {}",
+            "{name} left {files} profile(s) and {} function names in {}: the binary did not \
+             run under it; see {}",
             names.len(),
             out_dir.display(),
             log.display()
@@ -263,27 +340,14 @@ fn text_symbols(bin: &Path) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
-/// A symbol as the file names it: a legacy-mangled Rust symbol's hash (`17h`,
-/// 16 hex digits, before the closing `E`) as `*`. Other names stay whole.
-fn entry(symbol: &str) -> String {
-    if let Some(head) = symbol.strip_suffix('E')
-        && head.len() > 19
-        && let Some((body, hash)) = head.split_at_checked(head.len() - 16)
-        && body.ends_with("17h")
-        && hash.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        return format!("{body}*E");
-    }
-    symbol.to_owned()
-}
-
-/// The file: a header, then one entry per line, sorted.
-fn render(entries: &BTreeSet<String>) -> String {
-    let mut s = String::from(
-        "# The functions the release meshid-envoy-shim ran under the proxy bench's load, which\n\
-         # crates/envoy-shim/build.rs has the linker place together. A Rust symbol's hash is\n\
-         # written `*`. Written by `cargo xtask link-order`; `cargo xtask link-order --check`\n\
-         # tells how much of it the current release build still names.\n",
+/// The list: a header, then one entry per line, sorted.
+fn render(target: &Target, entries: &BTreeSet<String>) -> String {
+    let mut s = format!(
+        "# The functions the release {} ran under {},\n\
+         # which its build script has the linker place together (the meshid-link-order crate).\n\
+         # A Rust symbol's hash is written `*`. Written by `cargo xtask link-order {}`;\n\
+         # `cargo xtask link-order --check` tells how much of it a release build still names.\n",
+        target.package, target.load, target.name
     );
     for e in entries {
         s.push_str(e);
@@ -292,31 +356,24 @@ fn render(entries: &BTreeSet<String>) -> String {
     s
 }
 
-/// The entries of the file (its lines but comments and blank ones).
-fn parse(text: &str) -> Vec<&str> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect()
-}
-
-/// `--check`: how many entries name a function of `shim`, and the size of
-/// its `.text.hot`.
-fn check(text: &str, shim: &Path) -> anyhow::Result<ExitCode> {
-    let entries = parse(text);
-    let symbols = text_symbols(shim)?;
+/// `--check` of one target: how many entries name a function of `bin`, and
+/// the size of its `.text.hot`. False when the list is stale or unused.
+fn check(target: &Target, text: &str, bin: &Path) -> anyhow::Result<bool> {
+    let entries =
+        meshid_link_order::parse(text).map_err(|e| anyhow::anyhow!("{}'s {e}", target.package))?;
+    let symbols = text_symbols(bin)?;
     let (fresh, stale) = freshness(&entries, &symbols);
-    let hot = hot_section_size(shim)?;
+    let hot = hot_section_size(bin)?;
     let percent = if entries.is_empty() {
         0
     } else {
         fresh * 100 / entries.len()
     };
     println!(
-        "{ORDER_FILE}: {fresh} of {} entries ({percent} %) name a function of {}; .text.hot holds \
-         {} KiB",
+        "{}: {fresh} of {} entries ({percent} %) name a function of {}; .text.hot holds {} KiB",
+        target.file().display(),
         entries.len(),
-        shim.display(),
+        bin.display(),
         hot.map_or(0, |b| b / 1024)
     );
     for name in stale.iter().take(10) {
@@ -324,21 +381,27 @@ fn check(text: &str, shim: &Path) -> anyhow::Result<ExitCode> {
     }
     if hot.is_none() {
         println!(
-            "the binary has no .text.hot section: it was linked without the file (a debug build, \
-             another target or linker, or MESHID_LINK_ORDER=0)"
+            "  the binary has no .text.hot section: it was linked without the list (another \
+             target, rustc or linker, or MESHID_LINK_ORDER=0)"
         );
-        return Ok(ExitCode::FAILURE);
+        return Ok(false);
     }
     if percent < FRESH_PERCENT {
-        println!("under {FRESH_PERCENT} %: regenerate the file with `cargo xtask link-order`");
-        return Ok(ExitCode::FAILURE);
+        println!(
+            "  under {FRESH_PERCENT} %: regenerate it with `cargo xtask link-order {}`",
+            target.name
+        );
+        return Ok(false);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(true)
 }
 
 /// How many entries name a symbol of `symbols`, and the ones that do not.
 fn freshness<'a>(entries: &[&'a str], symbols: &BTreeSet<String>) -> (usize, Vec<&'a str>) {
-    let hashed: BTreeSet<String> = symbols.iter().map(|s| entry(s)).collect();
+    let hashed: BTreeSet<String> = symbols
+        .iter()
+        .map(|s| meshid_link_order::entry(s))
+        .collect();
     let mut stale = Vec::new();
     for e in entries {
         let found = if e.ends_with("*E") {
@@ -381,24 +444,6 @@ fn section_size(readelf: &str, section: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const HASHED: &str = "_ZN5tokio7runtime4task3raw4poll17h0a1b2c3d4e5f6789E";
-
-    #[test]
-    fn a_rust_symbol_is_named_without_its_hash() {
-        assert_eq!(entry(HASHED), "_ZN5tokio7runtime4task3raw4poll17h*E");
-        // C, assembly and v0 names stay whole; so does a name that only
-        // looks like it ends in a hash.
-        for name in [
-            "aws_lc_0_47_0_aes_gcm_encrypt_avx512",
-            "_RNvNtNtCs6d7GoaNTBIz_10std_detect6detect5cache21detect_and_initialize",
-            "_ZN3foo17hnothexnothexnotE",
-            "_ZN3foo16h0a1b2c3d4e5f6789E",
-            "E",
-        ] {
-            assert_eq!(entry(name), name);
-        }
-    }
 
     #[test]
     fn callgrind_names_are_read_from_fn_and_cfn_lines() {
@@ -451,23 +496,44 @@ mod tests {
     }
 
     #[test]
-    fn the_committed_file_is_sorted_and_every_entry_is_a_symbol_name() {
-        let text = std::fs::read_to_string(crate::workspace_root().join(ORDER_FILE)).unwrap();
-        let entries = parse(&text);
-        assert!(entries.len() > 500, "{} entries", entries.len());
-        for e in &entries {
+    fn the_committed_lists_are_as_link_order_writes_them() {
+        for target in TARGETS {
+            let text = std::fs::read_to_string(target.file()).unwrap();
+            let entries = meshid_link_order::parse(&text).unwrap();
             assert!(
-                e.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_$.*".contains(c)),
-                "{e}"
+                entries.len() > 500,
+                "{}: {} entries",
+                target.name,
+                entries.len()
             );
-            assert!(!e.contains('*') || e.ends_with("17h*E"), "{e}");
+            let owned: BTreeSet<String> = entries.iter().map(|e| (*e).to_owned()).collect();
+            assert_eq!(render(target, &owned), text, "{}", target.name);
         }
-        let owned: BTreeSet<String> = entries.iter().map(|e| (*e).to_owned()).collect();
-        assert_eq!(
-            render(&owned),
-            text,
-            "not as `cargo xtask link-order` writes it"
-        );
+    }
+
+    #[test]
+    fn each_target_is_a_crate_with_a_bench_and_a_build_script() {
+        for target in TARGETS {
+            let dir = crate::workspace_root().join("crates").join(target.name);
+            let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+            assert!(manifest.contains(&format!("name = \"{}\"", target.package)));
+            assert!(dir.join(format!("benches/{}.rs", target.bench)).exists());
+            let bench =
+                std::fs::read_to_string(dir.join(format!("benches/{}.rs", target.bench))).unwrap();
+            assert!(
+                bench.contains(target.bin_env),
+                "{} reads {}",
+                target.bench,
+                target.bin_env
+            );
+            let build = std::fs::read_to_string(dir.join("build.rs")).unwrap();
+            assert!(
+                build.contains("meshid_link_order::link()"),
+                "{}",
+                target.name
+            );
+        }
+        assert!(select(Some("ca")).is_err());
+        assert_eq!(select(None).unwrap().len(), TARGETS.len());
     }
 }
