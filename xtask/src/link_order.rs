@@ -1,5 +1,5 @@
 //! `cargo xtask link-order`: write the hot-function lists of the binaries in
-//! [`TARGETS`], or check them.
+//! [`TARGETS`] (the agent and the shim), or check them.
 //!
 //! `crates/<name>/link-order.txt` names the functions each release binary
 //! runs; their build scripts have the linker place them together (why:
@@ -38,13 +38,22 @@ struct Target {
 }
 
 /// The binaries that run in every pod.
-const TARGETS: &[Target] = &[Target {
-    name: "envoy-shim",
-    package: "meshid-envoy-shim",
-    bench: "proxy",
-    bin_env: "MESHID_SHIM_BIN",
-    load: "the proxy bench's load\n# (two shims between a client and an echo server: requests of 1 KiB and 64 KiB,\n# bulk, new connections)",
-}];
+const TARGETS: &[Target] = &[
+    Target {
+        name: "envoy-shim",
+        package: "meshid-envoy-shim",
+        bench: "proxy",
+        bin_env: "MESHID_SHIM_BIN",
+        load: "the proxy bench's load\n# (two shims between a client and an echo server: requests of 1 KiB and 64 KiB,\n# bulk, new connections)",
+    },
+    Target {
+        name: "agent",
+        package: "meshid-agent",
+        bench: "agent",
+        bin_env: "MESHID_AGENT_BIN",
+        load: "the agent bench's load\n# (starts to a first SDS answer, 1,000 SDS streams, rotations pushed to them)",
+    },
+];
 
 impl Target {
     /// Its list, from the workspace root.
@@ -62,7 +71,7 @@ const FRESH_PERCENT: usize = 90;
 /// Flags of `cargo xtask link-order`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct LinkOrderArgs {
-    /// The binary (`envoy-shim`); all when absent.
+    /// The binary (`agent` or `envoy-shim`); both when absent.
     #[arg(value_name = "NAME")]
     pub name: Option<String>,
 

@@ -44,8 +44,9 @@ enum Task {
     Images(images::ImagesArgs),
     /// meshid in a kind cluster: up, load, deploy, down; validate the manifests offline.
     Kind(kind::KindArgs),
-    /// Profile the release shim under load and write the hot-function list its link uses
-    /// (crates/envoy-shim/link-order.txt); `--check` tells how much of it a build still names.
+    /// Profile the release agent and shim under load and write the hot-function lists their
+    /// links use (crates/{agent,envoy-shim}/link-order.txt); `--check` tells how much of each
+    /// a build still names.
     LinkOrder(link_order::LinkOrderArgs),
     /// Build the cargo-fuzz targets of fuzz/ and run each (or the one named) for --time seconds.
     Fuzz(fuzz::FuzzArgs),
