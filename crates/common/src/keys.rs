@@ -356,6 +356,30 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// Keys, serials and nonces come from aws-lc's DRBG, which the workspace
+    /// builds to seed from the kernel (getrandom) with RDRAND as its second
+    /// source, as BoringSSL and Go do, not from CPU timing jitter
+    /// (.cargo/config.toml): jitter's start-up sampling cost every process
+    /// 30-60 ms of CPU. A build with it links jitterentropy, whose functions
+    /// this test binary would then name.
+    #[test]
+    fn aws_lc_seeds_from_the_kernel_not_from_cpu_jitter() {
+        let exe = std::fs::read("/proc/self/exe").expect("read this test binary");
+        let text = String::from_utf8_lossy(&exe);
+        // Written backwards, so that this test's own strings do not match.
+        let aws_lc: String = "setyb_DNAR".chars().rev().collect();
+        let jitter: String = "tini_yportne_tnej".chars().rev().collect();
+        assert!(
+            text.contains(&aws_lc),
+            "this test binary names no aws-lc function: the check cannot see its symbols"
+        );
+        assert!(
+            !text.contains(&jitter),
+            "aws-lc was built with CPU jitter entropy: build with AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
+             (.cargo/config.toml sets it for cargo run in this workspace)"
+        );
+    }
+
     fn id() -> SpiffeId {
         SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap()
     }
