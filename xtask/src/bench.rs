@@ -106,19 +106,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
 /// The benchmarks to run for `cargo xtask bench [NAME]`.
 fn select(name: Option<&str>) -> anyhow::Result<Vec<&'static Bench>> {
-    match name {
-        None => Ok(BENCHES.iter().collect()),
-        Some(name) => match BENCHES.iter().find(|b| b.name == name) {
-            Some(bench) => Ok(vec![bench]),
-            None => {
-                let known: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
-                bail!(
-                    "there is no benchmark named `{name}`; the benchmarks are: {}",
-                    known.join(", ")
-                )
-            }
-        },
-    }
+    crate::select_named(BENCHES, name, |b| b.name, ("benchmark", "benchmarks"))
 }
 
 /// The cargo arguments that run one benchmark.

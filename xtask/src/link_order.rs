@@ -126,19 +126,12 @@ pub fn run(args: &LinkOrderArgs) -> anyhow::Result<ExitCode> {
 
 /// The targets named (all when `None`).
 fn select(name: Option<&str>) -> anyhow::Result<Vec<&'static Target>> {
-    match name {
-        None => Ok(TARGETS.iter().collect()),
-        Some(name) => match TARGETS.iter().find(|t| t.name == name) {
-            Some(t) => Ok(vec![t]),
-            None => {
-                let known: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
-                bail!(
-                    "no binary is named `{name}` here; the ones with a link order are: {}",
-                    known.join(", ")
-                )
-            }
-        },
-    }
+    crate::select_named(
+        TARGETS,
+        name,
+        |t| t.name,
+        ("binary", "binaries with a link order"),
+    )
 }
 
 /// Profiles one release binary under its bench's load and writes its list.

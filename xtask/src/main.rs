@@ -93,6 +93,32 @@ where
     cmd
 }
 
+/// The entries of a task's table that `name` picks: all of them when `None`,
+/// else the one so named, or an error listing the names (`what`: the entries,
+/// plural, as the error calls them).
+pub(crate) fn select_named<T>(
+    table: &'static [T],
+    name: Option<&str>,
+    name_of: fn(&T) -> &'static str,
+    what: (&str, &str),
+) -> anyhow::Result<Vec<&'static T>> {
+    let Some(name) = name else {
+        return Ok(table.iter().collect());
+    };
+    match table.iter().find(|t| name_of(t) == name) {
+        Some(t) => Ok(vec![t]),
+        None => {
+            let known: Vec<&str> = table.iter().map(name_of).collect();
+            anyhow::bail!(
+                "there is no {} named `{name}`; the {} are: {}",
+                what.0,
+                what.1,
+                known.join(", ")
+            )
+        }
+    }
+}
+
 /// How a cargo invocation reads in logs: `cargo` plus its arguments (not `$CARGO`'s full path).
 pub(crate) fn display_cargo<S: AsRef<str>>(args: &[S]) -> String {
     let mut line = String::from("cargo");
